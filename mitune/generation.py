@@ -1,0 +1,259 @@
+"""MI-scored generation round (Algorithm 1's inner loop), resumable and reproducible.
+
+For every prompt, M candidates are sampled with ``sample_with_mi`` and the top-k by MI are
+marked as the fine-tuning set. The round directory is a Hugging Face ``imagefolder``::
+
+    round_dir/
+      round.json                 settings of the round (a resume must match them)
+      images/000012_003.png      every candidate
+      latents/000012.safetensors "latents" [M, C, h, w] and "mi" [M] of one prompt
+      parts/000012.jsonl         one prompt's rows; its presence marks the prompt as done
+      metadata.jsonl             all rows (file_name, prompt, prompt_id, candidate, seed, mi,
+                                 rank, selected, latents), written when the round ends
+
+A prompt is committed only after its images and latents are on disk, so a round killed
+at any point resumes without losing or duplicating work. Each candidate has its own seed
+and generator, and micro-batches are cut from the full job list the same way on every run,
+so a resumed round is byte-identical to an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from diffusers import DiffusionPipeline
+from diffusers.utils.torch_utils import randn_tensor
+from PIL import Image
+from tqdm.auto import tqdm
+
+from mitune import io as mio
+from mitune.mi import MIConfig, sample_with_mi
+from mitune.models import (
+    ddpm_scheduler,
+    decode_latents,
+    encode_prompts,
+    index_embedding,
+    latent_shape,
+    null_embedding,
+    unet_eps_fn,
+)
+from mitune.selection import check_top_k, select_top_k
+
+log = logging.getLogger(__name__)
+
+METADATA = "metadata.jsonl"
+
+
+@dataclass(frozen=True)
+class GenerationConfig:
+    """One round's sampling and selection settings (paper defaults)."""
+
+    num_candidates: int = 50
+    top_k: int = 1
+    guidance_scale: float = 7.5
+    num_inference_steps: int = 50
+    micro_batch: int = 50
+    seed: int = 0
+    seed_mode: Literal["per_prompt", "shared"] = "per_prompt"
+    variance_type: str = "fixed_large"
+    mi: MIConfig = field(default_factory=MIConfig)
+
+    def __post_init__(self) -> None:
+        check_top_k(self.num_candidates, self.top_k)
+        if self.guidance_scale < 0:
+            raise ValueError(f"guidance_scale must be >= 0, got {self.guidance_scale}")
+        if self.num_inference_steps < 1:
+            raise ValueError(f"num_inference_steps must be >= 1, got {self.num_inference_steps}")
+        if self.micro_batch < 1:
+            raise ValueError(f"micro_batch must be >= 1, got {self.micro_batch}")
+        if self.seed_mode not in ("per_prompt", "shared"):
+            raise ValueError(f"seed_mode must be 'per_prompt' or 'shared', got {self.seed_mode!r}")
+        if self.variance_type not in ("fixed_large", "fixed_small"):
+            raise ValueError(f"variance_type must be 'fixed_large' or 'fixed_small', got {self.variance_type!r}")
+
+
+def candidate_seed(base_seed: int, prompt: str, candidate: int, mode: str = "per_prompt") -> int:
+    """Seed of one candidate: stable across runs, prompt order and M.
+
+    ``shared`` gives every prompt the same M seeds, as the authors' public code does.
+    """
+    if mode == "shared":
+        return base_seed + candidate
+    digest = hashlib.sha256(f"{base_seed}|{candidate}|{prompt}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") >> 1
+
+
+@dataclass(frozen=True)
+class Job:
+    prompt_id: int
+    candidate: int
+    seed: int
+
+
+@dataclass
+class RoundSummary:
+    """What a round produced, for logs and the next stage."""
+
+    round_dir: Path
+    num_prompts: int
+    num_images: int
+    mean_mi: float
+    median_mi: float
+    mean_selected_mi: float
+    selection_margin: float
+
+    def stats(self) -> dict[str, float]:
+        """The figures alone (no path), so identical rounds write identical files."""
+        return {k: v for k, v in asdict(self).items() if k != "round_dir"}
+
+
+def make_jobs(prompts: list[str], config: GenerationConfig) -> list[Job]:
+    return [
+        Job(pid, c, candidate_seed(config.seed, prompt, c, config.seed_mode))
+        for pid, prompt in enumerate(prompts)
+        for c in range(config.num_candidates)
+    ]
+
+
+def round_settings(pipe: DiffusionPipeline, prompts: list[str], config: GenerationConfig) -> dict[str, Any]:
+    """Everything that determines the round's output; a resume must reproduce it exactly."""
+    prompts_hash = hashlib.sha256("\n".join(prompts).encode()).hexdigest()
+    return {
+        "model": str(pipe.config._name_or_path),
+        "dtype": str(pipe.unet.dtype),
+        "num_prompts": len(prompts),
+        "prompts_sha256": prompts_hash,
+        "generation": json.loads(json.dumps(asdict(config))),
+    }
+
+
+def prepare_round_dir(round_dir: Path, settings: dict[str, Any]) -> set[int]:
+    """Create or reopen a round dir; returns the prompt ids already committed."""
+    settings_file = round_dir / "round.json"
+    if settings_file.exists():
+        previous = json.loads(settings_file.read_text())
+        if previous != settings:
+            changed = sorted(k for k in settings if previous.get(k) != settings[k])
+            raise ValueError(
+                f"{round_dir} holds a round made with different settings ({', '.join(changed)}); "
+                "resume with the same settings or choose a new output dir"
+            )
+    else:
+        mio.write_json(settings_file, settings)
+    return {int(p.stem) for p in (round_dir / "parts").glob("*.jsonl")}
+
+
+@torch.no_grad()
+def generate_batch(
+    pipe: DiffusionPipeline, prompts: list[str], jobs: list[Job], config: GenerationConfig
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sample one micro-batch; one text-encoder pass per distinct prompt in it."""
+    device = pipe.unet.device
+    unique_ids = sorted({j.prompt_id for j in jobs})
+    position = {pid: i for i, pid in enumerate(unique_ids)}
+    emb = encode_prompts(pipe, [prompts[pid] for pid in unique_ids])
+    emb = index_embedding(emb, torch.tensor([position[j.prompt_id] for j in jobs], device=device))
+    null = index_embedding(null_embedding(pipe), torch.zeros(len(jobs), dtype=torch.long, device=device))
+    generators = [torch.Generator("cpu").manual_seed(j.seed) for j in jobs]
+    z_T = randn_tensor(latent_shape(pipe, len(jobs)), generator=generators, device=device, dtype=torch.float32)
+    return sample_with_mi(
+        unet_eps_fn(pipe),
+        z_T,
+        emb,
+        null,
+        ddpm_scheduler(pipe, config.variance_type),
+        num_inference_steps=config.num_inference_steps,
+        guidance_scale=config.guidance_scale,
+        generator=generators,
+        config=config.mi,
+    )
+
+
+def png_bytes(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def commit_prompt(
+    round_dir: Path, prompt: str, jobs: list[Job], results: dict[int, tuple[torch.Tensor, Image.Image, float]], k: int
+) -> None:
+    """Write one prompt's images and latents, then its rows (the commit marker)."""
+    pid = jobs[0].prompt_id
+    latents = torch.stack([results[j.candidate][0] for j in jobs])
+    mi = torch.tensor([results[j.candidate][2] for j in jobs], dtype=torch.float32)
+    ranks, selected = select_top_k(mi, k)
+    latents_name = f"latents/{pid:06d}.safetensors"
+    mio.write_safetensors(round_dir / latents_name, {"latents": latents, "mi": mi}, {"prompt": prompt})
+    rows = []
+    for j, rank, sel in zip(jobs, ranks.tolist(), selected.tolist()):
+        file_name = f"images/{pid:06d}_{j.candidate:03d}.png"
+        data = png_bytes(results[j.candidate][1])
+        mio.atomic_write(round_dir / file_name, lambda tmp, data=data: tmp.write_bytes(data))
+        rows.append({
+            "file_name": file_name, "prompt": prompt, "prompt_id": pid, "candidate": j.candidate,
+            "seed": j.seed, "mi": results[j.candidate][2], "rank": rank, "selected": sel,
+            "latents": latents_name,
+        })
+    mio.write_jsonl(round_dir / "parts" / f"{pid:06d}.jsonl", rows)
+
+
+def finish_round(round_dir: Path, num_prompts: int) -> RoundSummary:
+    """Merge per-prompt rows into the imagefolder metadata and summarise MI."""
+    rows = [row for pid in range(num_prompts) for row in mio.read_jsonl(round_dir / "parts" / f"{pid:06d}.jsonl")]
+    mio.write_jsonl(round_dir / METADATA, rows)
+    mi = torch.tensor([r["mi"] for r in rows], dtype=torch.float64)
+    selected = torch.tensor([r["selected"] for r in rows])
+    rest = mi[~selected]
+    summary = RoundSummary(
+        round_dir=round_dir,
+        num_prompts=num_prompts,
+        num_images=len(rows),
+        mean_mi=mi.mean().item(),
+        median_mi=mi.median().item(),
+        mean_selected_mi=mi[selected].mean().item(),
+        selection_margin=(mi[selected].mean() - rest.mean()).item() if len(rest) else 0.0,
+    )
+    mio.write_json(round_dir / "summary.json", summary.stats())
+    return summary
+
+
+def run_round(
+    pipe: DiffusionPipeline, prompts: list[str], config: GenerationConfig, round_dir: str | Path, *, progress: bool = True
+) -> RoundSummary:
+    """Generate, score and select for every prompt; resumes a partly done ``round_dir``."""
+    round_dir = mio.check_writable(round_dir)
+    done = prepare_round_dir(round_dir, round_settings(pipe, prompts, config))
+    jobs = make_jobs(prompts, config)
+    jobs_by_prompt = {pid: jobs[pid * config.num_candidates : (pid + 1) * config.num_candidates] for pid in range(len(prompts))}
+    pending: dict[int, dict[int, tuple[torch.Tensor, Image.Image, float]]] = {}
+    bar = tqdm(total=len(jobs), initial=len(done) * config.num_candidates, unit="img",
+               desc=f"round {round_dir.name}", disable=not progress, dynamic_ncols=True)
+    for start in range(0, len(jobs), config.micro_batch):
+        batch = jobs[start : start + config.micro_batch]
+        if all(j.prompt_id in done for j in batch):
+            continue
+        latents, mi = generate_batch(pipe, prompts, batch, config)
+        images = decode_latents(pipe, latents)
+        for j, z0, image, score in zip(batch, latents.float().cpu(), images, mi.tolist()):
+            if j.prompt_id in done:
+                continue
+            results = pending.setdefault(j.prompt_id, {})
+            results[j.candidate] = (z0, image, score)
+            bar.update()
+            if len(results) == config.num_candidates:
+                commit_prompt(round_dir, prompts[j.prompt_id], jobs_by_prompt[j.prompt_id], results, config.top_k)
+                done.add(j.prompt_id)
+                del pending[j.prompt_id]
+    bar.close()
+    summary = finish_round(round_dir, len(prompts))
+    log.info("round done: %d prompts, %d images, mean MI %.4g, selected %.4g -> %s",
+             summary.num_prompts, summary.num_images, summary.mean_mi, summary.mean_selected_mi, round_dir)
+    return summary

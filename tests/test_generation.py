@@ -1,0 +1,117 @@
+"""Generation rounds: layout, selection, determinism and crash-safe resume."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from mitune import generation
+from mitune.generation import GenerationConfig, candidate_seed, run_round
+from mitune.models import load_pipeline
+
+PROMPTS = ["a red apple and a green book", "a cat on the left of a dog", "a blue car"]
+CONFIG = GenerationConfig(num_candidates=4, top_k=2, guidance_scale=5.0, num_inference_steps=3, micro_batch=5)
+
+
+@pytest.fixture(scope="module")
+def pipe(tiny_sd_path):
+    return load_pipeline(str(tiny_sd_path))
+
+
+@pytest.fixture(scope="module")
+def reference(pipe, tmp_path_factory):
+    out = tmp_path_factory.mktemp("reference")
+    return run_round(pipe, PROMPTS, CONFIG, out, progress=False)
+
+
+def files_of(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_round_writes_every_candidate_and_marks_top_k(reference):
+    rows = [json.loads(line) for line in (reference.round_dir / "metadata.jsonl").read_text().splitlines()]
+    assert len(rows) == len(PROMPTS) * CONFIG.num_candidates == reference.num_images
+    for pid, prompt in enumerate(PROMPTS):
+        mine = [r for r in rows if r["prompt_id"] == pid]
+        assert {r["prompt"] for r in mine} == {prompt}
+        assert sorted(r["rank"] for r in mine) == [1, 2, 3, 4]
+        best = sorted(mine, key=lambda r: -r["mi"])[: CONFIG.top_k]
+        assert {r["candidate"] for r in mine if r["selected"]} == {r["candidate"] for r in best}
+        stored = load_file(str(reference.round_dir / mine[0]["latents"]))
+        assert stored["latents"].shape[0] == CONFIG.num_candidates
+        assert torch.equal(stored["mi"], torch.tensor([r["mi"] for r in mine], dtype=torch.float32))
+    assert all((reference.round_dir / r["file_name"]).is_file() for r in rows)
+    assert all(r["mi"] > 0 for r in rows)
+    assert reference.selection_margin > 0
+
+
+def test_seeds_are_per_prompt_or_shared():
+    assert candidate_seed(0, "a", 1) == candidate_seed(0, "a", 1)
+    assert len({candidate_seed(0, p, c) for p in PROMPTS for c in range(4)}) == 12
+    assert candidate_seed(0, "a", 3, "shared") == candidate_seed(0, "b", 3, "shared") == 3
+
+
+def test_round_reads_as_imagefolder(reference):
+    datasets = pytest.importorskip("datasets")
+    ds = datasets.load_dataset("imagefolder", data_dir=str(reference.round_dir), split="train")
+    assert len(ds) == reference.num_images
+    assert {"image", "prompt", "mi", "rank", "selected", "seed"} <= set(ds.column_names)
+    assert sum(ds["selected"]) == len(PROMPTS) * CONFIG.top_k
+
+
+def test_rerun_is_byte_identical(pipe, reference, tmp_path):
+    run_round(pipe, PROMPTS, CONFIG, tmp_path, progress=False)
+    assert files_of(tmp_path) == files_of(reference.round_dir)
+
+
+def test_micro_batch_only_changes_float_noise(pipe, reference, tmp_path):
+    other = run_round(pipe, PROMPTS, replace(CONFIG, micro_batch=12), tmp_path, progress=False)
+    rows = lambda s: [json.loads(x) for x in (s.round_dir / "metadata.jsonl").read_text().splitlines()]
+    a, b = rows(reference), rows(other)
+    assert [r["selected"] for r in a] == [r["selected"] for r in b]
+    torch.testing.assert_close(torch.tensor([r["mi"] for r in a]), torch.tensor([r["mi"] for r in b]), rtol=1e-4, atol=0)
+
+
+def test_crash_mid_round_resumes_without_loss_or_duplicates(pipe, reference, tmp_path, monkeypatch):
+    real_commit = generation.commit_prompt
+    calls = []
+
+    def crash_on_second(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("simulated crash")
+        real_commit(*args, **kwargs)
+
+    monkeypatch.setattr(generation, "commit_prompt", crash_on_second)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        run_round(pipe, PROMPTS, CONFIG, tmp_path, progress=False)
+    assert len(list((tmp_path / "parts").glob("*.jsonl"))) == 1
+    monkeypatch.setattr(generation, "commit_prompt", real_commit)
+    run_round(pipe, PROMPTS, CONFIG, tmp_path, progress=False)
+    assert files_of(tmp_path) == files_of(reference.round_dir)
+
+
+def test_resume_with_other_settings_is_refused(pipe, reference, tmp_path):
+    run_round(pipe, PROMPTS[:1], CONFIG, tmp_path, progress=False)
+    with pytest.raises(ValueError, match="different settings \\(generation\\)"):
+        run_round(pipe, PROMPTS[:1], replace(CONFIG, guidance_scale=2.5), tmp_path, progress=False)
+
+
+@pytest.mark.parametrize(
+    "kwargs,msg",
+    [
+        (dict(num_candidates=2, top_k=3), r"top_k must be in \[1, M=2\], got 3"),
+        (dict(num_candidates=0), "M\\) must be >= 1, got 0"),
+        (dict(guidance_scale=-1.0), "guidance_scale must be >= 0, got -1.0"),
+        (dict(micro_batch=0), "micro_batch must be >= 1"),
+        (dict(seed_mode="global"), "seed_mode"),
+    ],
+)
+def test_bad_generation_settings(kwargs, msg):
+    with pytest.raises(ValueError, match=msg):
+        GenerationConfig(**kwargs)
