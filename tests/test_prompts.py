@@ -84,3 +84,10 @@ def test_over_length_prompts_are_warned(caplog):
         long = over_length(tok, ["a red cat", "a red cat a red cat a red cat"])
     assert long == ["a red cat a red cat a red cat"]
     assert "truncated" in caplog.text
+
+
+def test_fixture_category_file_with_crlf_and_duplicate():
+    fixtures = Path(__file__).parent / "fixtures" / "compbench"
+    ps = load_compbench("color", "train", data_dir=str(fixtures))
+    assert ps.prompts == ["a red book and a blue cup", "a green apple and a yellow car"]
+    assert ps.duplicates == {"a red book and a blue cup": 2}
