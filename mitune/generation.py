@@ -134,8 +134,11 @@ def round_settings(pipe: DiffusionPipeline, prompts: list[str], config: Generati
     }
 
 
-def prepare_round_dir(round_dir: Path, settings: dict[str, Any]) -> set[int]:
-    """Create or reopen a round dir; returns the prompt ids already committed."""
+def prepare_round_dir(round_dir: Path, settings: dict[str, Any], write: bool = True) -> set[int]:
+    """Create or reopen a round dir; returns the prompt ids already committed.
+
+    Only one rank writes the settings file; the others check it when it is there.
+    """
     settings_file = round_dir / "round.json"
     if settings_file.exists():
         previous = json.loads(settings_file.read_text())
@@ -145,7 +148,7 @@ def prepare_round_dir(round_dir: Path, settings: dict[str, Any]) -> set[int]:
                 f"{round_dir} holds a round made with different settings ({', '.join(changed)}); "
                 "resume with the same settings or choose a new output dir"
             )
-    else:
+    elif write:
         mio.write_json(settings_file, settings)
     return {int(p.stem) for p in (round_dir / "parts").glob("*.jsonl")}
 
@@ -222,22 +225,55 @@ def finish_round(round_dir: Path, num_prompts: int) -> RoundSummary:
         selection_margin=(mi[selected].mean() - rest.mean()).item() if len(rest) else 0.0,
     )
     mio.write_json(round_dir / "summary.json", summary.stats())
+    log.info("round done: %d prompts, %d images, mean MI %.4g, selected %.4g -> %s",
+             summary.num_prompts, summary.num_images, summary.mean_mi, summary.mean_selected_mi, round_dir)
     return summary
 
 
+def micro_batches(jobs: list[Job], num_candidates: int, micro_batch: int) -> list[list[Job]]:
+    """Cut the job list into micro-batches that never split a prompt across two batches
+    unless it alone is larger than one (then it is split into near-equal parts).
+
+    The cut depends only on (prompts, M, micro_batch), so every run, resume and rank
+    computes each batch identically. Choose micro_batch as a multiple or divisor of M to
+    keep batches full.
+    """
+    prompts = [jobs[i : i + num_candidates] for i in range(0, len(jobs), num_candidates)]
+    if num_candidates > micro_batch:
+        parts = -(-num_candidates // micro_batch)
+        size = -(-num_candidates // parts)
+        return [p[i : i + size] for p in prompts for i in range(0, num_candidates, size)]
+    per_batch = micro_batch // num_candidates
+    return [sum(prompts[i : i + per_batch], []) for i in range(0, len(prompts), per_batch)]
+
+
 def run_round(
-    pipe: DiffusionPipeline, prompts: list[str], config: GenerationConfig, round_dir: str | Path, *, progress: bool = True
-) -> RoundSummary:
-    """Generate, score and select for every prompt; resumes a partly done ``round_dir``."""
+    pipe: DiffusionPipeline,
+    prompts: list[str],
+    config: GenerationConfig,
+    round_dir: str | Path,
+    *,
+    progress: bool = True,
+    rank: int = 0,
+    world_size: int = 1,
+) -> RoundSummary | None:
+    """Generate, score and select for every prompt; resumes a partly done ``round_dir``.
+
+    With ``world_size`` > 1, rank r takes every world_size-th micro-batch and writes its
+    prompts into the shared ``round_dir``; the caller synchronises the ranks and then calls
+    ``finish_round`` once. Returns the summary when ``world_size`` is 1, else None.
+    """
     round_dir = mio.check_writable(round_dir)
-    done = prepare_round_dir(round_dir, round_settings(pipe, prompts, config))
+    done = prepare_round_dir(round_dir, round_settings(pipe, prompts, config), write=rank == 0)
     jobs = make_jobs(prompts, config)
+    batches = micro_batches(jobs, config.num_candidates, config.micro_batch)[rank::world_size]
+    mine = [j for batch in batches for j in batch]
     jobs_by_prompt = {pid: jobs[pid * config.num_candidates : (pid + 1) * config.num_candidates] for pid in range(len(prompts))}
     pending: dict[int, dict[int, tuple[torch.Tensor, Image.Image, float]]] = {}
-    bar = tqdm(total=len(jobs), initial=len(done) * config.num_candidates, unit="img",
-               desc=f"round {round_dir.name}", disable=not progress, dynamic_ncols=True)
-    for start in range(0, len(jobs), config.micro_batch):
-        batch = jobs[start : start + config.micro_batch]
+    bar = tqdm(total=len(mine), initial=sum(j.prompt_id in done for j in mine), unit="img",
+               desc=f"{round_dir.name} (rank {rank})" if world_size > 1 else round_dir.name,
+               disable=not progress, dynamic_ncols=True)
+    for batch in batches:
         if all(j.prompt_id in done for j in batch):
             continue
         latents, mi = generate_batch(pipe, prompts, batch, config)
@@ -253,7 +289,6 @@ def run_round(
                 done.add(j.prompt_id)
                 del pending[j.prompt_id]
     bar.close()
-    summary = finish_round(round_dir, len(prompts))
-    log.info("round done: %d prompts, %d images, mean MI %.4g, selected %.4g -> %s",
-             summary.num_prompts, summary.num_images, summary.mean_mi, summary.mean_selected_mi, round_dir)
-    return summary
+    if world_size > 1:
+        return None
+    return finish_round(round_dir, len(prompts))

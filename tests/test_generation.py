@@ -115,3 +115,22 @@ def test_resume_with_other_settings_is_refused(pipe, reference, tmp_path):
 def test_bad_generation_settings(kwargs, msg):
     with pytest.raises(ValueError, match=msg):
         GenerationConfig(**kwargs)
+
+
+@pytest.mark.parametrize("m,mb,sizes", [(4, 5, [4, 4, 4]), (4, 8, [8, 4]), (4, 3, [2, 2] * 3), (5, 2, [2, 2, 1] * 3)])
+def test_micro_batches_never_mix_a_split_prompt(m, mb, sizes):
+    jobs = generation.make_jobs(PROMPTS, replace(CONFIG, num_candidates=m, top_k=1))
+    batches = generation.micro_batches(jobs, m, mb)
+    assert [len(b) for b in batches] == sizes
+    assert [j for b in batches for j in b] == jobs
+    for b in batches:
+        assert len(b) <= mb
+        ids = {j.prompt_id for j in b}
+        assert len(ids) == 1 or all(sum(j.prompt_id == p for j in b) == m for p in ids)
+
+
+def test_ranks_sharing_a_round_reproduce_one_process(pipe, reference, tmp_path):
+    for rank in (1, 0):  # rank 1 first: the settings file is written by rank 0 only
+        assert run_round(pipe, PROMPTS, CONFIG, tmp_path, progress=False, rank=rank, world_size=2) is None
+    generation.finish_round(tmp_path, len(PROMPTS))
+    assert files_of(tmp_path) == files_of(reference.round_dir)

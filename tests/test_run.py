@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import csv
 import random
 import re
 import signal
@@ -13,14 +14,20 @@ from pathlib import Path
 
 import pytest
 from hydra import compose, initialize_config_dir
+import torch
 from hydra.utils import instantiate
+from safetensors.torch import load_file
 
 REPO = Path(__file__).resolve().parents[1]
 CONF = REPO / "conf"
 FIXTURES = REPO / "tests" / "fixtures"
 EXPS = sorted(p.stem for p in (CONF / "exp").glob("*.yaml"))
 EXPERIMENTS = sorted(p.stem for p in (REPO / "experiments").glob("*.yaml"))
-SMALL = ["generation.num_candidates=3", "generation.num_inference_steps=4", "generation.micro_batch=4"]
+SMALL = [
+    "generation.num_candidates=3", "generation.num_inference_steps=4", "generation.micro_batch=6",
+    "train.effective_batch=4", "train.micro_batch=2", "train.steps_per_round=3", "adapter.rank=4", "adapter.alpha=4",
+    "callbacks.step_checkpoint.every_n_train_steps=1", "callbacks.throughput.window_size=2",
+]
 
 
 def cli(*args: str, tiny: Path, timeout: float = 300, **extra_env: str) -> subprocess.CompletedProcess:
@@ -50,8 +57,13 @@ def test_every_experiment_composes_with_a_real_model(experiment):
         cfg = compose("config", overrides=["+exp=color", f"+experiment={experiment}"])
     assert cfg.model._target_ == "mitune.models.load_pipeline"
     assert cfg.model.path_or_id.startswith("stabilityai/")
-    generation = instantiate(cfg.generation)
-    assert generation.num_candidates == 50 and generation.top_k == 1
+    generation, train, adapter = instantiate(cfg.generation), instantiate(cfg.train), instantiate(cfg.adapter)
+    assert (generation.num_candidates, generation.top_k, generation.guidance_scale) == (50, 1, 7.5)
+    assert (train.effective_batch, train.steps_per_round, train.lr, train.t_max) == (400, 300, 1e-4, 1000)
+    assert train.t_min == (0 if "authors_code" in experiment else 500)
+    assert (adapter.rank, adapter.alpha) == (32, 32)
+    assert (adapter.use_dora, adapter.targets) == (("authors_code" not in experiment), ("attn" if "authors_code" in experiment else "attn_ff"))
+    assert train.effective_batch % train.micro_batch == 0
 
 
 def test_authors_code_settings():
@@ -62,21 +74,38 @@ def test_authors_code_settings():
         100, "shared", False, "mean", 51)
 
 
-def test_default_run_prints_where_outputs_are(tiny_sd_path, tmp_path):
+def test_two_rounds_end_to_end_with_logs(tiny_sd_path, tmp_path):
     out = tmp_path / "run"
-    result = cli(*SMALL, "data.limit=2", f"hydra.run.dir={out}", tiny=tiny_sd_path)
-    assert result.returncode == 0, result.stderr
+    result = cli(*SMALL, "data.limit=2", "rounds=2", f"hydra.run.dir={out}", tiny=tiny_sd_path)
+    assert result.returncode == 0, result.stderr[-3000:]
     assert f"outputs in {out}" in result.stdout
-    assert len((out / "round_1" / "metadata.jsonl").read_text().splitlines()) == 6
+    for r in (1, 2):
+        assert len((out / "rounds" / f"round_{r}" / "metadata.jsonl").read_text().splitlines()) == 6
+        assert (out / "rounds" / f"round_{r}" / "adapter" / "pytorch_lora_weights.safetensors").is_file()
+    assert sorted(p.name for p in (out / "checkpoints").glob("round-*")) == ["round-epoch=0.ckpt", "round-epoch=1.ckpt"]
+    with open(out / "csv" / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    logged = {k for row in rows for k, v in row.items() if v}
+    wanted = {"train/loss", "train/grad_norm", "train/t_mean", "lr-AdamW", "train/device/samples_per_sec",
+              "round/mean_mi", "round/median_mi", "round/topk_mi", "round/selection_margin"}
+    assert wanted <= logged, wanted - logged
+    assert any(k.startswith("DeviceStatsMonitor") and "cpu_vm_percent" in k for k in logged)
+    # round 2 is generated after round 1's 3 optimizer steps
+    assert [int(row["step"]) for row in rows if row["round/index"]] == [0, 3]
+    # W&B ran offline (no account): its run file holds the same keys and the round images/table.
+    [wandb_file] = (out / "wandb").glob("offline-run-*/run-*.wandb")
+    blob = wandb_file.read_bytes()
+    assert all(key.encode() in blob for key in wanted)
+    assert list((out / "wandb").glob("offline-run-*/files/media/table/round/images_*.table.json"))
+    assert (out / "csv" / "hparams.yaml").read_text().count("effective_batch: 4") == 1
 
 
 def test_multirun_over_all_exps_and_cfg(tiny_sd_path, tmp_path):
-    result = cli("-m", "+exp=glob(*)", "generation.guidance_scale=2.5,7.5", "data.limit=1", *SMALL,
-                 f"hydra.sweep.dir={tmp_path}", tiny=tiny_sd_path, timeout=600,
+    result = cli("-m", "+exp=glob(*)", "generation.guidance_scale=2.5,7.5", "data.limit=1", "rounds=1",
+                 "logger=csv", *SMALL, f"hydra.sweep.dir={tmp_path}", tiny=tiny_sd_path, timeout=900,
                  MITUNE_COMPBENCH_DIR=str(FIXTURES / "compbench"))
-    assert result.returncode == 0, result.stderr
-    metadata = sorted(tmp_path.glob("*/round_1/metadata.jsonl"))
-    assert len(metadata) == 2 * len(EXPS)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert len(sorted(tmp_path.glob("*/adapter/pytorch_lora_weights.safetensors"))) == 2 * len(EXPS)
 
 
 @pytest.mark.parametrize(
@@ -87,6 +116,10 @@ def test_multirun_over_all_exps_and_cfg(tiny_sd_path, tmp_path):
         ("generation.num_candidates=0", r"num_candidates \(M\) must be >= 1"),
         ("data.prompts=[]", "no prompts"),
         ("paths.output_dir=/proc/mitune", "output dir /proc/mitune is not writable"),
+        ("train.micro_batch=3", "effective batch 4 is not reachable with micro_batch 3"),
+        ("rounds=0", "rounds must be >= 1, got 0"),
+        ("adapter.rank=0", "rank"),
+        ("resume=/nonexistent.ckpt", "resume checkpoint /nonexistent.ckpt does not exist"),
     ],
 )
 def test_bad_input_fails_before_the_model_loads(tiny_sd_path, tmp_path, override, msg):
@@ -105,26 +138,52 @@ def test_missing_model_path_is_named(tmp_path):
     assert f"model path '{tmp_path}/no-such-model' does not exist" in result.stderr
 
 
-@pytest.mark.slow
-def test_run_killed_at_a_random_point_resumes_byte_identical(tiny_sd_path, tmp_path):
-    args = [*SMALL, "data.limit=6"]
-    full = tmp_path / "full"
-    assert cli(*args, f"hydra.run.dir={full}", tiny=tiny_sd_path).returncode == 0
+def round_outputs(run: Path) -> dict[str, bytes]:
+    files = [p for p in sorted((run / "rounds").rglob("*")) if p.is_file() and "adapter" not in p.parts]
+    return {str(p.relative_to(run)): p.read_bytes() for p in files}
 
-    rng = random.Random(int(os.environ.get("MITUNE_TEST_SEED", "1234")))
-    target, delay = rng.randint(1, 5), rng.uniform(0.0, 0.3)
+
+def adapter_tensors(run: Path) -> dict:
+    return load_file(str(run / "adapter" / "pytorch_lora_weights.safetensors"))
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tiny_sd_path, tmp_path_factory):
+    out = tmp_path_factory.mktemp("full")
+    result = cli(*KILL_ARGS, f"hydra.run.dir={out}", tiny=tiny_sd_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out
+
+
+KILL_ARGS = [*SMALL, "data.limit=4", "rounds=2", "logger=csv"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "phase,marker,most",
+    [
+        ("round 1 generation", "rounds/round_1/parts/*.jsonl", 3),
+        ("round 1 training", "checkpoints/step-*.ckpt", 1),  # only the newest step checkpoint is kept
+        ("round 2 generation", "rounds/round_2/parts/*.jsonl", 3),
+    ],
+)
+def test_run_killed_in_each_phase_resumes_identically(tiny_sd_path, tmp_path, uninterrupted, phase, marker, most):
+    rng = random.Random(f"{os.environ.get('MITUNE_TEST_SEED', '1234')}{phase}")
+    target, delay = rng.randint(1, most), rng.uniform(0.0, 0.3)
     killed = tmp_path / "killed"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "mitune.run", f"model.path={tiny_sd_path}", *args, f"hydra.run.dir={killed}"],
+        [sys.executable, "-m", "mitune.run", *KILL_ARGS, f"hydra.run.dir={killed}", f"model.path={tiny_sd_path}"],
         cwd=REPO, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    parts = killed / "round_1" / "parts"
-    while proc.poll() is None and len(list(parts.glob("*.jsonl"))) < target:
+    while proc.poll() is None and len(list(killed.glob(marker))) < target:
         time.sleep(0.01)
     time.sleep(delay)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    assert not (killed / "round_1" / "metadata.jsonl").exists(), "the run finished before the kill"
+    assert not (killed / "checkpoints" / "round-epoch=1.ckpt").exists(), f"the run finished before the kill in {phase}"
 
-    assert cli(*args, f"hydra.run.dir={killed}", tiny=tiny_sd_path).returncode == 0
-    round_files = lambda d: {str(p.relative_to(d)): p.read_bytes() for p in sorted((d / "round_1").rglob("*")) if p.is_file()}
-    assert round_files(killed) == round_files(full)
+    result = cli(*KILL_ARGS, f"hydra.run.dir={killed}", "resume=true", tiny=tiny_sd_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert round_outputs(killed) == round_outputs(uninterrupted)
+    ours, theirs = adapter_tensors(killed), adapter_tensors(uninterrupted)
+    assert ours.keys() == theirs.keys()
+    assert all(torch.equal(ours[k], theirs[k]) for k in ours)

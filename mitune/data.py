@@ -1,0 +1,147 @@
+"""The fine-tuning set of a round, served as a fixed number of optimizer steps.
+
+Every sample's (t, noise) is drawn from a generator keyed by (seed, round, sample index),
+and the order of samples is a seeded function of the index. So the gradient of a step does
+not depend on how the effective batch is split into micro-batches, accumulation and
+devices, and a resumed run sees exactly the samples it would have seen.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from mitune.generation import METADATA
+from mitune.io import read_jsonl
+
+
+def mix_seed(*parts: int) -> int:
+    """A 63-bit seed from several integers, so nearby inputs give unrelated streams."""
+    digest = hashlib.sha256("|".join(map(str, parts)).encode()).digest()
+    return int.from_bytes(digest[:8], "big") >> 1
+
+
+def selected_rows(round_dir: Path) -> list[dict]:
+    """Rows of the round's top-k candidates, with clear errors for a missing or broken set."""
+    path = Path(round_dir) / METADATA
+    if not path.is_file():
+        raise FileNotFoundError(f"fine-tuning set {round_dir} has no {METADATA}: its generation round did not finish")
+    try:
+        rows = read_jsonl(path)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"fine-tuning set metadata {path} is corrupt: {err}") from err
+    chosen = [r for r in rows if r.get("selected")]
+    if not chosen:
+        raise ValueError(f"fine-tuning set {round_dir} has no selected candidates")
+    return chosen
+
+
+def load_latents(round_dir: Path, rows: list[dict]) -> torch.Tensor:
+    """Cached clean latents of the selected candidates (no VAE needed to train)."""
+    files: dict[str, torch.Tensor] = {}
+    latents = []
+    for row in rows:
+        name = row["latents"]
+        if name not in files:
+            try:
+                files[name] = load_file(str(Path(round_dir) / name))["latents"]
+            except (FileNotFoundError, SafetensorError, KeyError) as err:
+                raise ValueError(f"fine-tuning set latents {Path(round_dir) / name} are missing or corrupt: {err}") from err
+        latents.append(files[name][row["candidate"]])
+    return torch.stack(latents)
+
+
+class FinetuneSet(Dataset):
+    """``length`` samples drawn from a round's selected latents, each with its own t and noise.
+
+    Item ``i`` is latent ``perm_e[i % n]`` with ``e = i // n`` (a fresh shuffle every pass),
+    a timestep t ~ U{t_min..t_max-1} and noise from a generator seeded by (seed, round, i).
+    """
+
+    def __init__(
+        self,
+        latents: torch.Tensor,
+        prompt_index: torch.Tensor,
+        length: int,
+        *,
+        seed: int,
+        round_index: int,
+        t_range: tuple[int, int],
+    ) -> None:
+        self.latents = latents
+        self.prompt_index = prompt_index
+        self.length = length
+        self.seed = seed
+        self.round_index = round_index
+        self.t_range = t_range
+        self._perms: dict[int, torch.Tensor] = {}
+
+    def __len__(self) -> int:
+        return self.length
+
+    def _perm(self, epoch: int) -> torch.Tensor:
+        if epoch not in self._perms:
+            g = torch.Generator().manual_seed(mix_seed(self.seed, self.round_index, epoch, 0))
+            self._perms[epoch] = torch.randperm(len(self.latents), generator=g)
+        return self._perms[epoch]
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        n = len(self.latents)
+        j = self._perm(i // n)[i % n]
+        g = torch.Generator().manual_seed(mix_seed(self.seed, self.round_index, i, 1))
+        t = torch.randint(self.t_range[0], self.t_range[1], (), generator=g)
+        noise = torch.randn(self.latents.shape[1:], generator=g)
+        return {"latents": self.latents[j], "prompt": self.prompt_index[j], "t": t, "noise": noise}
+
+
+class RankSampler(Sampler[int]):
+    """Rank ``rank`` of ``world`` takes every ``world``-th index, after skipping ``skip`` of its own.
+
+    Each optimizer step covers one contiguous block of the index stream whatever the
+    layout, and ``skip`` lets a resumed epoch continue where its checkpoint was taken.
+    """
+
+    def __init__(self, length: int, rank: int = 0, world: int = 1) -> None:
+        self.length, self.rank, self.world = length, rank, world
+        self.skip = 0
+
+    def _indices(self) -> range:
+        return range(self.rank + self.skip * self.world, self.length, self.world)
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self._indices())
+
+    def __len__(self) -> int:
+        """The whole epoch's count, skipped part included: Lightning counts a resumed epoch's
+        batches from where its checkpoint was taken."""
+        return len(range(self.rank, self.length, self.world))
+
+
+class ResumableLoader(DataLoader):
+    """A DataLoader whose position in the epoch goes into Lightning's checkpoints.
+
+    ``progress()`` returns (epoch, micro-batches processed in it); Lightning saves it with
+    ``state_dict`` and hands it back through ``load_state_dict`` before iterating again.
+    """
+
+    def __init__(self, dataset: FinetuneSet, micro_batch: int, rank: int, world: int,
+                 progress: Callable[[], tuple[int, int]]) -> None:
+        self.rank_sampler = RankSampler(len(dataset), rank, world)
+        super().__init__(dataset, batch_size=micro_batch, sampler=self.rank_sampler)
+        self.progress = progress
+
+    def state_dict(self) -> dict[str, int]:
+        epoch, processed = self.progress()
+        return {"epoch": epoch, "processed": processed}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        epoch, _ = self.progress()
+        if state["epoch"] == epoch:
+            self.rank_sampler.skip = state["processed"] * self.batch_size

@@ -1,0 +1,135 @@
+"""DoRA fine-tuning of the UNet on a round's MI-selected images (Algorithm 1, line 5).
+
+The LightningModule trains only adapter weights with the epsilon-prediction loss at
+t ~ U(t_min, t_max) on cached latents and text embeddings, so neither the VAE nor (by
+default) the text encoder runs in the training step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from diffusers import DiffusionPipeline
+from lightning.pytorch.loggers import WandbLogger
+
+from mitune.adapters import AdapterConfig, add_adapters
+from mitune.mi import Embedding
+from mitune.models import ddpm_scheduler, encode_prompts, index_embedding, is_sdxl, unet_eps_fn
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation settings (paper, Table 8)."""
+
+    effective_batch: int = 400
+    micro_batch: int = 8
+    steps_per_round: int = 300
+    lr: float = 1e-4
+    betas: tuple[float, float] = (0.9, 0.999)
+    weight_decay: float = 1e-2
+    eps: float = 1e-8
+    t_min: int = 500
+    t_max: int = 1000
+    train_text_encoder: bool = False
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("effective_batch", "micro_batch", "steps_per_round"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"train.{name} must be >= 1, got {getattr(self, name)}")
+        if not 0 <= self.t_min < self.t_max:
+            raise ValueError(f"train.t_min/t_max must satisfy 0 <= t_min < t_max, got {self.t_min}, {self.t_max}")
+        if self.lr <= 0:
+            raise ValueError(f"train.lr must be > 0, got {self.lr}")
+
+
+def accumulation_steps(effective_batch: int, micro_batch: int, world_size: int = 1) -> int:
+    """Gradient-accumulation steps that reach the effective batch exactly, or a clear error."""
+    per_step = micro_batch * world_size
+    if effective_batch % per_step:
+        raise ValueError(
+            f"effective batch {effective_batch} is not reachable with micro_batch {micro_batch} x {world_size} "
+            f"device(s) = {per_step} per accumulation step; choose micro_batch so that micro_batch x devices "
+            f"divides {effective_batch}"
+        )
+    return effective_batch // per_step
+
+
+class MITuneModule(L.LightningModule):
+    """The pipeline's UNet (and optionally its text encoder) with trainable adapters."""
+
+    def __init__(self, pipe: DiffusionPipeline, adapter: AdapterConfig, train: TrainConfig) -> None:
+        super().__init__()
+        if train.t_max > pipe.scheduler.config.num_train_timesteps:
+            raise ValueError(
+                f"train.t_max={train.t_max} exceeds the model's {pipe.scheduler.config.num_train_timesteps} timesteps"
+            )
+        if train.train_text_encoder and is_sdxl(pipe):
+            raise ValueError("train.train_text_encoder is supported for SD 1.x/2.x pipelines, not SDXL")
+        self.pipe = pipe
+        self.adapter_config = adapter
+        self.train_config = train
+        self.unet = pipe.unet
+        self.text_encoder = pipe.text_encoder if train.train_text_encoder else None
+        with torch.random.fork_rng(devices=[]):  # adapter init (lora_A) reproducible from the seed alone
+            torch.manual_seed(train.seed)
+            self.trainable = add_adapters(pipe, adapter, text_encoder=train.train_text_encoder)
+        self.noise_scheduler = ddpm_scheduler(pipe)
+        self.eps_fn = unet_eps_fn(pipe)
+        self.prompts: list[str] = []
+        self.embeddings: Embedding | None = None
+        # Checkpoints hold adapter weights only; the frozen base comes from the model path.
+        self.strict_loading = False
+
+    def set_prompts(self, prompts: list[str]) -> None:
+        """The round's prompts; their embeddings are computed once when the encoder is frozen."""
+        self.prompts = prompts
+        self.embeddings = None if self.text_encoder is not None else encode_prompts(self.pipe, prompts)
+
+    def prompt_embedding(self, index: torch.Tensor) -> Embedding:
+        if self.text_encoder is None:
+            return index_embedding(self.embeddings, index.to(self.device))
+        tokens = self.pipe.tokenizer(
+            [self.prompts[i] for i in index.tolist()], padding="max_length",
+            max_length=self.pipe.tokenizer.model_max_length, truncation=True, return_tensors="pt",
+        )
+        return self.text_encoder(tokens.input_ids.to(self.device))[0]
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        z0, noise, t = batch["latents"], batch["noise"], batch["t"]
+        z_t = self.noise_scheduler.add_noise(z0, noise, t)
+        pred = self.eps_fn(z_t, t, self.prompt_embedding(batch["prompt"]))
+        loss = F.mse_loss(pred.float(), noise.float())
+        if not torch.isfinite(loss):
+            raise FloatingPointError(
+                f"training loss is {loss.item()} at global step {self.global_step}; stopping. "
+                "The last checkpoint written before this step is intact: lower train.lr or check the data"
+            )
+        self.log("train/loss", loss, prog_bar=True, batch_size=z0.shape[0])
+        self.log("train/t_mean", t.float().mean(), batch_size=z0.shape[0])
+        return loss
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        grads = [p.grad for p in self.trainable if p.grad is not None]
+        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
+        self.log("train/grad_norm", norm)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        c = self.train_config
+        return torch.optim.AdamW(self.trainable, lr=c.lr, betas=tuple(c.betas), weight_decay=c.weight_decay, eps=c.eps)
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        """Keep the W&B run id so that a resumed run continues the same W&B run."""
+        for logger in self.loggers:
+            if isinstance(logger, WandbLogger):
+                checkpoint["wandb_run_id"] = logger.version
+
+    def state_dict(self, *args, **kwargs) -> dict[str, torch.Tensor]:
+        """Only the trainable (adapter) weights: checkpoints stay small and base-agnostic."""
+        full = super().state_dict(*args, **kwargs)
+        names = {id(p) for p in self.trainable}
+        keep = {name for name, p in self.named_parameters() if id(p) in names}
+        return {k: v for k, v in full.items() if k in keep}
