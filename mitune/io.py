@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -51,9 +52,8 @@ def check_writable(folder: str | os.PathLike) -> Path:
     folder = Path(folder).expanduser()
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        probe = folder / ".write_test"
-        probe.write_bytes(b"")
-        probe.unlink()
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".write_test"):  # unique: ranks may probe at once
+            pass
     except OSError as err:
         raise PermissionError(f"output dir {folder} is not writable: {err}") from err
     return folder
