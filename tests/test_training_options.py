@@ -1,0 +1,60 @@
+"""Ablation options of the training step: joint text-encoder training and plain LoRA."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mitune.adapters import AdapterConfig
+from mitune.models import load_pipeline
+from mitune.training import MITuneModule, TrainConfig
+
+PROMPTS = ["a red cat", "a blue dog"]
+
+
+def one_step(module: MITuneModule) -> None:
+    g = torch.Generator().manual_seed(0)
+    shape = (2, module.unet.config.in_channels, module.unet.config.sample_size, module.unet.config.sample_size)
+    batch = {"latents": torch.randn(shape, generator=g), "noise": torch.randn(shape, generator=g),
+             "prompt": torch.tensor([0, 1]), "t": torch.tensor([600, 900])}
+    optimizer = module.configure_optimizers()
+    module.training_step(batch, 0).backward()
+    optimizer.step()
+
+
+def snapshot(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {name: p.detach().clone() for name, p in module.named_parameters()}
+
+
+def test_joint_text_encoder_training_moves_only_both_adapters(tiny_sd_path):
+    pipe = load_pipeline(str(tiny_sd_path))
+    module = MITuneModule(pipe, AdapterConfig(rank=4, alpha=4), TrainConfig(train_text_encoder=True))
+    module.set_prompts(PROMPTS)
+    assert module.embeddings is None  # embeddings are computed in the step, with gradients
+    before_te, before_unet = snapshot(pipe.text_encoder), snapshot(pipe.unet)
+    one_step(module)
+    for before, component in ((before_te, pipe.text_encoder), (before_unet, pipe.unet)):
+        moved = {n for n, p in component.named_parameters() if not torch.equal(p, before[n])}
+        assert moved, "no adapter weight moved"
+        assert all("lora_" in n for n in moved), sorted(n for n in moved if "lora_" not in n)
+
+
+def test_lora_option_has_no_magnitude_vectors(tiny_sd_path):
+    pipe = load_pipeline(str(tiny_sd_path))
+    dora = {n for n, _ in MITuneModule(load_pipeline(str(tiny_sd_path)), AdapterConfig(rank=4, alpha=4), TrainConfig()).named_parameters()
+            if "lora_" in n}
+    lora_module = MITuneModule(pipe, AdapterConfig(rank=4, alpha=4, use_dora=False), TrainConfig())
+    lora = {n for n, p in lora_module.named_parameters() if p.requires_grad}
+    assert any("magnitude" in n for n in dora)
+    assert lora and not any("magnitude" in n for n in lora)
+    assert lora == {n for n in dora if "magnitude" not in n}
+
+
+def test_text_encoder_training_on_sdxl_is_refused(tiny_sdxl_path):
+    with pytest.raises(ValueError, match="train_text_encoder is supported for SD 1.x/2.x"):
+        MITuneModule(load_pipeline(str(tiny_sdxl_path)), AdapterConfig(rank=4, alpha=4), TrainConfig(train_text_encoder=True))
+
+
+def test_t_max_beyond_the_schedule_is_refused(tiny_sd_path):
+    with pytest.raises(ValueError, match="t_max=1001 exceeds the model's 1000 timesteps"):
+        MITuneModule(load_pipeline(str(tiny_sd_path)), AdapterConfig(rank=4, alpha=4), TrainConfig(t_max=1001))
