@@ -13,10 +13,6 @@ import json
 import math
 import os
 import shutil
-import tempfile
-import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -29,7 +25,7 @@ from peft.utils import get_peft_model_state_dict
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from mitune.io import write_json
+from mitune.io import atomic_dir, write_json
 from mitune.models import load_pipeline
 
 WEIGHTS_NAME = "pytorch_lora_weights.safetensors"  # diffusers' LORA_WEIGHT_NAME_SAFE
@@ -146,41 +142,6 @@ def base_fingerprint(pipe: DiffusionPipeline) -> str:
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
-# ----------------------------------------------------------------------------- directories
-
-
-def _fsync_tree(root: Path) -> None:
-    for path in root.rglob("*"):
-        if path.is_file():
-            with open(path, "rb+") as f:
-                os.fsync(f.fileno())
-
-
-@contextmanager
-def _atomic_dir(out: Path, marker: str) -> Iterator[Path]:
-    """Yield a temporary sibling to fill; once filled it is renamed to ``out``.
-
-    A crash while filling leaves ``out`` as it was. An existing ``out`` is replaced only if it is
-    empty or holds ``marker`` (an earlier result of the same kind), so a mistyped path never
-    deletes unrelated files. Replacing is two renames: a crash between them leaves the old
-    result under a hidden ``.<name>.old-*`` sibling rather than losing it.
-    """
-    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / marker).is_file())):
-        raise FileExistsError(f"{out} exists and is not a dir with {marker}; refusing to replace it")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
-    try:
-        yield tmp
-        _fsync_tree(tmp)
-        old = out.with_name(f".{out.name}.old-{uuid.uuid4().hex[:8]}")
-        if out.exists():
-            out.rename(old)
-        tmp.rename(out)
-        shutil.rmtree(old, ignore_errors=True)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
 def _read_meta(adapter_dir: Path) -> dict[str, Any]:
     """The adapter's mitune metadata, after checking the dir is a complete adapter."""
     if not adapter_dir.is_dir():
@@ -226,7 +187,7 @@ def save_adapters(
         "components": sorted(adapted),
     }
     out = Path(out_dir).expanduser()
-    with _atomic_dir(out, META_NAME) as tmp:
+    with atomic_dir(out, META_NAME) as tmp:
         type(pipe).save_lora_weights(tmp, safe_serialization=True, **kwargs)
         write_json(tmp / META_NAME, meta)
     return out
@@ -303,7 +264,7 @@ def export_pipeline(
         pipe.fuse_lora(lora_scale=scale)
         pipe.unload_lora_weights()
     out = Path(out_dir).expanduser()
-    with _atomic_dir(out, "model_index.json") as tmp:
+    with atomic_dir(out, "model_index.json") as tmp:
         pipe.save_pretrained(tmp, safe_serialization=True)
         if not fuse:
             shutil.copy2(adapter / WEIGHTS_NAME, tmp / WEIGHTS_NAME)
@@ -372,7 +333,7 @@ def merge_adapters(adapter_dirs: list[str | os.PathLike], weights: list[float], 
     }
     meta = {**saved[0].meta, "merged_from": [{"adapter": str(a.path), "weight": w} for a, w in zip(saved, shares)]}
     out = Path(out_dir).expanduser()
-    with _atomic_dir(out, META_NAME) as tmp:
+    with atomic_dir(out, META_NAME) as tmp:
         save_file(merged, str(tmp / WEIGHTS_NAME), metadata=saved[0].file_metadata)
         write_json(tmp / META_NAME, meta)
     return out

@@ -11,13 +11,14 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 from lightning.fabric.plugins import CheckpointIO
 from safetensors.torch import load_file, save_file
+
+from mitune.io import atomic_dir
 
 TENSORS, STATE = "tensors.safetensors", "state.json"
 
@@ -55,43 +56,26 @@ def unflatten(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
     return {k: unflatten(v, tensors) for k, v in obj.items()}
 
 
-def _fsync(path: Path) -> None:
-    with open(path, "rb") as f:
-        os.fsync(f.fileno())
-
-
 class SafetensorsCheckpointIO(CheckpointIO):
     """Drop-in for Lightning's TorchCheckpointIO without pickle."""
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: str | os.PathLike, storage_options: Any = None) -> None:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
         tensors: dict[str, torch.Tensor] = {}
         state = flatten(checkpoint, tensors)
-        tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}."))
-        try:
+        with atomic_dir(Path(path), STATE) as tmp:
             save_file(tensors, str(tmp / TENSORS))
             (tmp / STATE).write_text(json.dumps(state))
-            for name in (TENSORS, STATE):
-                _fsync(tmp / name)
-            old = path.with_name(f".{path.name}.old")
-            if path.exists():
-                path.rename(old)
-            tmp.rename(path)
-            shutil.rmtree(old, ignore_errors=True)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
 
     def load_checkpoint(self, path: str | os.PathLike, map_location: Any = None, weights_only: bool | None = None) -> dict[str, Any]:
         path = Path(path)
         if not (path / STATE).is_file():
-            old = path.with_name(f".{path.name}.old")
-            if (old / STATE).is_file():  # crashed between the two renames of a save
-                path = old
-            else:
+            # A crash between the two renames of a save leaves the previous one aside.
+            previous = sorted(path.parent.glob(f".{path.name}.old-*/{STATE}"))
+            if not previous:
                 raise FileNotFoundError(f"checkpoint {path} not found (expected {STATE} and {TENSORS} inside)")
-        tensors = load_file(str(path / TENSORS), device=str(map_location) if isinstance(map_location, (str, torch.device)) else "cpu")
-        return unflatten(json.loads((path / STATE).read_text()), tensors)
+            path = previous[-1].parent
+        device = str(map_location) if isinstance(map_location, (str, torch.device)) else "cpu"
+        return unflatten(json.loads((path / STATE).read_text()), load_file(str(path / TENSORS), device=device))
 
     def remove_checkpoint(self, path: str | os.PathLike) -> None:
         shutil.rmtree(path, ignore_errors=True)

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
-from collections.abc import Callable
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +48,38 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
 def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
     contiguous = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
     atomic_write(path, lambda tmp: save_file(contiguous, str(tmp), metadata=metadata))
+
+
+def fsync_tree(root: Path) -> None:
+    for path in root.rglob("*"):
+        if path.is_file():
+            with open(path, "rb+") as f:
+                os.fsync(f.fileno())
+
+
+@contextmanager
+def atomic_dir(out: Path, marker: str) -> Iterator[Path]:
+    """Yield a temporary sibling dir to fill; once filled it is renamed to ``out``.
+
+    A crash while filling leaves ``out`` as it was. An existing ``out`` is replaced only if it is
+    empty or holds ``marker`` (an earlier result of the same kind), so a mistyped path never
+    deletes unrelated files. Replacing is two renames: a crash between them leaves the old
+    result under a hidden ``.<name>.old-*`` sibling rather than losing it.
+    """
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / marker).is_file())):
+        raise FileExistsError(f"{out} exists and is not a dir with {marker}; refusing to replace it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
+    try:
+        yield tmp
+        fsync_tree(tmp)
+        old = out.with_name(f".{out.name}.old-{uuid.uuid4().hex[:8]}")
+        if out.exists():
+            out.rename(old)
+        tmp.rename(out)
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def check_writable(folder: str | os.PathLike) -> Path:
