@@ -21,6 +21,7 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/generation.py
+	$(PY) benchmarks/training.py
 
 data: $(STAMP)
 	$(PY) -c "from mitune.prompts import download_compbench; print(download_compbench())"

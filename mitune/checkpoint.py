@@ -26,13 +26,13 @@ TENSORS, STATE = "tensors.safetensors", "state.json"
 def flatten(obj: Any, tensors: dict[str, torch.Tensor], path: str = "") -> Any:
     """JSON-able copy of ``obj`` with tensors moved into ``tensors``; keeps int keys and tuples."""
     if isinstance(obj, torch.Tensor):
-        key = path or "root"
+        key = f"{len(tensors)}:{path}"  # the count keeps keys unique even if paths collide
         tensors[key] = obj.detach().cpu().contiguous()
         return {"__tensor__": key}
     if isinstance(obj, dict):
         if all(isinstance(k, str) for k in obj):
             return {k: flatten(v, tensors, f"{path}/{k}") for k, v in obj.items()}
-        return {"__items__": [[k, flatten(v, tensors, f"{path}/{k}")] for k, v in obj.items()]}
+        return {"__items__": [[flatten(k, tensors, path), flatten(v, tensors, f"{path}/{k}")] for k, v in obj.items()]}
     if isinstance(obj, tuple):
         return {"__tuple__": [flatten(v, tensors, f"{path}/{i}") for i, v in enumerate(obj)]}
     if isinstance(obj, list):
@@ -50,7 +50,7 @@ def unflatten(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
     if "__tensor__" in obj:
         return tensors[obj["__tensor__"]]
     if "__items__" in obj:
-        return {k: unflatten(v, tensors) for k, v in obj["__items__"]}
+        return {unflatten(k, tensors): unflatten(v, tensors) for k, v in obj["__items__"]}
     if "__tuple__" in obj:
         return tuple(unflatten(v, tensors) for v in obj["__tuple__"])
     return {k: unflatten(v, tensors) for k, v in obj.items()}

@@ -48,6 +48,17 @@ SD_DDPM_CONFIG = dict(
     variance_type="fixed_large",
     timestep_spacing="leading",
 )
+# Architecture of stabilityai/stable-diffusion-2-1-base unet/config.json (every architecture key that differs from diffusers' defaults).
+SD21_BASE_UNET = dict(
+    sample_size=64,
+    layers_per_block=2,
+    block_out_channels=(320, 640, 1280, 1280),
+    attention_head_dim=(5, 10, 20, 20),
+    cross_attention_dim=1024,
+    use_linear_projection=True,
+    down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+    up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+)
 # diffusers 0.42 renamed from_pretrained's torch_dtype to dtype; older releases ignore `dtype`.
 _DTYPE_KWARG = "dtype" if Version(diffusers.__version__).release >= (0, 42) else "torch_dtype"
 _HUB_ID = re.compile(r"[\w-][\w.-]*/[\w.-]+")

@@ -28,7 +28,7 @@ from mitune.adapters import (
     merge_adapters,
     save_adapters,
 )
-from mitune.models import encode_prompts, latent_shape, load_pipeline, unet_eps_fn
+from mitune.models import SD21_BASE_UNET, encode_prompts, latent_shape, load_pipeline, unet_eps_fn
 
 SMALL_LORA = AdapterConfig(rank=4, alpha=8, use_dora=False)  # alpha != rank: the saved config must carry it
 SMALL_DORA = AdapterConfig(rank=4, alpha=8, use_dora=True)
@@ -141,16 +141,7 @@ def test_defaults_are_the_papers_dora():
 def test_targets_match_only_transformer_blocks_of_sd21_base():
     """SD-2.1-base's real UNet config: 16 transformer blocks of 10 (attn_ff) or 8 (attn) linears."""
     with torch.device("meta"):
-        unet = UNet2DConditionModel(
-            sample_size=64,
-            layers_per_block=2,
-            block_out_channels=(320, 640, 1280, 1280),
-            attention_head_dim=(5, 10, 20, 20),
-            cross_attention_dim=1024,
-            use_linear_projection=True,
-            down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-            up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-        )
+        unet = UNet2DConditionModel(**SD21_BASE_UNET)
     attn_ff = _matching_linears(unet, UNET_TARGETS["attn_ff"])
     assert len(attn_ff) == 160
     assert len(_matching_linears(unet, UNET_TARGETS["attn"])) == 128

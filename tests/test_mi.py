@@ -23,6 +23,7 @@ import pytest
 import torch
 from diffusers import DDPMScheduler
 
+from mitune.models import SD_DDPM_CONFIG
 from mitune.mi import PAPER, MIConfig, NonFiniteMIError, pointwise_mi, sample_with_mi
 from mitune.toy.gmm import NULL_CLASS, GaussianMixture
 
@@ -32,17 +33,7 @@ MIXTURE = GaussianMixture(means=1.5 * torch.eye(DIM)[:NUM_CLASSES], std=0.4)
 
 def sd_scheduler(**overrides: object) -> DDPMScheduler:
     """Stable Diffusion's training schedule with the paper's reverse variance sigma_t^2 = beta_t."""
-    config = dict(
-        num_train_timesteps=1000,
-        beta_schedule="scaled_linear",
-        beta_start=0.00085,
-        beta_end=0.012,
-        steps_offset=1,
-        clip_sample=False,
-        variance_type="fixed_large",
-    )
-    config.update(overrides)
-    return DDPMScheduler(**config)
+    return DDPMScheduler(**{**SD_DDPM_CONFIG, **overrides})
 
 
 def full_schedule() -> DDPMScheduler:
