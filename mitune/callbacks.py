@@ -22,7 +22,7 @@ from lightning.pytorch.loggers import WandbLogger  # noqa: E402
 
 from mitune.adapters import save_adapters  # noqa: E402
 from mitune.data import FinetuneSet, ResumableLoader, load_latents, selected_rows  # noqa: E402
-from mitune.generation import GenerationConfig, finish_round, run_round  # noqa: E402
+from mitune.generation import GenerationConfig, RoundSummary, finish_round, run_round  # noqa: E402
 from mitune.io import read_jsonl, write_json  # noqa: E402
 from mitune.training import MITuneModule, TrainConfig  # noqa: E402
 
@@ -54,23 +54,22 @@ class MIRounds(L.Callback):
             module.unet.train(training)
             trainer.strategy.barrier("mitune-round")
             if trainer.is_global_zero:
-                finish_round(out, len(self.prompts))
+                self.log_round(trainer, r, finish_round(out, len(self.prompts)))
             trainer.strategy.barrier("mitune-round-done")
-            if trainer.is_global_zero:
-                self.log_round(trainer, r, out)
         return out
 
-    def log_round(self, trainer: L.Trainer, r: int, out: Path) -> None:
+    def log_round(self, trainer: L.Trainer, r: int, summary: RoundSummary) -> None:
         """Per-round MI statistics, an MI histogram and an image table."""
+        out = summary.round_dir
         rows = read_jsonl(out / "metadata.jsonl")
         mi = torch.tensor([row["mi"] for row in rows])
         chosen = torch.tensor([row["selected"] for row in rows])
         stats = {
             "round/index": r,
-            "round/mean_mi": mi.mean().item(),
-            "round/median_mi": mi.median().item(),
-            "round/topk_mi": mi[chosen].mean().item(),
-            "round/selection_margin": (mi[chosen].mean() - mi[~chosen].mean()).item() if (~chosen).any() else 0.0,
+            "round/mean_mi": summary.mean_mi,
+            "round/median_mi": summary.median_mi,
+            "round/topk_mi": summary.mean_selected_mi,
+            "round/selection_margin": summary.selection_margin,
         }
         figure = plot_mi(mi, chosen, r)
         figure.savefig(out / "mi_hist.png", dpi=100)

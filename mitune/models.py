@@ -400,13 +400,6 @@ def index_embedding(emb: Embedding, index: torch.Tensor) -> Embedding:
     return {key: value[index] for key, value in emb.items()}
 
 
-def expand_embedding(emb: Embedding, n: int) -> Embedding:
-    """Each row repeated ``n`` times in place, the order of diffusers' ``num_images_per_prompt``."""
-    if isinstance(emb, torch.Tensor):
-        return emb.repeat_interleave(n, dim=0)
-    return {key: value.repeat_interleave(n, dim=0) for key, value in emb.items()}
-
-
 # ----------------------------------------------------------------------------- denoiser
 
 

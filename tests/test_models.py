@@ -23,7 +23,6 @@ from mitune.models import (
     build_tiny_pipeline,
     ddpm_scheduler,
     encode_prompts,
-    expand_embedding,
     index_embedding,
     latent_shape,
     load_pipeline,
@@ -217,13 +216,11 @@ def test_sdxl_null_embedding_is_zeroed_like_the_pipeline(sdxl):
     assert torch.equal(null["time_ids"], encode_prompts(sdxl, ["a cat", "a dog"])["time_ids"])
 
 
-def test_index_and_expand_embedding_work_on_tensors_and_dicts(sd, sdxl):
+def test_index_embedding_works_on_tensors_and_dicts(sd, sdxl):
     for emb in (encode_prompts(sd, ["a", "b", "c"]), encode_prompts(sdxl, ["a", "b", "c"])):
         rows = (lambda e: e) if isinstance(emb, torch.Tensor) else (lambda e: e["encoder_hidden_states"])
         picked = index_embedding(emb, torch.tensor([2, 0]))
         assert torch.equal(rows(picked), rows(emb)[[2, 0]])
-        expanded = expand_embedding(emb, 2)
-        assert torch.equal(rows(expanded), rows(emb)[[0, 0, 1, 1, 2, 2]])
 
 
 def test_latent_shape_matches_the_unet_and_vae(sd, sdxl):
