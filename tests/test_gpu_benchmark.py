@@ -1,0 +1,49 @@
+"""The GPU benchmark script runs end to end on CPU at tiny sizes, so the GPU session finds working code."""
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+from diffusers import UNet2DConditionModel
+
+SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "gpu.py"
+
+
+@pytest.fixture(scope="module")
+def gpu():
+    """benchmarks/gpu.py as a module (benchmarks/ is not a package)."""
+    spec = importlib.util.spec_from_file_location("benchmarks_gpu", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_main_writes_report_on_cpu(gpu, tmp_path):
+    out = tmp_path / "gpu_cpu.md"
+    argv = ["--device", "cpu", "--latent", "8", "--gen-batches", "1", "--steps", "2", "--train-batch", "1",
+            "--repeats", "1", "--out", str(out)]
+    assert gpu.main(argv) == out
+    text = out.read_text()
+    assert "Command: `python benchmarks/gpu.py --device cpu --latent 8" in text
+    assert "| 1 | " in text  # the generation row of micro-batch 1
+    assert "**MI overhead ratio**" in text
+    assert "| DoRA | " in text and "| LoRA | " in text
+    assert "MFU" in text and "n/a" in text  # no --peak-tflops on CPU
+    assert "process peak RSS" in text
+
+
+@pytest.mark.parametrize("model, latent", [("sd21", 8), ("sdxl", 16)])
+def test_forward_flops_scale_linearly_with_batch(gpu, model, latent):
+    with torch.device("meta"):  # the full configs, without allocating their weights
+        unet = UNet2DConditionModel(**gpu.MODELS[model])
+    meta = torch.device("meta")
+    one, two = (gpu.forward_flops(unet, b, latent, meta) for b in (1, 2))
+    assert one > 0
+    assert two / one == pytest.approx(2.0, rel=0.01)
+
+
+def test_sdxl_config_has_sdxl_base_parameter_count(gpu):
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(**gpu.SDXL_BASE_UNET)
+    assert sum(p.numel() for p in unet.parameters()) == 2_567_463_684  # stabilityai/stable-diffusion-xl-base-1.0
