@@ -8,7 +8,6 @@ devices, and a resumed run sees exactly the samples it would have seen.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -18,14 +17,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from mitune.generation import METADATA
+from mitune.generation import METADATA, mix_seed
 from mitune.io import read_jsonl
-
-
-def mix_seed(*parts: int) -> int:
-    """A 63-bit seed from several integers, so nearby inputs give unrelated streams."""
-    digest = hashlib.sha256("|".join(map(str, parts)).encode()).digest()
-    return int.from_bytes(digest[:8], "big") >> 1
 
 
 def selected_rows(round_dir: Path) -> list[dict]:

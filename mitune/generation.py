@@ -79,6 +79,12 @@ class GenerationConfig:
             raise ValueError(f"variance_type must be 'fixed_large' or 'fixed_small', got {self.variance_type!r}")
 
 
+def mix_seed(*parts: int | str) -> int:
+    """A 63-bit seed from several values, so nearby inputs give unrelated streams."""
+    digest = hashlib.sha256("|".join(map(str, parts)).encode()).digest()
+    return int.from_bytes(digest[:8], "big") >> 1
+
+
 def candidate_seed(base_seed: int, prompt: str, candidate: int, mode: str = "per_prompt") -> int:
     """Seed of one candidate: stable across runs, prompt order and M.
 
@@ -86,8 +92,7 @@ def candidate_seed(base_seed: int, prompt: str, candidate: int, mode: str = "per
     """
     if mode == "shared":
         return base_seed + candidate
-    digest = hashlib.sha256(f"{base_seed}|{candidate}|{prompt}".encode()).digest()
-    return int.from_bytes(digest[:8], "big") >> 1
+    return mix_seed(base_seed, candidate, prompt)
 
 
 @dataclass(frozen=True)
