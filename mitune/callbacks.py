@@ -23,10 +23,12 @@ from lightning.pytorch.loggers import WandbLogger  # noqa: E402
 from mitune.adapters import save_adapters  # noqa: E402
 from mitune.data import FinetuneSet, ResumableLoader, load_latents, selected_rows  # noqa: E402
 from mitune.generation import GenerationConfig, RoundSummary, finish_round, run_round  # noqa: E402
-from mitune.io import read_jsonl, write_json  # noqa: E402
+from mitune.io import atomic_write, read_jsonl, write_json  # noqa: E402
 from mitune.training import MITuneModule, TrainConfig  # noqa: E402
 
 log = logging.getLogger(__name__)
+
+HISTOGRAM = "mi_hist.png"
 
 
 class MIRounds(L.Callback):
@@ -46,7 +48,9 @@ class MIRounds(L.Callback):
     def ensure_round(self, trainer: L.Trainer, module: MITuneModule, r: int) -> Path:
         """Generate round r unless it is complete; every rank takes a share of the prompts."""
         out = self.round_dir(r)
-        if not (out / "summary.json").is_file():
+        # The histogram is written atomically after the round is finished, so it marks a round as
+        # complete; a kill before it reruns the (then instant) round, its summary and the plot.
+        if not (out / HISTOGRAM).is_file():
             training = module.unet.training
             module.unet.eval()
             run_round(module.pipe, self.prompts, self.generation, out, progress=trainer.is_global_zero,
@@ -72,12 +76,12 @@ class MIRounds(L.Callback):
             "round/selection_margin": summary.selection_margin,
         }
         figure = plot_mi(mi, chosen, r)
-        figure.savefig(out / "mi_hist.png", dpi=100)
+        atomic_write(out / HISTOGRAM, lambda tmp: figure.savefig(tmp, dpi=100, format="png"))
         plt.close(figure)
         for logger in trainer.loggers:
             logger.log_metrics(stats, step=trainer.global_step)
             if isinstance(logger, WandbLogger):
-                logger.log_image("round/mi_hist", [str(out / "mi_hist.png")], step=trainer.global_step)
+                logger.log_image("round/mi_hist", [str(out / HISTOGRAM)], step=trainer.global_step)
                 logger.log_table(
                     "round/images",
                     columns=["round", "prompt", "image", "mi", "rank", "selected"],
