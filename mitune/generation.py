@@ -1,7 +1,7 @@
 """MI-scored generation round (Algorithm 1's inner loop), resumable and reproducible.
 
-For every prompt, M candidates are sampled with ``sample_with_mi`` and the top-k by MI are
-marked as the fine-tuning set. The round directory is a Hugging Face ``imagefolder``::
+For every prompt, M candidates are sampled with ``sample_with_mi`` and the top-k by MI (or by
+the ``selection`` control: random, oracle) are marked as the fine-tuning set. The round directory is a Hugging Face ``imagefolder``::
 
     round_dir/
       round.json                 settings of the round (a resume must match them)
@@ -9,7 +9,8 @@ marked as the fine-tuning set. The round directory is a Hugging Face ``imagefold
       latents/000012.safetensors "latents" [M, C, h, w] and "mi" [M] of one prompt
       parts/000012.jsonl         one prompt's rows; its presence marks the prompt as done
       metadata.jsonl             all rows (file_name, prompt, prompt_id, candidate, seed, mi,
-                                 rank, selected, latents), written when the round ends
+                                 score (what selection ranked by), rank, selected, latents),
+                                 written when the round ends
 
 A prompt is committed only after its images and latents are on disk, so a round killed
 at any point resumes without losing or duplicating work. Each candidate has its own seed
@@ -44,7 +45,7 @@ from mitune.models import (
     null_embedding,
     unet_eps_fn,
 )
-from mitune.selection import check_top_k, select_top_k
+from mitune.selection import check_strategy, check_top_k, select_top_k, selection_scores
 
 log = logging.getLogger(__name__)
 
@@ -63,10 +64,12 @@ class GenerationConfig:
     seed: int = 0
     seed_mode: Literal["per_prompt", "shared"] = "per_prompt"
     variance_type: str = "fixed_large"
+    selection: Literal["mi", "random", "oracle"] = "mi"
     mi: MIConfig = field(default_factory=MIConfig)
 
     def __post_init__(self) -> None:
         check_top_k(self.num_candidates, self.top_k)
+        check_strategy(self.selection)
         if self.guidance_scale < 0:
             raise ValueError(f"guidance_scale must be >= 0, got {self.guidance_scale}")
         if self.num_inference_steps < 1:
@@ -191,23 +194,26 @@ def png_bytes(image: Image.Image) -> bytes:
 
 
 def commit_prompt(
-    round_dir: Path, prompt: str, jobs: list[Job], results: dict[int, tuple[torch.Tensor, Image.Image, float]], k: int
+    round_dir: Path, prompt: str, jobs: list[Job], results: dict[int, tuple[torch.Tensor, Image.Image, float]],
+    config: GenerationConfig,
 ) -> None:
     """Write one prompt's images and latents, then its rows (the commit marker)."""
     pid = jobs[0].prompt_id
     latents = torch.stack([results[j.candidate][0] for j in jobs])
     mi = torch.tensor([results[j.candidate][2] for j in jobs], dtype=torch.float32)
-    ranks, selected = select_top_k(mi, k)
+    generator = torch.Generator().manual_seed(mix_seed(config.seed, "select", prompt))
+    scores = selection_scores(config.selection, prompt, [results[j.candidate][1] for j in jobs], mi, generator)
+    ranks, selected = select_top_k(scores, config.top_k)
     latents_name = f"latents/{pid:06d}.safetensors"
     mio.write_safetensors(round_dir / latents_name, {"latents": latents, "mi": mi}, {"prompt": prompt})
     rows = []
-    for j, rank, sel in zip(jobs, ranks.tolist(), selected.tolist()):
+    for j, score, rank, sel in zip(jobs, scores.tolist(), ranks.tolist(), selected.tolist()):
         file_name = f"images/{pid:06d}_{j.candidate:03d}.png"
         data = png_bytes(results[j.candidate][1])
         mio.atomic_write(round_dir / file_name, lambda tmp, data=data: tmp.write_bytes(data))
         rows.append({
             "file_name": file_name, "prompt": prompt, "prompt_id": pid, "candidate": j.candidate,
-            "seed": j.seed, "mi": results[j.candidate][2], "rank": rank, "selected": sel,
+            "seed": j.seed, "mi": results[j.candidate][2], "score": score, "rank": rank, "selected": sel,
             "latents": latents_name,
         })
     mio.write_jsonl(round_dir / "parts" / f"{pid:06d}.jsonl", rows)
@@ -268,6 +274,7 @@ def run_round(
     prompts into the shared ``round_dir``; the caller synchronises the ranks and then calls
     ``finish_round`` once. Returns the summary when ``world_size`` is 1, else None.
     """
+    check_strategy(config.selection, prompts)
     round_dir = mio.check_writable(round_dir)
     done = prepare_round_dir(round_dir, round_settings(pipe, prompts, config), write=rank == 0)
     jobs = make_jobs(prompts, config)
@@ -290,7 +297,7 @@ def run_round(
             results[j.candidate] = (z0, image, score)
             bar.update()
             if len(results) == config.num_candidates:
-                commit_prompt(round_dir, prompts[j.prompt_id], jobs_by_prompt[j.prompt_id], results, config.top_k)
+                commit_prompt(round_dir, prompts[j.prompt_id], jobs_by_prompt[j.prompt_id], results, config)
                 done.add(j.prompt_id)
                 del pending[j.prompt_id]
     bar.close()

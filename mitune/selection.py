@@ -1,8 +1,19 @@
-"""Top-k selection of a prompt's candidates (Algorithm 1, line 4)."""
+"""Top-k selection of a prompt's candidates (Algorithm 1, line 4).
+
+``mi`` is MI-TUNE. ``random`` and ``oracle`` are the controls of the toy experiment: the
+same pipeline with selection by chance, or by the toy world's exact judge (an upper bound,
+like the paper's HPS-selected row).
+"""
 
 from __future__ import annotations
 
+from typing import Sequence
+
+import numpy as np
 import torch
+from PIL import Image
+
+STRATEGIES = ("mi", "random", "oracle")
 
 
 def check_top_k(num_candidates: int, k: int) -> None:
@@ -10,6 +21,33 @@ def check_top_k(num_candidates: int, k: int) -> None:
         raise ValueError(f"num_candidates (M) must be >= 1, got {num_candidates}")
     if not 1 <= k <= num_candidates:
         raise ValueError(f"top_k must be in [1, M={num_candidates}], got {k}")
+
+
+def check_strategy(strategy: str, prompts: Sequence[str] = ()) -> None:
+    """Unknown strategies, and prompts the oracle cannot judge, fail before any generation."""
+    if strategy not in STRATEGIES:
+        raise ValueError(f"selection must be one of {STRATEGIES}, got {strategy!r}")
+    if strategy == "oracle":
+        from mitune.toy.world import parse
+
+        for prompt in prompts:
+            try:
+                parse(prompt)
+            except ValueError as err:
+                raise ValueError(f"selection=oracle judges toy-world prompts only: {err}") from None
+
+
+def selection_scores(strategy: str, prompt: str, images: Sequence[Image.Image], mi: torch.Tensor,
+                     generator: torch.Generator) -> torch.Tensor:
+    """The score a strategy ranks one prompt's candidates by (higher is better)."""
+    check_strategy(strategy)
+    if strategy == "mi":
+        return mi
+    if strategy == "random":
+        return torch.rand(len(mi), generator=generator, dtype=torch.float64)
+    from mitune.toy.oracle import score
+
+    return torch.tensor([score(prompt, np.asarray(image.convert("RGB"))) for image in images], dtype=torch.float64)
 
 
 def rank_by_score(scores: torch.Tensor) -> torch.Tensor:

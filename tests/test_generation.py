@@ -134,3 +134,21 @@ def test_ranks_sharing_a_round_reproduce_one_process(pipe, reference, tmp_path):
         assert run_round(pipe, PROMPTS, CONFIG, tmp_path, progress=False, rank=rank, world_size=2) is None
     generation.finish_round(tmp_path, len(PROMPTS))
     assert files_of(tmp_path) == files_of(reference.round_dir)
+
+
+def test_random_selection_keeps_the_candidates_and_changes_only_the_choice(pipe, reference, tmp_path):
+    summary = run_round(pipe, PROMPTS, replace(CONFIG, selection="random"), tmp_path, progress=False)
+    rows = [json.loads(line) for line in (summary.round_dir / "metadata.jsonl").read_text().splitlines()]
+    ref = [json.loads(line) for line in (reference.round_dir / "metadata.jsonl").read_text().splitlines()]
+    assert [r["mi"] for r in rows] == [r["mi"] for r in ref]  # same images, same MI
+    assert [r["selected"] for r in rows] != [r["selected"] for r in ref]
+    for pid in range(len(PROMPTS)):
+        mine = [r for r in rows if r["prompt_id"] == pid]
+        best = sorted(mine, key=lambda r: -r["score"])[: CONFIG.top_k]
+        assert {r["candidate"] for r in mine if r["selected"]} == {r["candidate"] for r in best}
+
+
+def test_oracle_selection_rejects_prompts_outside_the_toy_grammar(pipe, tmp_path):
+    with pytest.raises(ValueError, match="toy-world prompts only"):
+        run_round(pipe, PROMPTS, replace(CONFIG, selection="oracle"), tmp_path / "round", progress=False)
+    assert not (tmp_path / "round").exists()

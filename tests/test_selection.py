@@ -1,9 +1,12 @@
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
-from mitune.selection import rank_by_score, select_top_k
+from mitune.selection import check_strategy, rank_by_score, select_top_k, selection_scores
+from mitune.toy.world import parse, render
 
 
 def test_top_k_picks_highest_scores():
@@ -25,3 +28,26 @@ def test_ranks_are_a_permutation():
 def test_bad_k_or_m(m, k, msg):
     with pytest.raises(ValueError, match=msg):
         select_top_k(torch.zeros(m), k)
+
+
+def test_random_selection_is_seeded_and_ignores_mi():
+    mi = torch.arange(8.0)
+    a = selection_scores("random", "p", [], mi, torch.Generator().manual_seed(3))
+    b = selection_scores("random", "p", [], mi, torch.Generator().manual_seed(3))
+    assert torch.equal(a, b) and not torch.equal(rank_by_score(a), rank_by_score(mi))
+
+
+def test_oracle_selection_prefers_the_correct_image():
+    prompt = "a red circle and a blue square"
+    good = render(parse(prompt), rng=np.random.default_rng(0))
+    wrong = render(parse("a blue circle and a red square"), rng=np.random.default_rng(0))
+    images = [Image.fromarray(wrong), Image.fromarray(good)]
+    scores = selection_scores("oracle", prompt, images, torch.zeros(2), torch.Generator())
+    assert select_top_k(scores, 1)[1].tolist() == [False, True]
+
+
+def test_bad_strategy_and_unjudgeable_prompts():
+    with pytest.raises(ValueError, match="selection must be one of"):
+        check_strategy("hps")
+    with pytest.raises(ValueError, match="toy-world prompts only.*a cat on a mat"):
+        check_strategy("oracle", ["a red circle", "a cat on a mat"])

@@ -1,0 +1,289 @@
+"""Evaluation task: ``python -m mitune.evaluate [+experiment=<grid>] run_dir=<run> eval.round=<r> generation.guidance_scale=<w>``.
+
+One job evaluates one (model, round, CFG) point: the base model (``eval.round=0``) or the base
+model plus the adapter a training run saved after round r (``<run_dir>/rounds/round_<r>/adapter``).
+It generates N images per test prompt with a fixed seed list, scores them with the alignment
+and quality metrics, and writes a tidy results table (method, category, round, cfg, metric,
+value, n, ...) to the job dir and to W&B. With ``-m`` the jobs form the paper's grid
+(``conf/evaluate.yaml``: rounds 0-3 x CFG 2.5/3.5/5.0/7.5); rounds are loaded, never retrained.
+
+Generated images are cached under ``<run_dir>/eval/`` in a folder keyed by everything that
+decides them (round, CFG, N, seed, prompts, model and generation settings). They are written by
+``mitune.generation.run_round``, so a killed job resumes per prompt and a complete folder is
+reused without loading the diffusion model. Every check on settings, paths, prompts, metrics
+and reference sets runs before the first image is generated.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import re
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import hydra
+import torch
+from hydra.utils import instantiate
+from lightning.pytorch.loggers import WandbLogger
+from omegaconf import DictConfig, OmegaConf
+
+from mitune.adapters import META_NAME, WEIGHTS_NAME, load_adapters
+from mitune.generation import METADATA, GenerationConfig, run_round
+from mitune.io import check_writable, read_jsonl, write_jsonl, write_text
+from mitune.metrics import (
+    AlignmentMetric,
+    MetricInputError,
+    QualityMetric,
+    build_alignment_metric,
+    build_quality_metric,
+    load_image_folder,
+    load_images,
+    metric_for_category,
+)
+from mitune.prompts import read_prompt_file
+from mitune.run import finish_wandb, make_loggers
+from mitune.summary import COLUMNS, RESULTS, csv_text
+
+log = logging.getLogger(__name__)
+
+SCORES = "scores.jsonl"
+COMPLETE = "summary.json"  # written last by generation.finish_round: the image folder is complete
+MI_SAMPLING = "mi_sampling"  # mean MI of the evaluated images, computed while sampling them (free)
+
+
+@dataclass(frozen=True)
+class EvalPoint:
+    """What one evaluation job measures and how its rows are labelled."""
+
+    round: int
+    cfg: float
+    num_images: int
+    seed: int
+    method: str
+    category: str
+
+
+# ----------------------------------------------------------------------------- checks
+
+
+def check_point(point: EvalPoint) -> None:
+    if isinstance(point.round, bool) or not isinstance(point.round, int) or point.round < 0:
+        raise ValueError(f"eval.round must be an integer >= 0 (0 = base model), got {point.round!r}")
+    if not math.isfinite(point.cfg) or point.cfg <= 0:
+        raise ValueError(f"generation.guidance_scale (CFG) must be finite and > 0, got {point.cfg}")
+    if point.num_images < 1:
+        raise ValueError(f"eval.num_images must be >= 1, got {point.num_images}")
+
+
+def rounds_trained(run_dir: Path) -> int | None:
+    """Rounds a training run has finished, from its progress file (None if it has none)."""
+    progress = run_dir / "rounds" / "progress.json"
+    return json.loads(progress.read_text())["rounds_trained"] if progress.is_file() else None
+
+
+def adapter_for_round(run_dir: str | None, r: int) -> Path | None:
+    """The adapter saved after round r of ``run_dir`` (None for r=0, the base model), checked to exist."""
+    if r == 0:
+        return None
+    if run_dir is None:
+        raise ValueError(f"eval.round={r} needs run_dir=<a training run dir>; without one only round 0 (the base model)")
+    run = Path(run_dir).expanduser()
+    if not run.is_dir():
+        raise FileNotFoundError(f"run_dir {run} does not exist")
+    trained = rounds_trained(run)
+    if trained is not None and r > trained:
+        raise ValueError(f"eval.round={r} but run {run} has trained {trained} round(s)")
+    adapter = run / "rounds" / f"round_{r}" / "adapter"
+    for name in (WEIGHTS_NAME, META_NAME):
+        if not (adapter / name).is_file():
+            raise FileNotFoundError(f"run {run} has no adapter for round {r}: {adapter / name} is missing")
+    return adapter
+
+
+def eval_prompts(cfg: DictConfig) -> list[str]:
+    """``eval.prompt_file``, else the training prompt source's ``eval.split`` (T2I-CompBench: val) where it has splits."""
+    if cfg.eval.prompt_file:
+        return read_prompt_file(cfg.eval.prompt_file, cfg.data.get("limit")).prompts
+    extra = {"split": cfg.eval.split} if "split" in cfg.data and cfg.eval.split else {}
+    return instantiate(cfg.data, **extra).prompts
+
+
+# ----------------------------------------------------------------------------- metrics
+
+
+def _build(name: str, kwargs: dict[str, Any], kind: str):
+    """A registry metric, or one's own class when the kwargs name a ``_target_``.
+
+    Nested ``_target_`` nodes (e.g. a feature extractor) are instantiated first.
+    """
+    if "_target_" in kwargs:
+        return instantiate(kwargs, _convert_="all")
+    built = instantiate(OmegaConf.create(kwargs), _convert_="all") if kwargs else {}
+    return (build_alignment_metric if kind == "alignment" else build_quality_metric)(name, **built)
+
+
+def alignment_names(cfg: DictConfig, category: str) -> list[str]:
+    """``eval.alignment`` or, when null, the T2I-CompBench metric of the category."""
+    if cfg.eval.alignment is not None:
+        return list(cfg.eval.alignment)
+    try:
+        return [metric_for_category(category)]
+    except MetricInputError as err:
+        raise MetricInputError(f"{err}; set eval.alignment=[<metric>, ...] to choose metrics yourself") from err
+
+
+def build_metrics(cfg: DictConfig, category: str) -> tuple[dict[str, AlignmentMetric], dict[str, QualityMetric]]:
+    kwargs = OmegaConf.to_container(cfg.eval.metric_kwargs, resolve=True) or {}
+    alignment = {name: _build(name, kwargs.get(name, {}), "alignment") for name in alignment_names(cfg, category)}
+    quality = {name: _build(name, kwargs.get(name, {}), "quality") for name in cfg.eval.quality}
+    return alignment, quality
+
+
+def check_metric_inputs(alignment: dict[str, AlignmentMetric], quality: dict[str, QualityMetric],
+                        prompts: list[str], num_images: int, reference: str | None) -> None:
+    """Prompts each metric can parse, and enough images on both sides of every quality metric."""
+    for metric in alignment.values():
+        metric.check_prompts(prompts)
+    if not quality:
+        return
+    count = len(load_images(reference))  # verifies every file, so an unreadable image fails here
+    generated = len(prompts) * num_images
+    for name, metric in quality.items():
+        for what, have in (("reference images", count), ("generated images", generated)):
+            if have < metric.min_samples:
+                raise MetricInputError(f"{name} needs at least {metric.min_samples} {what}, got {have}"
+                                       + (f" in {reference}" if what.startswith("reference") else
+                                          f" ({len(prompts)} prompts x eval.num_images={num_images})"))
+
+
+# ----------------------------------------------------------------------------- images
+
+
+def settings_key(prompts: list[str], generation: GenerationConfig, model: dict[str, Any], adapter: Path | None) -> str:
+    """Short hash of everything besides round/CFG/N/seed that decides the images.
+
+    The adapter enters by content, so a retrained round never reuses the old round's images.
+    """
+    weights = hashlib.sha256((adapter / WEIGHTS_NAME).read_bytes()).hexdigest() if adapter else None
+    blob = json.dumps({"prompts": prompts, "generation": asdict(generation), "model": model, "adapter": weights},
+                      sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:10]
+
+
+def image_dir(root: Path, point: EvalPoint, key: str) -> Path:
+    return root / f"round_{point.round}" / f"cfg{point.cfg:g}_n{point.num_images}_seed{point.seed}_{key}"
+
+
+def ensure_images(cfg: DictConfig, folder: Path, prompts: list[str], generation: GenerationConfig,
+                  adapter: Path | None) -> Path:
+    """Generate the job's images unless a complete folder is cached; resumes a partial one."""
+    if (folder / COMPLETE).is_file():
+        log.info("using cached images in %s", folder)
+        return folder
+    pipe = instantiate(cfg.model)
+    if adapter is not None:
+        load_adapters(pipe, adapter)
+    pipe.unet.eval()
+    run_round(pipe, prompts, generation, folder)
+    return folder
+
+
+# ----------------------------------------------------------------------------- scoring and results
+
+
+def score(folder: Path, alignment: dict[str, AlignmentMetric], quality: dict[str, QualityMetric],
+          reference: str | None) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+    images, prompts = load_image_folder(folder)
+    per_image = {name: metric.score(images, prompts) for name, metric in alignment.items()}
+    distances = {name: float(metric.distance(folder, reference)) for name, metric in quality.items()}
+    return per_image, distances
+
+
+def result_rows(point: EvalPoint, per_image: dict[str, torch.Tensor], distances: dict[str, float],
+                mi: torch.Tensor, meta: dict[str, Any]) -> list[dict[str, Any]]:
+    """The tidy table: one row per metric. Alignment: mean over images, std across images."""
+    base = {"method": point.method, "category": point.category, "round": point.round, "cfg": point.cfg,
+            "images_per_prompt": point.num_images, "seed": point.seed, **meta}
+    rows = [{**base, "metric": name, "kind": "alignment", "value": s.mean().item(),
+             "std": s.std().item() if len(s) > 1 else 0.0, "n": len(s)} for name, s in per_image.items()]
+    rows.append({**base, "metric": MI_SAMPLING, "kind": "mi", "value": mi.mean().item(),
+                 "std": mi.std().item() if len(mi) > 1 else 0.0, "n": len(mi)})
+    rows += [{**base, "metric": name, "kind": "quality", "value": value, "std": None, "n": len(mi)}
+             for name, value in distances.items()]
+    return rows
+
+
+def write_results(out_dir: Path, rows: list[dict[str, Any]], metadata: list[dict[str, Any]],
+                  per_image: dict[str, torch.Tensor]) -> Path:
+    """results.csv (the tidy table) and scores.jsonl (every image's metadata and scores), atomically."""
+    scored = [{**row, **{name: s[i].item() for name, s in per_image.items()}} for i, row in enumerate(metadata)]
+    write_jsonl(out_dir / SCORES, scored)
+    write_text(out_dir / RESULTS, csv_text(rows, COLUMNS))
+    return out_dir / RESULTS
+
+
+def log_results(cfg: DictConfig, point: EvalPoint, rows: list[dict[str, Any]]) -> None:
+    """Each metric as a scalar and the rows as a W&B table (offline without an API key)."""
+    if "wandb" in cfg.logger:
+        OmegaConf.update(cfg, "logger.wandb.name", f"{cfg.task_name}-eval-r{point.round}-cfg{point.cfg:g}")
+    loggers = make_loggers(cfg, None)
+    try:
+        for logger in loggers:
+            logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+            logger.log_metrics({f"eval/{row['metric']}": row["value"] for row in rows}, step=0)
+            if isinstance(logger, WandbLogger):
+                logger.log_table("eval/results", columns=COLUMNS, data=[[row[c] for c in COLUMNS] for row in rows])
+            logger.save()
+    finally:
+        finish_wandb(loggers)
+
+
+def eval_point(cfg: DictConfig) -> EvalPoint:
+    method = str(cfg.eval.method)
+    if not re.fullmatch(r"[\w.+-]+", method):
+        raise ValueError(f"eval.method must be a plain name (letters, digits, _.+-), got {method!r}")
+    return EvalPoint(round=cfg.eval.round, cfg=float(cfg.generation.guidance_scale), num_images=int(cfg.eval.num_images),
+                     seed=int(cfg.eval.seed), method=method, category=str(cfg.eval.category))
+
+
+def evaluate(cfg: DictConfig) -> list[dict[str, Any]]:
+    """Checks everything, then generates (or reuses) the images, scores them and writes the results."""
+    point = eval_point(cfg)
+    check_point(point)
+    adapter = adapter_for_round(cfg.run_dir, point.round)
+    prompts = eval_prompts(cfg)
+    generation = replace(instantiate(cfg.generation), num_candidates=point.num_images, top_k=1, seed=point.seed,
+                         selection="mi")  # nothing is selected; MI ranks the images for the analyses
+    out_dir = check_writable(Path(cfg.paths.output_dir))
+    if cfg.eval.quality and not cfg.eval.reference:
+        raise MetricInputError(f"quality metrics {list(cfg.eval.quality)} need eval.reference=<folder of reference images>")
+    alignment, quality = build_metrics(cfg, point.category)
+    check_metric_inputs(alignment, quality, prompts, point.num_images, cfg.eval.reference)
+    model = OmegaConf.to_container(cfg.model, resolve=True)
+    root = Path(cfg.eval.image_root or (Path(cfg.run_dir) / "eval" if cfg.run_dir else out_dir / "images")).expanduser()
+    folder = ensure_images(cfg, image_dir(root, point, settings_key(prompts, generation, model, adapter)), prompts,
+                           generation, adapter)
+    per_image, distances = score(folder, alignment, quality, cfg.eval.reference)
+    metadata = read_jsonl(folder / METADATA)
+    meta = {"num_prompts": len(prompts), "model": str(model.get("path_or_id", model.get("path"))),
+            "run_dir": str(cfg.run_dir or ""), "image_dir": str(folder)}
+    rows = result_rows(point, per_image, distances, torch.tensor([row["mi"] for row in metadata]), meta)
+    path = write_results(out_dir, rows, metadata, per_image)
+    log_results(cfg, point, rows)
+    print(f"mitune.evaluate: round {point.round}, CFG {point.cfg:g}: "
+          + ", ".join(f"{row['metric']}={row['value']:.4g}" for row in rows) + f"; table in {path}")
+    return rows
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="evaluate")
+def main(cfg: DictConfig) -> float:
+    rows = evaluate(cfg)
+    return float(rows[0]["value"])
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,294 @@
+"""``python -m mitune.summary <sweep dir> [...] --out <dir>``: the paper's tables and trade-off plot.
+
+Collects every ``results.csv`` that ``mitune.evaluate`` wrote under the given dirs (any number of
+categories, runs and sweeps) and writes:
+
+* ``table1.md`` / ``table1.csv``: alignment per category (columns) for the base model and each
+  method/round (rows) at one CFG (Table 1 style);
+* ``table2.md`` / ``table2.csv``: quality metrics (FID, FD-DINO, CMMD) per method/round, category
+  and CFG (Table 2 style);
+* ``tradeoff.png``: alignment (y) against FID (x), one line per round across the CFG values, the
+  base model as its own line, one panel per category (Figure 2 style);
+* ``all_results.csv``: all rows collected (not named results.csv, so a later summary over a
+  parent dir does not collect it again);
+
+and logs the tables and the plot to W&B (offline without an API key; ``--no-wandb`` skips it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import logging
+import math
+import os
+import sys
+from collections import defaultdict
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from mitune.io import atomic_write, write_text  # noqa: E402
+
+log = logging.getLogger(__name__)
+
+Row = dict[str, Any]
+Key = tuple[str, str, int, float, str]
+RESULTS = "results.csv"
+# The tidy table mitune.evaluate writes: one row per (method, category, round, cfg, metric).
+COLUMNS = ["method", "category", "round", "cfg", "metric", "kind", "value", "std", "n", "num_prompts",
+           "images_per_prompt", "seed", "model", "run_dir", "image_dir"]
+
+
+class SummaryError(ValueError):
+    """The result dirs hold nothing the requested tables can be made of."""
+
+
+# ----------------------------------------------------------------------------- collecting
+
+
+def csv_text(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> str:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(columns), lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return buffer.getvalue()
+
+
+def parse_row(row: dict[str, str]) -> Row:
+    return {**row, "round": int(row["round"]), "cfg": float(row["cfg"]), "value": float(row["value"]),
+            "n": int(row["n"])}
+
+
+def collect(dirs: Sequence[str | os.PathLike]) -> list[Row]:
+    """Rows of every results.csv under ``dirs``; a point evaluated twice keeps its newest result."""
+    files = []
+    for d in dirs:
+        path = Path(d).expanduser()
+        if not path.exists():
+            raise FileNotFoundError(f"results dir {path} does not exist")
+        files += [path] if path.is_file() else sorted(path.rglob(RESULTS))
+    if not files:
+        raise SummaryError(f"no {RESULTS} under {', '.join(map(str, dirs))}; run `python -m mitune.evaluate` first")
+    newest: dict[Key, tuple[float, Row]] = {}
+    for file in files:
+        mtime = file.stat().st_mtime
+        with open(file, newline="", encoding="utf-8") as f:
+            for row in map(parse_row, csv.DictReader(f)):
+                key = (row["method"], row["category"], row["round"], row["cfg"], row["metric"])
+                if key in newest:
+                    log.warning("%s evaluated more than once; keeping the newest result", key)
+                if key not in newest or mtime >= newest[key][0]:
+                    newest[key] = (mtime, row)
+    return [row for _, row in newest.values()]
+
+
+# ----------------------------------------------------------------------------- tables
+
+
+def label(method: str, r: int) -> str:
+    """Row label: round 0 is the base model whatever run it was evaluated from."""
+    return "base" if r == 0 else f"{method} R={r}"
+
+
+def model_order(rows: Sequence[Row]) -> list[tuple[str, int]]:
+    """(method, round) pairs: the base model first, then each method's rounds in order."""
+    pairs = {(row["method"], row["round"]) for row in rows}
+    base = [("", 0)] if any(r == 0 for _, r in pairs) else []
+    return base + sorted((m, r) for m, r in pairs if r > 0)
+
+
+def model_key(row: Row) -> tuple[str, int]:
+    return ("", 0) if row["round"] == 0 else (row["method"], row["round"])
+
+
+def alignment_columns(rows: Sequence[Row]) -> list[tuple[str, str]]:
+    """(category, metric) per column; the column is named by the category alone when it has one metric."""
+    return sorted({(row["category"], row["metric"]) for row in rows if row["kind"] == "alignment"})
+
+
+def plotted_metric(rows: Sequence[Row]) -> dict[str, str]:
+    """The alignment metric each category is plotted with: its first (alphabetically) when it has several."""
+    chosen: dict[str, str] = {}
+    for category, metric in alignment_columns(rows):
+        chosen.setdefault(category, metric)
+    return chosen
+
+
+def column_name(category: str, metric: str, columns: Sequence[tuple[str, str]]) -> str:
+    return category if sum(c == category for c, _ in columns) == 1 else f"{category}/{metric}"
+
+
+def table1(rows: Sequence[Row], cfg: float) -> tuple[list[str], list[list[Any]]]:
+    """Alignment per category at one CFG: header and body (None where a point was not evaluated)."""
+    at_cfg = [row for row in rows if row["kind"] == "alignment" and math.isclose(row["cfg"], cfg)]
+    if not at_cfg:
+        found = sorted({row["cfg"] for row in rows if row["kind"] == "alignment"})
+        raise SummaryError(f"no alignment results at CFG {cfg:g}; evaluated CFGs: {found}")
+    columns = alignment_columns(at_cfg)
+    value = {(model_key(row), row["category"], row["metric"]): row["value"] for row in at_cfg}
+    header = ["model", "method", "round"] + [column_name(c, m, columns) for c, m in columns]
+    body = [[label(m, r), m or "base", r] + [value.get(((m, r), c, metric)) for c, metric in columns]
+            for m, r in model_order(at_cfg)]
+    return header, body
+
+
+def table2(rows: Sequence[Row]) -> tuple[list[str], list[list[Any]]]:
+    """Quality metrics per model, category and CFG."""
+    quality = [row for row in rows if row["kind"] == "quality"]
+    if not quality:
+        raise SummaryError("no quality results (FID/FD-DINO/CMMD); evaluate with eval.quality=[...] eval.reference=...")
+    metrics = sorted({row["metric"] for row in quality})
+    value = {(model_key(row), row["category"], row["cfg"], row["metric"]): row["value"] for row in quality}
+    points = sorted({(row["category"], row["cfg"]) for row in quality})
+    header = ["model", "method", "round", "category", "cfg"] + metrics
+    body = [[label(m, r), m or "base", r, c, g] + [value.get(((m, r), c, g, metric)) for metric in metrics]
+            for m, r in model_order(quality) for c, g in points
+            if any(((m, r), c, g, metric) in value for metric in metrics)]
+    return header, body
+
+
+def fmt(value: Any) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def markdown(title: str, header: Sequence[str], body: Sequence[Sequence[Any]]) -> str:
+    lines = [f"{title}\n", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(fmt(v) for v in row) + " |" for row in body]
+    return "\n".join(lines) + "\n"
+
+
+def table_csv(header: Sequence[str], body: Sequence[Sequence[Any]]) -> str:
+    return csv_text([dict(zip(header, ("" if v is None else v for v in row))) for row in body], header)
+
+
+# ----------------------------------------------------------------------------- trade-off plot
+
+
+def tradeoff_series(rows: Sequence[Row], quality: str) -> dict[str, dict[tuple[str, int], list[tuple[float, float, float]]]]:
+    """Per category: per (method, round), the (cfg, FID, alignment) points that have both metrics."""
+    first_metric = plotted_metric(rows)
+    fid, align = {}, {}
+    for row in rows:
+        key = (row["category"], model_key(row), row["cfg"])
+        if row["metric"] == quality:
+            fid[key] = row["value"]
+        elif row["kind"] == "alignment" and row["metric"] == first_metric.get(row["category"]):
+            align[key] = row["value"]
+    series: dict[str, dict[tuple[str, int], list[tuple[float, float, float]]]] = defaultdict(lambda: defaultdict(list))
+    for key in sorted(fid.keys() & align.keys()):
+        category, model, cfg = key
+        series[category][model].append((cfg, fid[key], align[key]))
+    return {c: dict(s) for c, s in series.items()}
+
+
+def plot_tradeoff(rows: Sequence[Row], quality: str) -> plt.Figure:
+    series = tradeoff_series(rows, quality)
+    if not series:
+        raise SummaryError(f"no category has both an alignment metric and {quality} at the same points; "
+                           f"evaluate with eval.quality=[{quality}] eval.reference=<folder>")
+    figure, axes = plt.subplots(1, len(series), figsize=(4.5 * len(series), 3.8), squeeze=False)
+    metric_of = plotted_metric(rows)
+    for ax, (category, lines) in zip(axes[0], sorted(series.items())):
+        for (method, r), points in sorted(lines.items()):
+            cfgs, xs, ys = zip(*points)
+            style = dict(color="black", linestyle="--", marker="s") if r == 0 else dict(marker="o")
+            ax.plot(xs, ys, label=label(method, r), **style)
+            for g, x, y in points:
+                ax.annotate(f"{g:g}", (x, y), textcoords="offset points", xytext=(3, 3), fontsize=7)
+        ax.set(xlabel=f"{quality} (lower is better)", ylabel=f"{metric_of[category]} (higher is better)",
+               title=f"{category}: alignment vs {quality} over CFG")
+        ax.legend(fontsize=8)
+    figure.tight_layout()
+    return figure
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def default_quality(rows: Sequence[Row], wanted: str) -> str:
+    """The quality metric for the plot: ``wanted`` when evaluated, else the only one there is."""
+    found = sorted({row["metric"] for row in rows if row["kind"] == "quality"})
+    if wanted in found or len(found) != 1:
+        return wanted
+    log.warning("no %s results; plotting against %s", wanted, found[0])
+    return found[0]
+
+
+def summarize(dirs: Sequence[str | os.PathLike], out: str | os.PathLike, *, cfg: float = 7.5,
+              quality: str = "fid") -> dict[str, Path]:
+    """Write the tables, the plot and the collected rows into ``out``; returns the written files."""
+    rows = collect(dirs)
+    out = Path(out).expanduser()
+    written = {"results": out / "all_results.csv"}
+    write_text(written["results"], csv_text(sorted(rows, key=lambda r: tuple(str(r[c]) for c in COLUMNS)), COLUMNS))
+    header, body = table1(rows, cfg)
+    title = f"Table 1 style: alignment at CFG {cfg:g} (mean over images; T2I-CompBench metric per category)"
+    write_text(out / "table1.md", markdown(title, header, body))
+    write_text(out / "table1.csv", table_csv(header, body))
+    written.update(table1_md=out / "table1.md", table1_csv=out / "table1.csv")
+    try:
+        header, body = table2(rows)
+    except SummaryError as err:
+        log.warning("no Table 2 and no trade-off plot: %s", err)
+        return written
+    write_text(out / "table2.md", markdown("Table 2 style: image quality (lower is better)", header, body))
+    write_text(out / "table2.csv", table_csv(header, body))
+    figure = plot_tradeoff(rows, default_quality(rows, quality))
+    atomic_write(out / "tradeoff.png", lambda tmp: figure.savefig(tmp, dpi=120, format="png"))
+    plt.close(figure)
+    written.update(table2_md=out / "table2.md", table2_csv=out / "table2.csv", tradeoff=out / "tradeoff.png")
+    return written
+
+
+def log_to_wandb(written: dict[str, Path], out: Path, project: str) -> None:
+    """The tables as W&B tables and the plot as an image, in a "summary" run."""
+    import wandb
+
+    if "WANDB_MODE" not in os.environ and not os.environ.get("WANDB_API_KEY"):
+        os.environ["WANDB_MODE"] = "offline"
+    run = wandb.init(project=project, job_type="summary", name=f"summary-{out.name}", dir=str(out))
+    try:
+        for name in ("table1_csv", "table2_csv"):
+            if name in written:
+                with open(written[name], newline="", encoding="utf-8") as f:
+                    reader = list(csv.reader(f))
+                run.log({f"summary/{name[:-4]}": wandb.Table(columns=reader[0], data=reader[1:])})
+        if "tradeoff" in written:
+            run.log({"summary/tradeoff": wandb.Image(str(written["tradeoff"]))})
+    finally:
+        wandb.finish()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m mitune.summary", description=__doc__.splitlines()[0])
+    parser.add_argument("dirs", nargs="+", help="evaluation sweep/run dirs (searched for results.csv) or CSV files")
+    parser.add_argument("--out", required=True, help="folder for the tables and the plot")
+    parser.add_argument("--cfg", type=float, default=7.5, help="CFG of Table 1 (default 7.5)")
+    parser.add_argument("--quality", default="fid", help="quality metric on the plot's x axis (default fid)")
+    parser.add_argument("--project", default="mitune", help="W&B project")
+    parser.add_argument("--no-wandb", dest="wandb", action="store_false", help="do not log to W&B")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        written = summarize(args.dirs, args.out, cfg=args.cfg, quality=args.quality)
+    except (SummaryError, OSError) as err:
+        print(f"mitune.summary: error: {err}", file=sys.stderr)
+        return 1
+    if args.wandb:
+        log_to_wandb(written, Path(args.out), args.project)
+    for path in written.values():
+        print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,177 @@
+"""Summary tables and the trade-off plot; one end-to-end CPU sweep: train once, evaluate a grid, summarise."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from mitune import summary
+from mitune.summary import COLUMNS, csv_text
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def result(method: str, category: str, r: int, cfg: float, metric: str, kind: str, value: float) -> dict:
+    return {"method": method, "category": category, "round": r, "cfg": cfg, "metric": metric, "kind": kind,
+            "value": value, "std": 0.1 if kind == "alignment" else None, "n": 20, "num_prompts": 2,
+            "images_per_prompt": 10, "seed": 1, "model": "m", "run_dir": "", "image_dir": ""}
+
+
+def grid(categories=("color", "spatial"), rounds=(0, 1, 2), cfgs=(2.5, 7.5)) -> list[dict]:
+    """Alignment grows with round and CFG, FID with CFG; values encode their point so tables can be checked."""
+    rows = []
+    for c, category in enumerate(categories):
+        metric = {"color": "blip_vqa", "spatial": "spatial"}[category]
+        for r in rounds:
+            for g in cfgs:
+                rows.append(result("mitune", category, r, g, metric, "alignment", c + 0.1 * r + 0.01 * g))
+                rows.append(result("mitune", category, r, g, "mi_sampling", "mi", 10.0 + r))
+                rows.append(result("mitune", category, r, g, "fid", "quality", 20 + 10 * c + r + g))
+                rows.append(result("mitune", category, r, g, "cmmd", "quality", 0.5 + r))
+    return rows
+
+
+def write_results(folder: Path, rows: list[dict]) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "results.csv").write_text(csv_text(rows, COLUMNS))
+    return folder / "results.csv"
+
+
+def read_csv(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_tables_from_two_categories(tmp_path):
+    rows = grid()
+    for i, point in enumerate(range(0, len(rows), 4)):  # one results.csv per job, as a sweep writes them
+        write_results(tmp_path / "sweep" / f"job{i}", rows[point:point + 4])
+    written = summary.summarize([tmp_path / "sweep"], tmp_path / "out", cfg=7.5)
+
+    table1 = read_csv(written["table1_csv"])
+    assert [r["model"] for r in table1] == ["base", "mitune R=1", "mitune R=2"]
+    assert list(table1[0]) == ["model", "method", "round", "color", "spatial"]
+    for r, row in enumerate(table1):
+        assert float(row["color"]) == pytest.approx(0.1 * r + 0.075)
+        assert float(row["spatial"]) == pytest.approx(1 + 0.1 * r + 0.075)
+    md = written["table1_md"].read_text().splitlines()
+    assert "CFG 7.5" in md[0]
+    assert md[2:4] == ["| model | method | round | color | spatial |", "|---|---|---|---|---|"]
+    assert md[5] == "| mitune R=1 | mitune | 1 | 0.175 | 1.175 |"
+
+    table2 = read_csv(written["table2_csv"])
+    assert list(table2[0]) == ["model", "method", "round", "category", "cfg", "cmmd", "fid"]
+    assert len(table2) == 3 * 2 * 2
+    point = next(r for r in table2 if (r["model"], r["category"], r["cfg"]) == ("mitune R=2", "spatial", "2.5"))
+    assert (float(point["fid"]), float(point["cmmd"])) == (pytest.approx(34.5), pytest.approx(2.5))
+    assert "| mitune R=2 | mitune | 2 | spatial | 2.5 | 2.5 | 34.5 |" in written["table2_md"].read_text()
+
+    collected = read_csv(written["results"])
+    assert len(collected) == len(rows) and list(collected[0]) == COLUMNS
+    with Image.open(written["tradeoff"]) as png:
+        assert png.format == "PNG" and png.size[0] >= 600 and png.size[1] >= 300  # two panels side by side
+
+
+def test_series_of_the_tradeoff_plot():
+    series = summary.tradeoff_series([summary.parse_row({k: str(v) if v is not None else "" for k, v in row.items()})
+                                      for row in grid(categories=("color",))], "fid")
+    assert set(series) == {"color"}
+    assert sorted(series["color"]) == [("", 0), ("mitune", 1), ("mitune", 2)]  # the base model is its own line
+    assert series["color"][("mitune", 1)] == [(2.5, 23.5, pytest.approx(0.125)), (7.5, 28.5, pytest.approx(0.175))]
+
+
+def test_newest_result_wins_and_other_cfg(tmp_path):
+    old = write_results(tmp_path / "a", grid(categories=("color",), rounds=(0,), cfgs=(2.5,)))
+    newer = [dict(row, value=row["value"] + 100) for row in grid(categories=("color",), rounds=(0,), cfgs=(2.5,))]
+    write_results(tmp_path / "b", newer)
+    os.utime(old, (1, 1))
+    rows = summary.collect([tmp_path])
+    assert sorted(r["value"] for r in rows if r["metric"] == "blip_vqa") == [pytest.approx(100.025)]
+    header, body = summary.table1(rows, 2.5)
+    assert body == [["base", "base", 0, pytest.approx(100.025)]]
+    with pytest.raises(summary.SummaryError, match=r"no alignment results at CFG 7.5; evaluated CFGs: \[2.5\]"):
+        summary.table1(rows, 7.5)
+
+
+def test_alignment_only_results_give_table1_and_say_why_no_plot(tmp_path, caplog):
+    rows = [row for row in grid(categories=("color",)) if row["kind"] != "quality"]
+    write_results(tmp_path / "sweep", rows)
+    written = summary.summarize([tmp_path / "sweep"], tmp_path / "out")
+    assert set(written) == {"results", "table1_md", "table1_csv"}
+    assert "no quality results" in caplog.text
+
+
+def test_cli_errors(tmp_path, capsys):
+    assert summary.main([str(tmp_path), "--out", str(tmp_path / "out"), "--no-wandb"]) == 1
+    assert "no results.csv under" in capsys.readouterr().err
+    assert summary.main([str(tmp_path / "missing"), "--out", str(tmp_path / "out"), "--no-wandb"]) == 1
+    assert "does not exist" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- end to end
+
+
+def run(module: str, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", "HYDRA_FULL_ERROR": "1"}
+    result = subprocess.run([sys.executable, "-m", module, *args], cwd=REPO, env=env, capture_output=True, text=True,
+                            timeout=timeout)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+PROMPTS = "data.prompts=[a red square,a blue circle and a green triangle]"
+
+
+def test_train_once_evaluate_the_grid_and_summarise(tiny_sd_path, tmp_path):
+    """Rounds are trained once (R=2) and shared by every CFG of the evaluation grid."""
+    run_dir, sweep, out = tmp_path / "run", tmp_path / "sweep", tmp_path / "summary"
+    run("mitune.run", "model=tiny", "data=demo", f"model.path={tiny_sd_path}", PROMPTS, "rounds=2", "logger=csv", "generation.num_candidates=3",
+        "generation.num_inference_steps=3", "generation.micro_batch=6", "train.effective_batch=4", "train.micro_batch=2",
+        "train.steps_per_round=2", "adapter.rank=4", "adapter.alpha=4", f"hydra.run.dir={run_dir}")
+    reference = tmp_path / "reference"
+    reference.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(6):
+        Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(reference / f"{i}.png")
+    run("mitune.evaluate", "-m", "model=tiny", "data=demo", f"model.path={tiny_sd_path}", PROMPTS, f"run_dir={run_dir}", "eval.round=0,1,2",
+        "generation.guidance_scale=2.5,7.5", "generation.num_inference_steps=3", "eval.num_images=2",
+        "eval.category=toy", "eval.alignment=[toy_oracle]", "eval.quality=[fid]", f"eval.reference={reference}",
+        "+eval.metric_kwargs.fid.extractor._target_=tests.test_evaluate.ColorFeatures", f"hydra.sweep.dir={sweep}")
+    printed = run("mitune.summary", str(sweep), "--out", str(out)).stdout
+
+    # One job dir per grid point; images generated once per (round, CFG) into the run dir, from the run's adapters.
+    jobs = sorted(p.name for p in sweep.iterdir() if p.is_dir())
+    assert jobs == [f"round_{r}-cfg_{g}" for r in (0, 1, 2) for g in (2.5, 7.5)]
+    assert sorted(p.parent.name for p in (run_dir / "eval").glob("round_*/cfg*")) == ["round_0"] * 2 + ["round_1"] * 2 + ["round_2"] * 2
+    mi = {job: [json.loads(x)["mi"] for x in (sweep / job / "scores.jsonl").read_text().splitlines()] for job in jobs}
+    assert mi["round_0-cfg_7.5"] != mi["round_2-cfg_7.5"]  # the round-2 adapter changed the model
+    assert mi["round_0-cfg_2.5"] != mi["round_0-cfg_7.5"]  # CFG changed the samples
+
+    # Table 1 at CFG 7.5: the mean of each job's per-image oracle scores.
+    def mean_score(job: str) -> float:
+        return float(np.mean([json.loads(x)["toy_oracle"] for x in (sweep / job / "scores.jsonl").read_text().splitlines()]))
+
+    table1 = read_csv(out / "table1.csv")
+    assert [(r["model"], r["round"]) for r in table1] == [("base", "0"), ("mitune R=1", "1"), ("mitune R=2", "2")]
+    assert [float(r["toy"]) for r in table1] == pytest.approx([mean_score(f"round_{r}-cfg_7.5") for r in (0, 1, 2)])
+    assert (out / "table1.md").read_text().splitlines()[2] == "| model | method | round | toy |"
+    table2 = read_csv(out / "table2.csv")
+    assert [(r["model"], r["cfg"]) for r in table2] == [(m, g) for m in ("base", "mitune R=1", "mitune R=2")
+                                                       for g in ("2.5", "7.5")]
+    fids = {(row["round"], row["cfg"]): row["value"] for row in read_csv(out / "all_results.csv") if row["metric"] == "fid"}
+    assert [r["fid"] for r in table2] == [fids[(r["round"], str(float(r["cfg"])))] for r in table2]
+    with Image.open(out / "tradeoff.png") as png:
+        png.verify()
+        assert png.format == "PNG" and 400 <= png.size[0] <= 2000 and 300 <= png.size[1] <= 1500
+    assert str(out / "tradeoff.png") in printed
+    # Logged to W&B (offline): every job's table and the summary's plot.
+    assert len(list(sweep.glob("*/wandb/offline-run-*/files/media/table/eval/results_*.table.json"))) == 6
+    assert list(out.glob("wandb/offline-run-*/files/media/images/summary/tradeoff_*.png"))
