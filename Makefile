@@ -3,12 +3,15 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test bench bench-gpu data
+.PHONY: install demo test bench bench-gpu data toy-model toy-eval
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[dev]'
+	# clean-fid (FID's Inception) without its torchvision dependency, which mitune never imports
+	# and whose wheels would replace the pinned torch: so the FID path is tested here too.
+	$(PY) -m pip install --quiet --no-deps 'clean-fid>=0.1.35'
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -29,3 +32,11 @@ bench-gpu: $(STAMP)
 
 data: $(STAMP)
 	$(PY) -c "from mitune.prompts import download_compbench; print(download_compbench())"
+
+# Train the toy world's base model from scratch (CPU, ~50 min) into mitune/assets/toy-model.
+toy-model: $(STAMP)
+	$(PY) -m mitune.toy.base_model
+
+# The toy experiment: base vs MI-TUNE vs random vs oracle selection, 3 seeds (CPU, < 60 min).
+toy-eval: $(STAMP)
+	$(PY) -m mitune.toy.experiment --out outputs/toy-eval --docs docs/toy

@@ -30,10 +30,11 @@ from tokenizers import Tokenizer, decoders, normalizers, pre_tokenizers, process
 from tokenizers.models import WordLevel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, PreTrainedTokenizerFast
 
+from mitune import ASSETS
 from mitune.mi import Embedding, EpsFn
 
 BOS, EOS, UNK = "<|startoftext|>", "<|endoftext|>", "[UNK]"
-TINY_VOCAB = Path(__file__).with_name("assets") / "tiny_vocab.txt"
+TINY_VOCAB = ASSETS / "tiny_vocab.txt"
 TINY_MAX_LENGTH = 16
 SUPPORTED_PREDICTIONS = ("epsilon", "v_prediction")
 # SD 1.x's training schedule; variance "fixed_large" is the paper's sigma_t^2 = beta_t.
@@ -303,7 +304,7 @@ def load_pipeline(
 def tiny_default_pipeline(
     path: str | os.PathLike, *, torch_dtype: str | torch.dtype = "float32", device: str | torch.device = "auto"
 ) -> DiffusionPipeline:
-    """The embedded default: built once (seeded) into ``path``, then loaded like any model.
+    """The random-init stand-in (``model=tiny``): built once (seeded) into ``path``, then loaded like any model.
 
     Built in a temporary sibling and renamed, so an interrupted build never leaves a
     half-written model behind.

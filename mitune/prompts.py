@@ -120,3 +120,17 @@ def download_compbench(dest: str | os.PathLike = COMPBENCH_DIRS[-1]) -> Path:
                 write_text(dest / name, response.read().decode("utf-8"))
             log.info("downloaded %s", dest / name)
     return dest
+
+
+TOY_SPLITS = {"train": "train", "val": "test"}
+"""Toy splits named like T2I-CompBench's: ``val`` holds the held-out bindings."""
+
+
+def load_toy(split: str = "train", per_category: int = 8, split_seed: int = 0, limit: int | None = None) -> PromptSet:
+    """Toy-world prompts (``mitune.toy.world``), the same number from each category."""
+    from mitune.toy.world import balanced_prompts
+
+    if split not in TOY_SPLITS:
+        raise ValueError(f"unknown toy split {split!r}; expected one of {tuple(TOY_SPLITS)}")
+    prompts = balanced_prompts(TOY_SPLITS[split], per_category, split_seed)
+    return clean_prompts(prompts, f"toy world {split} (split seed {split_seed})", limit)

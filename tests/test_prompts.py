@@ -91,3 +91,16 @@ def test_fixture_category_file_with_crlf_and_duplicate():
     ps = load_compbench("color", "train", data_dir=str(fixtures))
     assert ps.prompts == ["a red book and a blue cup", "a green apple and a yellow car"]
     assert ps.duplicates == {"a red book and a blue cup": 2}
+
+
+def test_toy_prompt_sets_are_balanced_and_disjoint():
+    from mitune.prompts import load_toy
+    from mitune.toy.world import CATEGORIES, category_of
+
+    train, val = load_toy("train", 3).prompts, load_toy("val", 3).prompts
+    assert [category_of(p) for p in train] == [c for c in CATEGORIES for _ in range(3)]
+    assert [category_of(p) for p in val] == [c for c in CATEGORIES for _ in range(3)]
+    assert not set(train) & set(val)
+    assert load_toy("train", 5).prompts[:3] == train[:3]  # a larger set extends a smaller one
+    with pytest.raises(ValueError, match="unknown toy split 'test'; expected one of \\('train', 'val'\\)"):
+        load_toy("test")

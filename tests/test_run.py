@@ -19,11 +19,13 @@ import torch
 from hydra.utils import instantiate
 from safetensors.torch import load_file
 
+import mitune  # noqa: F401  (registers the ${mitune.asset:...} config resolver)
+
 REPO = Path(__file__).resolve().parents[1]
 CONF = REPO / "conf"
 FIXTURES = REPO / "tests" / "fixtures"
 EXPS = sorted(p.stem for p in (CONF / "exp").glob("*.yaml"))
-EXPERIMENTS = sorted(p.stem for p in (REPO / "experiments").glob("*.yaml"))
+PAPER_SETUPS = ("sd21_paper", "sd21_authors_code", "sdxl_paper")
 SMALL = [
     "generation.num_candidates=3", "generation.num_inference_steps=4", "generation.micro_batch=6",
     "train.effective_batch=4", "train.micro_batch=2", "train.steps_per_round=3", "adapter.rank=4", "adapter.alpha=4",
@@ -32,10 +34,16 @@ SMALL = [
 
 
 def cli(*args: str, tiny: Path, timeout: float = 300, **extra_env: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "mitune.run", *args, f"model.path={tiny}"],
-        cwd=REPO, env=env(**extra_env), capture_output=True, text=True, timeout=timeout,
-    )
+    return subprocess.run(command(*args, tiny=tiny), cwd=REPO, env=env(**extra_env), capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def command(*args: str, tiny: Path) -> list[str]:
+    """``mitune.run`` on the random-init tiny model, with the demo prompts unless an ``+exp`` picks others."""
+    flags = [a for a in args if a == "-m"]
+    overrides = [a for a in args if a != "-m"]
+    data = [] if any(a.startswith("+exp=") for a in overrides) else ["data=demo"]
+    return [sys.executable, "-m", "mitune.run", *flags, "model=tiny", *data, *overrides, f"model.path={tiny}"]
 
 
 def env(**extra: str) -> dict[str, str]:
@@ -52,8 +60,8 @@ def test_every_exp_composes_and_loads_its_prompts(exp):
     assert prompts == [(FIXTURES / "compbench" / f"{exp}_train.txt").read_text().splitlines()[0].strip()]
 
 
-@pytest.mark.parametrize("experiment", EXPERIMENTS)
-def test_every_experiment_composes_with_a_real_model(experiment):
+@pytest.mark.parametrize("experiment", PAPER_SETUPS)
+def test_every_paper_setup_composes_with_a_real_model(experiment):
     with initialize_config_dir(str(CONF), version_base="1.3"):
         cfg = compose("config", overrides=["+exp=color", f"+experiment={experiment}"])
     assert cfg.model._target_ == "mitune.models.load_pipeline"
@@ -65,6 +73,14 @@ def test_every_experiment_composes_with_a_real_model(experiment):
     assert (adapter.rank, adapter.alpha) == (32, 32)
     assert (adapter.use_dora, adapter.targets) == (("authors_code" not in experiment), ("attn" if "authors_code" in experiment else "attn_ff"))
     assert train.effective_batch % train.micro_batch == 0
+
+
+def test_toy_experiment_composes_on_the_toy_model():
+    with initialize_config_dir(str(CONF), version_base="1.3"):
+        cfg = compose("config", overrides=["+experiment=toy", "generation.selection=random"])
+    assert cfg.model.path_or_id == str(REPO / "mitune" / "assets" / "toy-model")
+    assert len(instantiate(cfg.data).prompts) == 5 * 6
+    assert instantiate(cfg.generation).selection == "random"
 
 
 def test_authors_code_settings():
@@ -173,7 +189,7 @@ def test_run_killed_in_each_phase_resumes_identically(tiny_sd_path, tmp_path, un
     target, delay = rng.randint(1, most), rng.uniform(0.0, 0.3)
     killed = tmp_path / "killed"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "mitune.run", *KILL_ARGS, f"hydra.run.dir={killed}", f"model.path={tiny_sd_path}"],
+        command(*KILL_ARGS, f"hydra.run.dir={killed}", tiny=tiny_sd_path),
         cwd=REPO, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     while proc.poll() is None and len(list(killed.glob(marker))) < target:
         time.sleep(0.01)

@@ -15,6 +15,7 @@ from mitune.toy.world import (
     TEXTURES,
     Obj,
     Scene,
+    category_of,
     parse,
     prompt,
     render,
@@ -181,3 +182,9 @@ def test_split_fails_loudly_when_too_many_prompts_are_asked() -> None:
 def test_obj_rejects_unknown_attributes() -> None:
     with pytest.raises(ValueError):
         Obj(shape="hexagon")
+
+
+@pytest.mark.parametrize("category", CATEGORIES)
+def test_category_is_read_back_from_any_sampled_prompt(category):
+    rng = np.random.default_rng(7)
+    assert {category_of(prompt(sample_scene(category, rng))) for _ in range(100)} == {category}

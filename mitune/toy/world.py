@@ -299,3 +299,35 @@ def split_prompts(seed: int, n_train: int, n_test: int, max_tries: int = 100_000
             target.append(text)
             seen.add(text)
     raise ValueError(f"could not draw {n_train} train / {n_test} test unique prompts in {max_tries} tries")
+
+
+def category_of(text: str) -> str:
+    """The grammar category a prompt was drawn from, read off the attributes it names."""
+    scene = parse(text)
+    named = {attr for o in scene.objects for attr in ("size", "texture") if getattr(o, attr)}
+    if named == {"size", "texture"}:
+        return "complex"
+    if scene.relation:
+        return "spatial"
+    if "texture" in named:
+        return "texture"
+    return "shape" if "size" in named else "color"
+
+
+def balanced_prompts(which: str, per_category: int, seed: int = 0) -> list[str]:
+    """``per_category`` prompts of each category from the train or test side of split ``seed``.
+
+    Drawn in the split's order, so a larger ``per_category`` extends a smaller one.
+    """
+    if which not in ("train", "test"):
+        raise ValueError(f"which must be 'train' or 'test', got {which!r}")
+    if per_category < 1:
+        raise ValueError(f"per_category must be >= 1, got {per_category}")
+    pool = getattr(split_prompts(seed, n_train=60 * per_category, n_test=15 * per_category), which)
+    by_category: dict[str, list[str]] = {c: [] for c in CATEGORIES}
+    for text in pool:
+        by_category[category_of(text)].append(text)
+    short = {c: len(p) for c, p in by_category.items() if len(p) < per_category}
+    if short:
+        raise ValueError(f"split {seed} has too few {which} prompts for {per_category} per category: {short}")
+    return [p for c in CATEGORIES for p in by_category[c][:per_category]]

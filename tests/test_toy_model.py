@@ -1,0 +1,134 @@
+"""The committed toy base model (the embedded default), its training recipe and the toy experiment."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from mitune.generation import GenerationConfig, generate_batch, make_jobs
+from mitune.models import decode_latents, load_pipeline
+from mitune.prompts import load_toy
+from mitune.toy import base_model
+from mitune.toy.base_model import MODEL_DIR, SPLIT_SEED, ToyTrainConfig, complete_scene, training_pairs
+from mitune.toy.experiment import ToyEval, eval_dir, run, summarise
+from mitune.toy.oracle import detect, score
+from mitune.toy.world import Obj, parse, sample_scene, split_prompts
+
+
+@pytest.fixture(scope="module")
+def toy_pipe():
+    return load_pipeline(str(MODEL_DIR))
+
+
+def generate(pipe, prompts, n=2, steps=25, cfg=7.5):
+    config = GenerationConfig(num_candidates=n, guidance_scale=cfg, num_inference_steps=steps, micro_batch=64)
+    latents, _ = generate_batch(pipe, prompts, make_jobs(prompts, config), config)
+    return [np.asarray(im) for im in decode_latents(pipe, latents)]
+
+
+def test_committed_model_matches_its_record_and_architecture(toy_pipe):
+    record = json.loads((MODEL_DIR / "training.json").read_text())
+    split = split_prompts(SPLIT_SEED, 0, 0)
+    assert record["held_out_color_shape"] == sorted(map(list, split.held_out_color_shape))
+    assert record["held_out_size_shape"] == sorted(map(list, split.held_out_size_shape))
+    fresh = base_model.build_toy_pipeline()
+    for name in ("unet", "vae", "text_encoder"):
+        ours, theirs = getattr(toy_pipe, name).state_dict(), getattr(fresh, name).state_dict()
+        assert ours.keys() == theirs.keys() and all(ours[k].shape == theirs[k].shape for k in ours)
+    assert (MODEL_DIR / "README.md").is_file()
+    assert toy_pipe.tokenizer.model_max_length == base_model.MAX_LENGTH
+    assert toy_pipe.tokenizer.unk_token_id not in toy_pipe.tokenizer(load_toy("val", 6).prompts).input_ids[0]
+
+
+def test_committed_model_renders_objects_and_is_deterministic(toy_pipe):
+    prompts = load_toy("train", 2).prompts
+    images = generate(toy_pipe, prompts)
+    assert images[0].shape == (32, 32, 3)
+    assert np.array_equal(images[0], generate(toy_pipe, prompts[:1])[0])
+    # Measured when committed: 50% of these images show as many objects as the prompt names and
+    # the mean oracle score is 0.51. The random-init toy architecture draws one blob per image
+    # (20%, oracle 0.03), so both thresholds separate a trained model from an untrained one.
+    counts = [len(detect(im)) == len(parse(p).objects) for p, im in zip(np.repeat(prompts, 2), images)]
+    assert np.mean(counts) >= 0.4, counts
+    assert np.mean([score(p, im) for p, im in zip(np.repeat(prompts, 2), images)]) > 0.3
+
+
+def test_training_scenes_never_bind_a_held_out_pairing():
+    """Not in the caption, and not through an attribute the caption leaves open either."""
+    split = split_prompts(SPLIT_SEED, 0, 0)
+    captions, images = training_pairs(split, 400, seed=1)
+    assert len(captions) == len(images) == 400
+    assert not any(split.is_held_out(o) for c in captions for o in parse(c).objects)
+    drawn = [Obj(d.shape, d.color, d.size) for image in images for d in detect(image)]
+    assert len(drawn) == sum(len(parse(c).objects) for c in captions)
+    assert not any(split.is_held_out(o) for o in drawn)
+    rng = np.random.default_rng(0)
+    open_scene = sample_scene("shape", rng)  # sizes named, colors open
+    assert all(o.color and o.texture == "solid" for o in complete_scene(open_scene, split, rng).objects)
+
+
+def test_recipe_trains_and_saves_a_loadable_pipeline(tmp_path):
+    config = ToyTrainConfig(num_images=64, vae_steps=2, vae_batch=4, unet_steps=3, unet_batch=4, warmup_steps=1, threads=1,
+                           card_per_category=1)
+    pipe, record = base_model.train_toy_model(config)
+    out = base_model.save_model(pipe, record, tmp_path / "model")
+    assert not (out / "README.md").exists()  # weights are saved before the card's evaluation
+    record["oracle"] = base_model.oracle_scores(pipe, config.card_per_category)
+    base_model.save_model(pipe, record, out)
+    again = load_pipeline(str(out))
+    assert json.loads((out / "training.json").read_text())["config"]["unet_steps"] == 3
+    assert torch.equal(again.unet.conv_in.weight, pipe.unet.conv_in.weight)
+    assert again.vae.config.scaling_factor == pipe.vae.config.scaling_factor != 0.18215
+    card = (out / "README.md").read_text()
+    assert "| train (seen bindings) |" in card and f"{record['oracle']['val']['all']:.3f}" in card
+
+
+def test_summary_is_mean_and_std_over_seeds():
+    rows = [{"method": "mi", "round": 1, "cfg": 7.5, "category": "color", "seed": s, "oracle": v}
+            for s, values in ((0, [0.0, 1.0]), (1, [1.0, 1.0])) for v in values]
+    (color, overall) = summarise(rows)
+    assert color["category"] == "color" and overall["category"] == "all"
+    assert color["mean"] == pytest.approx(0.75) and color["std"] == pytest.approx(np.std([0.5, 1.0], ddof=1))
+    assert (color["seeds"], color["n"]) == (2, 4)
+
+
+@pytest.mark.parametrize("bad,match", [
+    (dict(strategies=("mi", "hps")), "strategies must be"),
+    (dict(seeds=(0, 0)), "distinct"),
+    (dict(cfgs=(float("nan"),)), "cfgs must be finite"),
+    (dict(model="/no/such/model"), "run `make toy-model`"),
+])
+def test_bad_experiment_settings(tmp_path, bad, match):
+    with pytest.raises((ValueError, FileNotFoundError), match=match):
+        ToyEval(out=tmp_path, **bad)
+
+
+@pytest.mark.slow
+def test_toy_experiment_end_to_end_and_resume(tmp_path):
+    """Tiny settings: 1 seed, mi vs random, 1 round; tables, plots and a rerun that redoes nothing."""
+    small = ("data.per_category=1", "generation.num_candidates=2", "generation.num_inference_steps=3",
+             "train.effective_batch=4", "train.micro_batch=4", "train.steps_per_round=2", "logger=csv")
+    config = ToyEval(out=tmp_path / "toy", seeds=(0,), strategies=("mi", "random"), rounds=1, cfgs=(7.5,),
+                     test_per_category=1, images_per_prompt=2, steps=3, overrides=small)
+    summary = run(config, docs=tmp_path / "docs")
+    methods = {(s["method"], s["round"]) for s in summary}
+    assert methods == {("base", 0), ("mi", 1), ("random", 1)}
+    overall = [s for s in summary if s["category"] == "all"]
+    assert all(s["n"] == 5 * 2 and 0 <= s["mean"] <= 1 for s in overall)
+    scores = list(csv.DictReader((tmp_path / "toy" / "scores.csv").open()))
+    row = scores[0]
+    image = eval_dir(config, row["method"], 0, int(row["round"]), 7.5) / "images" / "000000_000.png"
+    assert float(row["oracle"]) == score(row["prompt"], np.asarray(Image.open(image).convert("RGB")))
+    md = (tmp_path / "docs" / "results.md").read_text()
+    assert "| base | 0 |" in md and "| random | 1 |" in md and "tau, all ranks" in md
+    for name in ("rounds.png", "categories.png"):
+        assert Image.open(tmp_path / "docs" / name).size[0] > 300
+    adapter = config.run_dir("mi", 0) / "adapter" / "pytorch_lora_weights.safetensors"
+    stamp = adapter.stat().st_mtime_ns
+    assert run(config) == summary
+    assert adapter.stat().st_mtime_ns == stamp
