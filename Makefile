@@ -33,7 +33,7 @@ bench-gpu: $(STAMP)
 data: $(STAMP)
 	$(PY) -c "from mitune.prompts import download_compbench; print(download_compbench())"
 
-# Train the toy world's base model from scratch (CPU, ~50 min) into mitune/assets/toy-model.
+# Train the toy world's base model from scratch (CPU, ~25 min on 2 cores) into mitune/assets/toy-model.
 toy-model: $(STAMP)
 	$(PY) -m mitune.toy.base_model
 

@@ -236,6 +236,14 @@ def load_adapters(pipe: DiffusionPipeline, adapter_dir: str | os.PathLike, *, ad
     _load_checked(pipe, path, adapter_name)
 
 
+def load_fused(pipe: DiffusionPipeline, adapter_dir: str | os.PathLike) -> None:
+    """``load_adapters``, then merged into the weights: for inference only, where DoRA's per-call
+    weight-norm and the extra LoRA matmuls would otherwise slow every UNet call."""
+    load_adapters(pipe, adapter_dir, adapter_name=ADAPTER_NAME)
+    pipe.fuse_lora()
+    pipe.unload_lora_weights()
+
+
 def _load_checked(pipe: DiffusionPipeline, adapter_dir: Path, adapter_name: str) -> None:
     pipe.load_lora_weights(str(adapter_dir), adapter_name=adapter_name)
     _check_loaded(pipe, adapter_dir, adapter_name)

@@ -31,7 +31,7 @@ from hydra.utils import instantiate
 from lightning.pytorch.loggers import WandbLogger
 from omegaconf import DictConfig, OmegaConf
 
-from mitune.adapters import META_NAME, WEIGHTS_NAME, load_adapters
+from mitune.adapters import META_NAME, WEIGHTS_NAME, load_fused
 from mitune.generation import METADATA, GenerationConfig, run_round
 from mitune.io import check_writable, read_jsonl, write_jsonl, write_text
 from mitune.metrics import (
@@ -186,7 +186,7 @@ def ensure_images(cfg: DictConfig, folder: Path, prompts: list[str], generation:
         return folder
     pipe = instantiate(cfg.model)
     if adapter is not None:
-        load_adapters(pipe, adapter)
+        load_fused(pipe, adapter)
     pipe.unet.eval()
     run_round(pipe, prompts, generation, folder)
     return folder

@@ -193,6 +193,13 @@ def test_load_adapters_roundtrips(tiny_sd_path, sd_dora):
     torch.testing.assert_close(_eps(pipe), sd_dora[1], atol=1e-6, rtol=0)
 
 
+def test_fused_adapters_give_the_adapted_output_without_adapter_layers(tiny_sd_path, sd_dora):
+    pipe = load_pipeline(str(tiny_sd_path))
+    adapters.load_fused(pipe, sd_dora[2])
+    assert not _adapted_modules(pipe.unet)  # plain Linear layers: no per-call DoRA norm or LoRA matmuls
+    torch.testing.assert_close(_eps(pipe), sd_dora[1], atol=1e-5, rtol=1e-5)
+
+
 def test_load_adapters_refuses_another_base_model(tiny_sd_path, sdxl_dora):
     pipe = load_pipeline(str(tiny_sd_path))
     with pytest.raises(ValueError, match="was trained on base model") as err:

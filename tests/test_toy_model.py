@@ -125,7 +125,10 @@ def test_toy_experiment_end_to_end_and_resume(tmp_path):
     image = eval_dir(config, row["method"], 0, int(row["round"]), 7.5) / "images" / "000000_000.png"
     assert float(row["oracle"]) == score(row["prompt"], np.asarray(Image.open(image).convert("RGB")))
     md = (tmp_path / "docs" / "results.md").read_text()
-    assert "| base | 0 |" in md and "| random | 1 |" in md and "tau, all ranks" in md
+    assert "| base | 0 |" in md and "| random | 1 |" in md and "tau(MI, oracle)" in md and "Training pools" in md
+    rounds = list(csv.DictReader((tmp_path / "docs" / "rounds.csv").open()))
+    assert {(r["strategy"], r["round"]) for r in rounds} == {("mi", "1"), ("random", "1")}
+    assert rounds[0]["all"] == rounds[1]["all"]  # round 1: both strategies share the base model's candidates
     for name in ("rounds.png", "categories.png"):
         assert Image.open(tmp_path / "docs" / name).size[0] > 300
     adapter = config.run_dir("mi", 0) / "adapter" / "pytorch_lora_weights.safetensors"

@@ -21,7 +21,6 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,7 +31,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from mitune.adapters import load_adapters  # noqa: E402
+from mitune.adapters import load_fused  # noqa: E402
 from mitune.analysis import PAPER_RANKS, by_prompt, kendall_by_rank, scale_ranks  # noqa: E402
 from mitune.evaluate import rounds_trained  # noqa: E402
 from mitune.generation import GenerationConfig, run_round  # noqa: E402
@@ -41,8 +40,8 @@ from mitune.models import load_pipeline  # noqa: E402
 from mitune.prompts import load_toy  # noqa: E402
 from mitune.selection import STRATEGIES  # noqa: E402
 from mitune.toy.base_model import MODEL_DIR  # noqa: E402
-from mitune.toy.oracle import score  # noqa: E402
-from mitune.toy.world import CATEGORIES, category_of  # noqa: E402
+from mitune.toy.oracle import detect, score  # noqa: E402
+from mitune.toy.world import CATEGORIES, category_of, parse  # noqa: E402
 
 log = logging.getLogger(__name__)
 REPO = Path(__file__).resolve().parents[2]
@@ -58,8 +57,8 @@ class ToyEval:
     strategies: tuple[str, ...] = STRATEGIES
     rounds: int = 3
     cfgs: tuple[float, ...] = (3.0, 7.5)
-    test_per_category: int = 5
-    images_per_prompt: int = 4
+    test_per_category: int = 4
+    images_per_prompt: int = 3
     steps: int = 25
     model: Path = MODEL_DIR
     overrides: tuple[str, ...] = ()
@@ -93,7 +92,8 @@ def train(config: ToyEval, strategy: str, seed: int) -> Path:
     run_dir.mkdir(parents=True, exist_ok=True)
     command = [sys.executable, "-m", "mitune.run", "+experiment=toy", f"generation.selection={strategy}",
                f"seed={seed}", f"rounds={config.rounds}", f"model.path_or_id={config.model}",
-               f"hydra.run.dir={run_dir}", "resume=true", f"task_name=toy-{strategy}", "+trainer.enable_progress_bar=false", *config.overrides]
+               f"hydra.run.dir={run_dir}", "resume=true", f"task_name=toy-{strategy}",
+               "+trainer.enable_progress_bar=false", *config.overrides]
     log.info("training %s", " ".join(command[1:]))
     with open(run_dir / "train.log", "a") as logfile:
         result = subprocess.run(command, cwd=REPO, stdout=logfile, stderr=subprocess.STDOUT)
@@ -116,7 +116,7 @@ def evaluate(config: ToyEval, method: str, seed: int, r: int, prompts: list[str]
     if not all((d / "metadata.jsonl").is_file() for d in dirs.values()):
         pipe = load_pipeline(str(config.model))
         if r > 0:
-            load_adapters(pipe, config.run_dir(method, seed) / "rounds" / f"round_{r}" / "adapter")
+            load_fused(pipe, config.run_dir(method, seed) / "rounds" / f"round_{r}" / "adapter")
         pipe.unet.eval()
         for cfg, out in dirs.items():
             generation = GenerationConfig(num_candidates=config.images_per_prompt, guidance_scale=cfg,
@@ -162,30 +162,41 @@ def _order(key: tuple) -> tuple:
 
 
 def candidate_scores(round_dir: Path) -> list[dict]:
-    """A training round's candidates with their MI, oracle score and selection."""
-    return [{**row, "oracle": oracle(round_dir, row)} for row in read_jsonl(round_dir / "metadata.jsonl")]
+    """A training round's candidates with their MI, oracle score, selection and object count."""
+    rows = []
+    for row in read_jsonl(round_dir / "metadata.jsonl"):
+        image = np.asarray(Image.open(round_dir / row["file_name"]).convert("RGB"))
+        objects = len(detect(image))
+        rows.append({**row, "oracle": score(row["prompt"], image), "objects": objects,
+                     "count_ok": objects == len(parse(row["prompt"]).objects)})
+    return rows
 
 
-def selection_stats(config: ToyEval) -> list[dict]:
-    """Round 1 of each run: oracle score of what each strategy selected vs all candidates, by MI
-    rank (paper's 1st/25th/50th of 50, scaled to M), and Kendall tau between MI and the oracle."""
+def round_stats(config: ToyEval) -> list[dict]:
+    """Every training round's candidates (train prompts): what the strategy selected vs the whole
+    pool, and how MI ranks relate to the oracle score and to the number of objects drawn. In
+    round 1 all strategies share the base model's candidates; at the paper's MI ranks (1st/25th/
+    50th of 50, scaled to M) the oracle score is reported too (paper §3.1)."""
     stats = []
     for strategy in config.strategies:
         for seed in config.seeds:
-            rows = candidate_scores(config.run_dir(strategy, seed) / "rounds" / "round_1")
-            oracle_scores = [r["oracle"] for r in rows]
-            m = sum(r["prompt"] == rows[0]["prompt"] for r in rows)
-            paper_ranks = scale_ranks(PAPER_RANKS, m)
-            by_mi_rank = by_prompt(rows, oracle_scores, paper_ranks)
-            every = kendall_by_rank(rows, oracle_scores, range(1, m + 1), "oracle")
-            stats.append({
-                "strategy": strategy, "seed": seed,
-                "selected": np.mean([r["oracle"] for r in rows if r["selected"]]), "all": np.mean(oracle_scores),
-                **{f"mi_rank_{k}": np.mean([found[k][1] for found in by_mi_rank.values()]) for k in paper_ranks},
-                "tau_all_ranks": every.mean_tau,
-                "tau_paper_ranks": kendall_by_rank(rows, oracle_scores, paper_ranks, "oracle").mean_tau,
-                "tau_prompts": every.num_prompts,
-            })
+            for r in range(1, config.rounds + 1):
+                rows = candidate_scores(config.run_dir(strategy, seed) / "rounds" / f"round_{r}")
+                oracle_scores = [row["oracle"] for row in rows]
+                m = sum(row["prompt"] == rows[0]["prompt"] for row in rows)
+                paper_ranks = scale_ranks(PAPER_RANKS, m)
+                by_mi_rank = by_prompt(rows, oracle_scores, paper_ranks)
+                chosen = [row for row in rows if row["selected"]]
+                stats.append({
+                    "strategy": strategy, "seed": seed, "round": r,
+                    "selected": np.mean([row["oracle"] for row in chosen]), "all": np.mean(oracle_scores),
+                    **{f"mi_rank_{k}": np.mean([found[k][1] for found in by_mi_rank.values()]) for k in paper_ranks},
+                    "tau_mi_oracle": kendall_by_rank(rows, oracle_scores, range(1, m + 1), "oracle").mean_tau,
+                    "tau_mi_oracle_paper_ranks": kendall_by_rank(rows, oracle_scores, paper_ranks, "oracle").mean_tau,
+                    "tau_mi_objects": kendall_by_rank(rows, [row["objects"] for row in rows], range(1, m + 1)).mean_tau,
+                    "count_ok_selected": np.mean([row["count_ok"] for row in chosen]),
+                    "count_ok_all": np.mean([row["count_ok"] for row in rows]),
+                })
     return stats
 
 
@@ -204,9 +215,9 @@ def _fmt(mean: float, std: float) -> str:
     return f"{mean:.3f} ± {std:.3f}"
 
 
-def markdown(config: ToyEval, summary: list[dict], selection: list[dict], seconds: float) -> str:
+def markdown(config: ToyEval, summary: list[dict], selection: list[dict]) -> str:
     lines = [f"# Toy-world results ({len(config.seeds)} seeds: mean ± std over seeds)", "",
-             f"Generated by `make toy-eval` ({seconds / 60:.0f} min): held-out test prompts, "
+             "Generated by `python -m mitune.toy.experiment` (`make toy-eval`): held-out val prompts, "
              f"{config.test_per_category} per category, {config.images_per_prompt} images each, "
              f"{config.steps} DDPM steps; oracle score in [0, 1].", ""]
     for cfg in config.cfgs:
@@ -217,17 +228,29 @@ def markdown(config: ToyEval, summary: list[dict], selection: list[dict], second
             cells = {s["category"]: _fmt(s["mean"], s["std"]) for s in summary if (s["method"], s["round"], s["cfg"]) == (*key, cfg)}
             lines.append(f"| {key[0]} | {key[1]} | " + " | ".join(cells[c] for c in (*CATEGORIES, "all")) + " |")
         lines.append("")
-    ranks = [k for k in selection[0] if k.startswith("mi_rank_")]
+    first = [row for row in selection if row["round"] == 1]
+    ranks = [k for k in first[0] if k.startswith("mi_rank_")]
     lines += ["## Round 1 on the train prompts: the base model's candidates", "",
-              "Oracle score of the candidates each strategy selected vs all candidates; of the candidates at "
-              "MI rank k (1 = highest MI; the paper's 1st/25th/50th of 50 scaled to M); mean per-prompt Kendall "
-              "tau between MI and the oracle score over all M candidates and over those ranks only.", "",
+              "Oracle score of the candidates each strategy selected vs all candidates, and of the candidates "
+              "at MI rank k (1 = highest MI; the paper's 1st/25th/50th of 50 scaled to M). Kendall tau (mean "
+              "over prompts) between MI and the oracle score over all M candidates and over those ranks, and "
+              "between MI and the number of objects drawn; share of images with as many objects as the prompt "
+              "names, selected vs all.", "",
               "| strategy | selected | all | " + " | ".join(f"MI rank {k.rsplit('_', 1)[1]}" for k in ranks)
-              + " | tau, all ranks | tau, paper ranks |", "|---|" + "---|" * (4 + len(ranks))]
+              + " | tau(MI, oracle) | tau, paper ranks | tau(MI, #objects) | right #objects: selected | all |",
+              "|---|" + "---|" * (7 + len(ranks))]
+    cols = ["selected", "all", *ranks, "tau_mi_oracle", "tau_mi_oracle_paper_ranks", "tau_mi_objects",
+            "count_ok_selected", "count_ok_all"]
     for strategy in config.strategies:
-        mine = [s for s in selection if s["strategy"] == strategy]
-        cols = ["selected", "all", *ranks, "tau_all_ranks", "tau_paper_ranks"]
-        lines.append(f"| {strategy} | " + " | ".join(_fmt(*_mean_std([s[c] for s in mine])) for c in cols) + " |")
+        mine = [row for row in first if row["strategy"] == strategy]
+        lines.append(f"| {strategy} | " + " | ".join(_fmt(*_mean_std([row[c] for row in mine])) for c in cols) + " |")
+    lines += ["", "## Training pools by round (train prompts, all M candidates, generated by the model after "
+              "round r-1)", "", "| strategy | " + " | ".join(f"round {r}" for r in range(1, config.rounds + 1))
+              + " |", "|---|" + "---|" * config.rounds]
+    for strategy in config.strategies:
+        cells = [_fmt(*_mean_std([row["all"] for row in selection if (row["strategy"], row["round"]) == (strategy, r)]))
+                 for r in range(1, config.rounds + 1)]
+        lines.append(f"| {strategy} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -291,7 +314,6 @@ def log_wandb(config: ToyEval, summary: list[dict], files: list[Path]) -> None:
 
 
 def run(config: ToyEval, docs: Path | None = None) -> list[dict]:
-    start = time.perf_counter()
     test_prompts = load_toy("val", config.test_per_category).prompts
     for seed in config.seeds:
         for strategy in config.strategies:
@@ -303,12 +325,13 @@ def run(config: ToyEval, docs: Path | None = None) -> list[dict]:
         log.info("evaluating %s seed %d round %d (%d/%d)", method, seed, r, i, len(jobs))
         rows += evaluate(config, method, seed, r, test_prompts)
     summary = summarise(rows)
-    selection = selection_stats(config)
-    files = [config.out / name for name in ("scores.csv", "summary.csv", "selection.csv", "results.md", "rounds.png", "categories.png")]
+    selection = round_stats(config)
+    files = [config.out / name for name in ("scores.csv", "summary.csv", "rounds.csv", "results.md", "rounds.png",
+                                            "categories.png")]
     write_csv(files[0], rows)
     write_csv(files[1], summary)
     write_csv(files[2], selection)
-    write_text(files[3], markdown(config, summary, selection, time.perf_counter() - start))
+    write_text(files[3], markdown(config, summary, selection))
     plot_rounds(config, summary, files[4])
     plot_categories(config, summary, files[5])
     log_wandb(config, summary, files)
@@ -327,11 +350,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--strategies", nargs="+", default=list(STRATEGIES))
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--cfgs", type=float, nargs="+", default=[3.0, 7.5])
-    parser.add_argument("--test-per-category", type=int, default=5)
-    parser.add_argument("--images-per-prompt", type=int, default=4)
+    parser.add_argument("--test-per-category", type=int, default=4)
+    parser.add_argument("--images-per-prompt", type=int, default=3)
     parser.add_argument("--steps", type=int, default=25)
     parser.add_argument("--model", type=Path, default=MODEL_DIR)
-    parser.add_argument("overrides", nargs="*", help="extra mitune.run overrides for the training runs")
+    parser.add_argument("overrides", nargs="*",
+                        help="extra mitune.run overrides for the training runs, before the options (e.g. train.lr=1e-4)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     docs = args.docs
