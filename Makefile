@@ -22,13 +22,23 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q
 
+# CPU benchmarks (about 15 min on 2 cores), each writing its results under docs/benchmarks/. The GPU
+# benchmark runs here at reduced size, so its code stays tested where no GPU is.
 bench: $(STAMP)
 	$(PY) benchmarks/generation.py
 	$(PY) benchmarks/training.py
+	$(PY) benchmarks/scaling.py
+	$(PY) benchmarks/gpu.py --device cpu --latent 16 --gen-batches 2 4 --steps 5 --train-batch 2 --repeats 3
 
-# On a GPU machine: SD-2.1-base UNet generation/training throughput, peak memory and MFU.
+# On a GPU machine: SD-2.1-base and SDXL UNets (random init, real configs): generation with MI at
+# micro-batch 25/50/100, training step, peak memory and MFU; then the channels-last and
+# torch.compile variants, each in its own file, so a speed-up is kept only where it shows.
 bench-gpu: $(STAMP)
-	$(PY) benchmarks/gpu.py --device cuda --gen-batches 25 50 100 --steps 50 --train-batch 16
+	$(PY) benchmarks/gpu.py --device cuda --out docs/benchmarks/gpu_cuda_sd21.md
+	$(PY) benchmarks/gpu.py --device cuda --channels-last --out docs/benchmarks/gpu_cuda_sd21_channels_last.md
+	$(PY) benchmarks/gpu.py --device cuda --compile --out docs/benchmarks/gpu_cuda_sd21_compile.md
+	$(PY) benchmarks/gpu.py --device cuda --model sdxl --gen-batches 8 16 32 --train-batch 4 \
+		--out docs/benchmarks/gpu_cuda_sdxl.md
 
 data: $(STAMP)
 	$(PY) -c "from mitune.prompts import download_compbench; print(download_compbench())"

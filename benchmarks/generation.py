@@ -2,8 +2,11 @@
 
 Same UNet, scheduler (DDPM, sigma_t^2 = beta_t), batch, steps, guidance and initial
 latents; both include text encoding, sampling and VAE decoding. Runs are interleaved and
-the median is reported, so drift of the machine hits both alike. Writes a Markdown file
-under docs/benchmarks/.
+the median is reported, so drift of the machine hits both alike. Then the same generation
+with the UNet torch-compiled (``eval.compile``), and with the fine-tuned model of rounds
+2..R: DoRA layers as they train, peft's DoRA caching, and the adapter merged into the
+weights (``mitune.adapters.merged_adapters``, what the MI-rounds callback does). Writes a
+Markdown file under docs/benchmarks/.
 
     python benchmarks/generation.py [--batch 16] [--steps 50] [--repeats 7]
 """
@@ -11,18 +14,30 @@ under docs/benchmarks/.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import platform
 import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import diffusers
+import peft
 import torch
+from peft.helpers import DoraCaching
 
+from mitune.adapters import AdapterConfig, add_adapters, merged_adapters
 from mitune.generation import GenerationConfig, Job, generate_batch
-from mitune.models import build_tiny_pipeline, ddpm_scheduler, decode_latents, latent_shape, load_pipeline
+from mitune.models import (
+    build_tiny_pipeline,
+    compile_unet,
+    ddpm_scheduler,
+    decode_latents,
+    latent_shape,
+    load_pipeline,
+)
 
 OUT = Path(__file__).resolve().parent.parent / "docs" / "benchmarks" / "generation_cpu.md"
 
@@ -33,7 +48,7 @@ class CallCounter:
     def __init__(self, unet: torch.nn.Module) -> None:
         self.calls = 0
         self.samples = 0
-        unet.register_forward_pre_hook(self.hook, with_kwargs=True)
+        self.handle = unet.register_forward_pre_hook(self.hook, with_kwargs=True)
 
     def hook(self, module, args, kwargs) -> None:
         self.calls += 1
@@ -41,6 +56,9 @@ class CallCounter:
 
     def reset(self) -> None:
         self.calls = self.samples = 0
+
+    def remove(self) -> None:
+        self.handle.remove()
 
 
 def seeds(batch: int) -> list[int]:
@@ -59,10 +77,114 @@ def run_diffusers(pipe, prompts: list[str], config: GenerationConfig) -> None:
          generator=generators, output_type="pil")
 
 
-def timed(fn, *args) -> float:
+def timed(fn: Callable[[], object]) -> float:
     start = time.perf_counter()
-    fn(*args)
+    fn()
     return time.perf_counter() - start
+
+
+def interleaved(runs: dict[str, Callable[[], object]], repeats: int) -> dict[str, list[float]]:
+    """Seconds of each run, alternating between them so drift of the machine hits all alike."""
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    for _ in range(repeats):
+        for name, run in runs.items():
+            times[name].append(timed(run))
+    return times
+
+
+def all_runs(times: dict[str, list[float]]) -> str:
+    return "All runs (s): " + "; ".join(f"{k} {[round(t, 3) for t in v]}" for k, v in times.items())
+
+
+def section_diffusers(pipe, prompts: list[str], config: GenerationConfig, repeats: int) -> list[str]:
+    """mitune with MI against diffusers' pipeline, and the UNet calls each makes."""
+    counter = CallCounter(pipe.unet)
+    runs = {"mitune": lambda: run_mitune(pipe, prompts, config), "diffusers": lambda: run_diffusers(pipe, prompts, config)}
+    calls = {}
+    for name, run in runs.items():
+        counter.reset()
+        run()  # warm-up, and count calls
+        calls[name] = (counter.calls, counter.samples)
+    counter.remove()
+    if calls["mitune"] != calls["diffusers"]:
+        raise SystemExit(f"UNet calls differ: {calls}")
+    times = interleaved(runs, repeats)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    lines = ["| | median s / batch | images/s | UNet calls / batch | samples / UNet call |", "|---|---|---|---|---|"]
+    for name, (n_calls, n_samples) in calls.items():
+        lines.append(f"| {name} | {med[name]:.3f} | {len(prompts) / med[name]:.1f} | {n_calls} | {n_samples / n_calls:.0f} |")
+    lines += ["", f"**Ratio mitune / diffusers: {med['mitune'] / med['diffusers']:.3f}** (target <= 1.03). "
+              + all_runs(times), ""]
+    return lines
+
+
+def section_compile(pipe, compiled, prompts: list[str], config: GenerationConfig, repeats: int) -> list[str]:
+    """The same generation with the UNet compiled (``mitune.models.compile_unet``, inductor).
+
+    Inductor's on-disk cache is switched off, so the compile time is a first compile's."""
+    torch._inductor.config.fx_graph_cache = False
+    compile_s = compile_unet(compiled, len(prompts))
+    run_mitune(compiled, prompts, config)  # warm-up
+    times = interleaved({"eager": lambda: run_mitune(pipe, prompts, config),
+                         "compiled": lambda: run_mitune(compiled, prompts, config)}, repeats)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    return [
+        "## torch.compile of the UNet (`eval.compile=inductor`)",
+        "",
+        "| UNet | median s / batch | images/s |",
+        "|---|---|---|",
+        *(f"| {k} | {v:.3f} | {len(prompts) / v:.1f} |" for k, v in med.items()),
+        "",
+        f"**compiled / eager: {med['compiled'] / med['eager']:.2f}**; compiling took {compile_s:.1f} s once (cold cache) "
+        f"(paid back after {compile_s / max(med['eager'] - med['compiled'], 1e-9):.0f} batches). " + all_runs(times),
+        "",
+    ]
+
+
+def section_adapters(pipe, base_pipe, prompts: list[str], config: GenerationConfig, repeats: int) -> list[str]:
+    """Generation with a (randomised) paper DoRA adapter, applied each way the rounds could, interleaved
+    with the same UNet without adapter layers (``base_pipe``)."""
+    with torch.no_grad():
+        for param in add_adapters(pipe, AdapterConfig()):
+            param.add_(0.01 * torch.randn(param.shape, generator=torch.Generator().manual_seed(0)))
+    pipe.unet.eval()
+
+    def run_in(context: Callable[[], contextlib.AbstractContextManager]) -> Callable[[], None]:
+        def run() -> None:
+            with context():
+                run_mitune(pipe, prompts, config)
+        return run
+
+    runs = {
+        "no adapter (base model)": lambda: run_mitune(base_pipe, prompts, config),
+        "DoRA layers (unmerged)": run_in(contextlib.nullcontext),
+        "DoRA layers + peft DoRA caching": run_in(DoraCaching),
+        "DoRA merged per batch (`merged_adapters`, as the MI-rounds callback does per round)": run_in(
+            lambda: merged_adapters(pipe)),
+    }
+    interleaved(runs, 1)  # warm-up
+    times = interleaved(runs, repeats)
+    base = statistics.median(times["no adapter (base model)"])
+    return [
+        "## Generating with the fine-tuned model (rounds 2..R)",
+        "",
+        f"The paper's adapter (DoRA, rank 32, alpha 32, attention + feed-forward; peft {peft.__version__}) on the "
+        "same UNet, weights moved off their identity init; same batch and settings as above, mitune with MI.",
+        "",
+        "| adapter applied as | median s / batch | vs base model |",
+        "|---|---|---|",
+        *(f"| {k} | {statistics.median(v):.3f} | {statistics.median(v) / base:.2f} |" for k, v in times.items()),
+        "",
+        all_runs(times),
+        "",
+    ]
+
+
+def tiny_pipeline(path: Path):
+    pipe = load_pipeline(str(path))
+    pipe.scheduler = ddpm_scheduler(pipe)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
 
 
 def main() -> None:
@@ -75,26 +197,11 @@ def main() -> None:
 
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as tmp:
-        pipe = load_pipeline(str(build_tiny_pipeline(Path(tmp) / "tiny-sd")))
-    pipe.scheduler = ddpm_scheduler(pipe)
-    pipe.set_progress_bar_config(disable=True)
-    counter = CallCounter(pipe.unet)
+        path = build_tiny_pipeline(Path(tmp) / "tiny-sd")
+        pipe, compiled, adapted = tiny_pipeline(path), tiny_pipeline(path), tiny_pipeline(path)
     prompts = [f"a red cube and a blue ball number {i}" for i in range(args.batch)]
     config = GenerationConfig(num_candidates=1, num_inference_steps=args.steps, guidance_scale=7.5,
                               micro_batch=args.batch)
-
-    calls = {}
-    for name, fn in [("mitune", run_mitune), ("diffusers", run_diffusers)]:
-        counter.reset()
-        fn(pipe, prompts, config)  # warm-up, and count calls
-        calls[name] = (counter.calls, counter.samples)
-    times: dict[str, list[float]] = {"mitune": [], "diffusers": []}
-    for _ in range(args.repeats):
-        times["mitune"].append(timed(run_mitune, pipe, prompts, config))
-        times["diffusers"].append(timed(run_diffusers, pipe, prompts, config))
-
-    med = {k: statistics.median(v) for k, v in times.items()}
-    ratio = med["mitune"] / med["diffusers"]
     lines = [
         "# Generation throughput on CPU: mitune (with MI) vs diffusers",
         "",
@@ -106,24 +213,13 @@ def main() -> None:
         f"latents {tuple(latent_shape(pipe, 1)[1:])}, UNet {sum(p.numel() for p in pipe.unet.parameters()):,} parameters",
         f"- work: batch {args.batch}, {args.steps} DDPM steps, CFG 7.5, text encoding + sampling + VAE decode",
         "",
-        "| | median s / batch | images/s | UNet calls / batch | samples / UNet call |",
-        "|---|---|---|---|---|",
-    ]
-    for name in ("mitune", "diffusers"):
-        n_calls, n_samples = calls[name]
-        lines.append(f"| {name} | {med[name]:.3f} | {args.batch / med[name]:.1f} | {n_calls} | {n_samples / n_calls:.0f} |")
-    lines += [
-        "",
-        f"**Ratio mitune / diffusers: {ratio:.3f}** (target <= 1.03). "
-        f"All runs (s): mitune {[round(t, 3) for t in times['mitune']]}, "
-        f"diffusers {[round(t, 3) for t in times['diffusers']]}.",
-        "",
+        *section_diffusers(pipe, prompts, config, args.repeats),
+        *section_compile(pipe, compiled, prompts, config, args.repeats),
+        *section_adapters(adapted, pipe, prompts, config, args.repeats),
     ]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text("\n".join(lines))
     print("\n".join(lines))
-    if calls["mitune"] != calls["diffusers"]:
-        raise SystemExit(f"UNet calls differ: {calls}")
 
 
 if __name__ == "__main__":

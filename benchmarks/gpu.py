@@ -8,7 +8,8 @@ memory, and MFU from FLOPs counted by ``torch.utils.flop_counter``. Runs on CPU 
 so that the code stays tested. Writes a Markdown file under docs/benchmarks/.
 
     python benchmarks/gpu.py [--model sd21|sdxl] [--device auto] [--latent 64|128] [--gen-batches 25 50 100]
-                             [--steps 50] [--train-batch 16] [--repeats 3] [--compile] [--peak-tflops 989]
+                             [--steps 50] [--train-batch 16] [--repeats 3] [--compile] [--channels-last]
+                             [--peak-tflops 989] [--out FILE]
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from diffusers import DDPMScheduler, UNet2DConditionModel
 from torch.utils.flop_counter import FlopCounterMode
 
 from mitune.adapters import UNET_TARGETS, AdapterConfig, lora_config
-from mitune.mi import Embedding, EpsFn, paired_eps, sample_with_mi
+from mitune.mi import Embedding, EpsFn, ddpm_step, paired_eps, sample_with_mi, step_noise
 from mitune.models import SD21_BASE_UNET, SD_DDPM_CONFIG, resolve_device
 
 DOCS = Path(__file__).resolve().parent.parent / "docs" / "benchmarks"
@@ -63,10 +64,21 @@ ADAPTERS = {"DoRA": AdapterConfig(use_dora=True), "LoRA": AdapterConfig(use_dora
 # ----------------------------------------------------------------------------- model and inputs
 
 
-def build_unet(model: str, device: torch.device) -> UNet2DConditionModel:
-    """The model's UNet architecture with seeded random weights, in fp32 (autocast does bf16)."""
+def build_unet(model: str, device: torch.device, channels_last: bool) -> UNet2DConditionModel:
+    """The model's UNet architecture with seeded random weights, stored as mitune's configs load
+    them: bf16 on CUDA (adapters added later stay fp32, under autocast as in bf16-mixed training),
+    fp32 on CPU."""
     torch.manual_seed(0)
-    return UNet2DConditionModel(**MODELS[model]).to(device)
+    unet = UNet2DConditionModel(**MODELS[model]).to(device)
+    if device.type == "cuda":
+        unet = unet.to(torch.bfloat16)
+    return unet.to(memory_format=torch.channels_last) if channels_last else unet
+
+
+def attention_kernels(unet: UNet2DConditionModel) -> str:
+    """Which attention implementation the UNet runs (AttnProcessor2_0 = PyTorch SDPA / flash)."""
+    names = sorted({type(p).__name__ for p in unet.attn_processors.values()})
+    return ", ".join(names)
 
 
 def text_embedding(unet: UNet2DConditionModel, batch: int, device: torch.device, seed: int) -> Embedding:
@@ -153,10 +165,11 @@ def sample_plain(eps_fn: EpsFn, z_T: torch.Tensor, emb: Embedding, null_emb: Emb
     """``sample_with_mi``'s loop without MI: the control that prices the MI accumulation."""
     scheduler.set_timesteps(num_inference_steps)
     z = z_T.float() * scheduler.init_noise_sigma
-    for t in scheduler.timesteps:
-        eps_uncond, eps_cond = paired_eps(eps_fn, z, t.expand(z.shape[0]).to(z.device), emb, null_emb)
+    timesteps = scheduler.timesteps.to(z.device)
+    for i, t in enumerate(scheduler.timesteps):
+        eps_uncond, eps_cond = paired_eps(eps_fn, z, timesteps[i].expand(z.shape[0]), emb, null_emb)
         guided = eps_uncond.float() + GUIDANCE * (eps_cond.float() - eps_uncond.float())
-        z = scheduler.step(guided, t, z, return_dict=False)[0]
+        z = ddpm_step(scheduler, guided, t, z, step_noise(z.shape, None, z.device) if t > 0 else None)
     return z
 
 
@@ -246,8 +259,8 @@ def mfu(flops: float, seconds: float, peak_tflops: float | None) -> str:
     return f"{100 * flops / seconds / (peak_tflops * 1e12):.1f}%"
 
 
-def report(args: argparse.Namespace, argv: list[str], device: torch.device, params: int, compile_s: float | None,
-           gen: list[dict], train: list[dict], train_flops: int) -> str:
+def report(args: argparse.Namespace, argv: list[str], device: torch.device, params: int, attention: str,
+           compile_s: float | None, gen: list[dict], train: list[dict], train_flops: int) -> str:
     peak = args.peak_tflops
     lines = [
         f"# GPU benchmark: {args.model} UNet on {device.type}",
@@ -259,8 +272,9 @@ def report(args: argparse.Namespace, argv: list[str], device: torch.device, para
         f"peft {peft.__version__}",
         f"- model: {args.model} UNet config, random init, {params:,} parameters; latents 4x{args.latent}x{args.latent}; "
         f"random {TEXT_LENGTH}-token text embeddings (no text encoder, no VAE); "
-        f"{'bf16 autocast' if device.type == 'cuda' else 'fp32'}; "
-        f"torch.compile: {f'yes, first call {compile_s:.1f} s' if compile_s is not None else 'no'}",
+        f"{'bf16 weights, bf16 autocast' if device.type == 'cuda' else 'fp32'}; "
+        f"torch.compile: {f'yes, first call {compile_s:.1f} s' if compile_s is not None else 'no'}; "
+        f"channels-last: {'yes' if args.channels_last else 'no'}; attention: {attention}",
         f"- MFU: FLOPs from `torch.utils.flop_counter.FlopCounterMode` over one UNet forward at the measured shape, "
         f"/ time / {f'{peak:g} TFLOP/s peak' if peak is not None else 'peak (not given: n/a)'}; "
         f"generation = steps x forward of the CFG batch (2 x images); training = 3 x forward",
@@ -324,6 +338,7 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--train-batch", type=int, default=16, help="training micro-batch")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--compile", action="store_true", help="torch.compile the UNet")
+    parser.add_argument("--channels-last", action="store_true", help="UNet weights and activations in channels-last")
     parser.add_argument("--peak-tflops", type=float, default=None,
                         help="bf16 dense peak for MFU; default 989 (H100 SXM) on CUDA, none on CPU")
     parser.add_argument("--out", type=Path, default=None, help="default docs/benchmarks/gpu_<device>.md")
@@ -334,7 +349,7 @@ def main(argv: list[str] | None = None) -> Path:
         args.peak_tflops = 989.0
     out = args.out or DOCS / f"gpu_{device.type}.md"
 
-    unet = build_unet(args.model, device).eval().requires_grad_(False)
+    unet = build_unet(args.model, device, args.channels_last).eval().requires_grad_(False)
     params = sum(p.numel() for p in unet.parameters())
     forward = unet
     compile_s = None
@@ -345,7 +360,7 @@ def main(argv: list[str] | None = None) -> Path:
     train_flops = forward_flops(unet, args.train_batch, args.latent, device)
     train = [bench_training(unet, name, args, device) for name in ADAPTERS]
 
-    text = report(args, argv, device, params, compile_s, gen, train, train_flops)
+    text = report(args, argv, device, params, attention_kernels(unet), compile_s, gen, train, train_flops)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(text)
     print(text)

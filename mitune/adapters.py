@@ -13,6 +13,8 @@ import json
 import math
 import os
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -21,6 +23,8 @@ import torch
 from diffusers import DiffusionPipeline
 from diffusers.utils import convert_state_dict_to_diffusers
 from peft import LoraConfig
+from peft.tuners.lora.dora import DoraLinearLayer
+from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils import get_peft_model_state_dict
 from safetensors import safe_open
 from safetensors.torch import save_file
@@ -242,6 +246,63 @@ def load_fused(pipe: DiffusionPipeline, adapter_dir: str | os.PathLike) -> None:
     load_adapters(pipe, adapter_dir, adapter_name=ADAPTER_NAME)
     pipe.fuse_lora()
     pipe.unload_lora_weights()
+
+
+@contextmanager
+def merged_adapters(pipe: DiffusionPipeline) -> Iterator[None]:
+    """The pipeline's active adapters merged into the weights for a block of inference (a
+    generation round between fine-tuning epochs), then the exact base weights back.
+
+    Merged, a UNet call costs what the base model's does (DoRA otherwise rebuilds W + BA and its
+    norm in every layer at every call). peft's unmerge alone is not exact in floating point, and
+    training must resume from the very same base weights, so they are restored from a copy.
+    """
+    layers = [m for module in _pipeline_modules(pipe) for m in module.modules()
+              if isinstance(m, BaseTunerLayer) and not m.merged]
+    originals = [m.get_base_layer().weight.detach().clone() for m in layers]
+    try:
+        with torch.no_grad():
+            for layer in layers:
+                layer.merge()
+        yield
+    finally:
+        with torch.no_grad():
+            for layer, weight in zip(layers, originals):
+                if layer.merged:
+                    layer.unmerge()
+                layer.get_base_layer().weight.copy_(weight)
+
+
+class DoraNormCache:
+    """DoRA's ``B @ A`` and weight norm ``||W + s BA||`` computed once per optimizer step, not once
+    per micro-batch.
+
+    peft rebuilds both in every training forward of every adapted layer, and caches them only in
+    eval mode. DoRA treats the norm as a constant (detached, DoRA paper sec. 4.3), and between two
+    optimizer steps the adapter does not change, so with gradient accumulation (the paper's batch
+    400 is 25 micro-batches of 16) the cached values are exactly what peft would recompute.
+    """
+
+    METHODS = ("get_lora_weight", "get_weight_norm")
+
+    def __init__(self, modules: list[torch.nn.Module], optimizer: torch.optim.Optimizer) -> None:
+        self.values: dict[tuple[int, str, str], torch.Tensor] = {}
+        self.layers = [m for module in modules for m in module.modules() if isinstance(m, DoraLinearLayer)]
+        for layer in self.layers:
+            for name in self.METHODS:
+                setattr(layer, name, self._cached(layer, name, getattr(layer, name)))
+        optimizer.register_step_post_hook(lambda *args: self.values.clear())
+
+    def _cached(self, layer: DoraLinearLayer, name: str, compute):
+        def cached(*args, **kwargs) -> torch.Tensor:
+            if kwargs.get("adapter_name") is None:  # init and merge, as in peft's own cache
+                return compute(*args, **kwargs)
+            key = (id(layer), name, kwargs["adapter_name"])
+            if key not in self.values:
+                self.values[key] = compute(*args, **kwargs).detach()
+            return self.values[key]
+
+        return cached
 
 
 def _load_checked(pipe: DiffusionPipeline, adapter_dir: Path, adapter_name: str) -> None:

@@ -20,7 +20,7 @@ import torch  # noqa: E402
 from lightning.pytorch.callbacks import ModelCheckpoint, ThroughputMonitor  # noqa: E402
 from lightning.pytorch.loggers import WandbLogger  # noqa: E402
 
-from mitune.adapters import save_adapters  # noqa: E402
+from mitune.adapters import merged_adapters, save_adapters  # noqa: E402
 from mitune.data import FinetuneSet, ResumableLoader, load_latents, selected_rows  # noqa: E402
 from mitune.generation import GenerationConfig, RoundSummary, finish_round, run_round  # noqa: E402
 from mitune.io import atomic_write, read_jsonl, write_json  # noqa: E402
@@ -53,8 +53,9 @@ class MIRounds(L.Callback):
         if not (out / HISTOGRAM).is_file():
             training = module.unet.training
             module.unet.eval()
-            run_round(module.pipe, self.prompts, self.generation, out, progress=trainer.is_global_zero,
-                      rank=trainer.global_rank, world_size=trainer.world_size)
+            with merged_adapters(module.pipe):  # base-model speed; the weights come back bit-exact
+                run_round(module.pipe, self.prompts, self.generation, out, progress=trainer.is_global_zero,
+                          rank=trainer.global_rank, world_size=trainer.world_size)
             module.unet.train(training)
             trainer.strategy.barrier("mitune-round")
             if trainer.is_global_zero:

@@ -44,6 +44,7 @@ from mitune.metrics import (
     load_images,
     metric_for_category,
 )
+from mitune.models import compile_unet
 from mitune.prompts import read_prompt_file
 from mitune.run import finish_wandb, make_loggers
 from mitune.summary import COLUMNS, RESULTS, csv_text
@@ -188,6 +189,11 @@ def ensure_images(cfg: DictConfig, folder: Path, prompts: list[str], generation:
     if adapter is not None:
         load_fused(pipe, adapter)
     pipe.unet.eval()
+    if cfg.eval.compile:
+        backend = "inductor" if cfg.eval.compile is True else str(cfg.eval.compile)
+        batch = min(generation.micro_batch, len(prompts) * generation.num_candidates)
+        seconds = compile_unet(pipe, batch, backend=backend)
+        log.info("torch.compile (%s) of the UNet took %.1f s", backend, seconds)
     run_round(pipe, prompts, generation, folder)
     return folder
 
@@ -264,6 +270,8 @@ def evaluate(cfg: DictConfig) -> list[dict[str, Any]]:
     alignment, quality = build_metrics(cfg, point.category)
     check_metric_inputs(alignment, quality, prompts, point.num_images, cfg.eval.reference)
     model = OmegaConf.to_container(cfg.model, resolve=True)
+    if cfg.eval.compile:  # compiled kernels round differently: keep their images apart
+        model["compile"] = cfg.eval.compile
     root = Path(cfg.eval.image_root or (Path(cfg.run_dir) / "eval" if cfg.run_dir else out_dir / "images")).expanduser()
     folder = ensure_images(cfg, image_dir(root, point, settings_key(prompts, generation, model, adapter)), prompts,
                            generation, adapter)

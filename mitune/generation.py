@@ -258,6 +258,39 @@ def micro_batches(jobs: list[Job], num_candidates: int, micro_batch: int) -> lis
     return [sum(prompts[i : i + per_batch], []) for i in range(0, len(prompts), per_batch)]
 
 
+def rank_batches(batches: list[list[Job]], rank: int, world_size: int) -> list[list[Job]]:
+    """Rank ``rank``'s share of the batches: every world_size-th group of batches that share a
+    prompt, so each prompt is generated whole by one rank (a prompt is committed only with all
+    its M candidates; split between ranks, it never would be)."""
+    groups: list[list[list[Job]]] = []
+    for batch in batches:
+        if groups and groups[-1][-1][-1].prompt_id == batch[0].prompt_id:
+            groups[-1].append(batch)
+        else:
+            groups.append([batch])
+    return [batch for group in groups[rank::world_size] for batch in group]
+
+
+def batch_fill(num_candidates: int, micro_batch: int) -> float:
+    """How full ``micro_batches`` keeps the UNet's batches (1.0 = every one full, the last aside)."""
+    if num_candidates > micro_batch:
+        parts = -(-num_candidates // micro_batch)
+        return num_candidates / (parts * micro_batch)
+    return (micro_batch // num_candidates) * num_candidates / micro_batch
+
+
+def warn_if_underfilled(config: GenerationConfig) -> None:
+    """Prompts are never split between two batches (the commit unit is a prompt), so a micro_batch
+    that is neither a multiple nor a divisor of M leaves the GPU partly idle: say so, with the fix."""
+    m, b = config.num_candidates, config.micro_batch
+    fill = batch_fill(m, b)
+    if fill < 0.95:
+        divisor = max(d for d in range(1, b + 1) if m % d == 0)
+        full = " or ".join(map(str, sorted({divisor, m * max(b // m, 1)})))
+        log.warning("micro_batch=%d with M=%d candidates fills the UNet's batches to %.0f%%; "
+                    "micro_batch=%s keeps them full", b, m, 100 * fill, full)
+
+
 def run_round(
     pipe: DiffusionPipeline,
     prompts: list[str],
@@ -270,15 +303,16 @@ def run_round(
 ) -> RoundSummary | None:
     """Generate, score and select for every prompt; resumes a partly done ``round_dir``.
 
-    With ``world_size`` > 1, rank r takes every world_size-th micro-batch and writes its
+    With ``world_size`` > 1, rank r takes every world_size-th micro-batch (whole prompts) and writes its
     prompts into the shared ``round_dir``; the caller synchronises the ranks and then calls
     ``finish_round`` once. Returns the summary when ``world_size`` is 1, else None.
     """
     check_strategy(config.selection, prompts)
+    warn_if_underfilled(config)
     round_dir = mio.check_writable(round_dir)
     done = prepare_round_dir(round_dir, round_settings(pipe, prompts, config), write=rank == 0)
     jobs = make_jobs(prompts, config)
-    batches = micro_batches(jobs, config.num_candidates, config.micro_batch)[rank::world_size]
+    batches = rank_batches(micro_batches(jobs, config.num_candidates, config.micro_batch), rank, world_size)
     mine = [j for batch in batches for j in batch]
     jobs_by_prompt = {pid: jobs[pid * config.num_candidates : (pid + 1) * config.num_candidates] for pid in range(len(prompts))}
     pending: dict[int, dict[int, tuple[torch.Tensor, Image.Image, float]]] = {}

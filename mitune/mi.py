@@ -148,6 +148,64 @@ def step_alphabars(scheduler: DDPMScheduler, t: torch.Tensor) -> tuple[torch.Ten
     return alphas_cumprod[t].float(), torch.as_tensor(alphabar_prev).float()
 
 
+def check_sampler(scheduler: DDPMScheduler) -> None:
+    """``ddpm_step`` covers the DDPM settings Stable Diffusion uses; refuse the rest by name."""
+    config = scheduler.config
+    if config.prediction_type != "epsilon":
+        raise ValueError(f"sample_with_mi needs an epsilon-prediction scheduler, got {config.prediction_type!r}")
+    if config.variance_type not in ("fixed_small", "fixed_large"):
+        raise ValueError(f"sample_with_mi supports variance_type fixed_small or fixed_large, got {config.variance_type!r}")
+    if config.thresholding:
+        raise ValueError("sample_with_mi does not support the scheduler's dynamic thresholding")
+
+
+def ddpm_step(scheduler: DDPMScheduler, eps: torch.Tensor, t: torch.Tensor, z: torch.Tensor,
+              noise: torch.Tensor | None) -> torch.Tensor:
+    """``DDPMScheduler.step`` (epsilon prediction) with the step's noise passed in.
+
+    diffusers draws the noise inside ``step`` and, with CPU generators, copies it to the GPU
+    synchronously at every step; taking it as an argument lets the loop run without a host
+    sync. Same float32 arithmetic as diffusers, so the samples are identical.
+    """
+    alphabar, alphabar_prev = step_alphabars(scheduler, t)
+    beta_prod, beta_prod_prev = 1 - alphabar, 1 - alphabar_prev
+    alpha = alphabar / alphabar_prev
+    beta = 1 - alpha
+    x0 = (z - beta_prod ** (0.5) * eps) / alphabar ** (0.5)
+    if scheduler.config.clip_sample:
+        x0 = x0.clamp(-scheduler.config.clip_sample_range, scheduler.config.clip_sample_range)
+    z_prev = (alphabar_prev ** (0.5) * beta) / beta_prod * x0 + alpha ** (0.5) * beta_prod_prev / beta_prod * z
+    if t == 0:
+        return z_prev
+    variance = beta
+    if scheduler.config.variance_type == "fixed_small":
+        variance = torch.clamp(beta_prod_prev / beta_prod * beta, min=1e-20)
+    return z_prev + variance ** 0.5 * noise
+
+
+def step_noise(shape: torch.Size, generator: Generator, device: torch.device) -> torch.Tensor:
+    """One step's noise, drawn as diffusers draws it (same generators, same order) but moved to
+    the device asynchronously: a plain ``.to(device)`` of CPU-drawn noise waits for the GPU."""
+    first = generator[0] if isinstance(generator, list) else generator
+    if first is None or first.device.type == device.type:
+        return randn_tensor(shape, generator=generator, device=device, dtype=torch.float32)
+    noise = randn_tensor(shape, generator=generator, device=torch.device("cpu"), dtype=torch.float32)
+    if device.type == "cuda":
+        noise = noise.pin_memory()
+    return noise.to(device, non_blocking=True)
+
+
+def step_weights(scheduler: DDPMScheduler, config: MIConfig) -> tuple[torch.Tensor, list[bool]]:
+    """kappa_t of every sampling step, from the step's effective beta, and which steps count
+    (``min_timestep``); one tensor, so it goes to the device in one copy."""
+    weights, kept = [], []
+    for t in scheduler.timesteps:
+        alphabar, alphabar_prev = step_alphabars(scheduler, t)
+        weights.append(kappa(1.0 - alphabar / alphabar_prev, alphabar, config.include_alpha))
+        kept.append(bool(t >= config.min_timestep))
+    return torch.stack(weights), kept
+
+
 @torch.no_grad()
 def sample_with_mi(
     eps_fn: EpsFn,
@@ -173,10 +231,7 @@ def sample_with_mi(
         raise ValueError(f"num_inference_steps must be >= 1, got {num_inference_steps}")
     if guidance_scale < 0:
         raise ValueError(f"guidance_scale must be >= 0, got {guidance_scale}")
-    if scheduler.config.prediction_type != "epsilon":
-        raise ValueError(
-            f"sample_with_mi needs an epsilon-prediction scheduler, got {scheduler.config.prediction_type!r}"
-        )
+    check_sampler(scheduler)
     scheduler.set_timesteps(num_inference_steps)
     num_t = scheduler.config.num_train_timesteps
     if int(scheduler.timesteps.max()) >= num_t:
@@ -188,21 +243,23 @@ def sample_with_mi(
         )
     # The chain itself runs in float32: in bf16, 1000 small ancestral updates round away and
     # visibly shrink the samples (and bias MI); only the denoiser sees the caller's dtype.
+    # Everything the loop needs from the host is prepared before it, and MI stays on the
+    # device, so the loop never waits for the GPU (one sync at the end, in check_finite).
+    scheduler.alphas_cumprod = scheduler.alphas_cumprod.cpu()  # add_noise moves it to the device
     model_dtype = z_T.dtype
     z = z_T.float() * scheduler.init_noise_sigma
+    timesteps = scheduler.timesteps.to(z.device)
+    weights, kept = step_weights(scheduler, config)
+    weights = weights.to(z.device)
     mi = torch.zeros(z.shape[0], device=z.device, dtype=torch.float32)
-    kept = 0
-    for t in scheduler.timesteps:
-        t_batch = t.expand(z.shape[0]).to(z.device)
-        eps_uncond, eps_cond = paired_eps(eps_fn, z.to(model_dtype), t_batch, emb, null_emb)
+    for i, t in enumerate(scheduler.timesteps):
+        eps_uncond, eps_cond = paired_eps(eps_fn, z.to(model_dtype), timesteps[i].expand(z.shape[0]), emb, null_emb)
         eps_uncond, eps_cond = eps_uncond.float(), eps_cond.float()
-        if t >= config.min_timestep:
-            alphabar, alphabar_prev = step_alphabars(scheduler, t)
-            beta = 1.0 - alphabar / alphabar_prev
-            mi += kappa(beta, alphabar, config.include_alpha).to(z.device) * squared_gap(eps_cond, eps_uncond)
-            kept += 1
+        if kept[i]:
+            mi += weights[i] * squared_gap(eps_cond, eps_uncond)
         guided = eps_uncond + guidance_scale * (eps_cond - eps_uncond)
-        z = scheduler.step(guided, t, z, generator=generator, return_dict=False)[0]
+        noise = step_noise(z.shape, generator, z.device) if t > 0 else None
+        z = ddpm_step(scheduler, guided, t, z, noise)
     if config.reduction == "mean":
-        mi = mi / max(kept, 1)
+        mi = mi / max(sum(kept), 1)
     return z.to(model_dtype), check_finite(mi)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import re
 import tempfile
+import time
 from pathlib import Path
 
 import diffusers
@@ -419,16 +420,37 @@ def v_to_eps(v: torch.Tensor, z_t: torch.Tensor, alphabar: torch.Tensor) -> torc
 def unet_eps_fn(pipe: DiffusionPipeline) -> EpsFn:
     """The pipeline's UNet as ``eps_fn(z_t, t, emb)``; eps comes back in the UNet's dtype, as in diffusers."""
     unet = pipe.unet
-    alphas_cumprod = ddpm_scheduler(pipe).alphas_cumprod if prediction_type(pipe) == "v_prediction" else None
+    alphas_cumprod = None
+    if prediction_type(pipe) == "v_prediction":  # on the UNet's device once, not copied at every step
+        alphas_cumprod = ddpm_scheduler(pipe).alphas_cumprod.to(unet.device)
 
     def eps_fn(z_t: torch.Tensor, t: torch.Tensor, emb: Embedding) -> torch.Tensor:
         hidden, added = _unet_conditioning(emb)
         out = unet(z_t.to(unet.dtype), t, encoder_hidden_states=hidden, added_cond_kwargs=added, return_dict=False)[0]
         if alphas_cumprod is None:
             return out
-        return v_to_eps(out, z_t, alphas_cumprod.to(t.device)[t])
+        return v_to_eps(out, z_t, alphas_cumprod[t])
 
     return eps_fn
+
+
+def compile_unet(pipe: DiffusionPipeline, batch: int, backend: str = "inductor") -> float:
+    """``torch.compile`` the UNet in place and compile it now, on a CFG batch of ``batch`` images;
+    returns the seconds that took, for the log (minutes on SD-size UNets, paid once per process).
+
+    Call it after adapters are fused: peft's adapter layers would split the graph.
+    """
+    unet = pipe.unet
+    unet.compile(backend=backend)
+    n = 2 * batch
+    z = torch.zeros(latent_shape(pipe, n), device=unet.device)
+    null = index_embedding(null_embedding(pipe), torch.zeros(n, dtype=torch.long, device=unet.device))
+    start = time.perf_counter()
+    with torch.no_grad():
+        unet_eps_fn(pipe)(z, torch.full((n,), 999, device=unet.device), null)
+    if unet.device.type == "cuda":
+        torch.cuda.synchronize(unet.device)
+    return time.perf_counter() - start
 
 
 # ----------------------------------------------------------------------------- decoding

@@ -7,7 +7,6 @@ dir, batch arithmetic), so a bad value fails in seconds, before a model is loade
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 
 import hydra
@@ -20,6 +19,7 @@ from mitune.callbacks import FinetuneData, MIRounds
 from mitune.checkpoint import SafetensorsCheckpointIO, latest_checkpoint, read_state
 from mitune.io import check_writable
 from mitune.prompts import over_length
+from mitune.tracking import wandb_offline_without_key
 from mitune.training import MITuneModule, accumulation_steps
 
 log = logging.getLogger(__name__)
@@ -48,8 +48,8 @@ def precision(value: str) -> str:
 
 def make_loggers(cfg: DictConfig, ckpt: Path | None) -> list:
     """W&B runs offline without credentials, and a resumed run continues its W&B run."""
-    if "wandb" in cfg.logger and "WANDB_MODE" not in os.environ and not os.environ.get("WANDB_API_KEY"):
-        os.environ["WANDB_MODE"] = "offline"
+    if "wandb" in cfg.logger:
+        wandb_offline_without_key()
     run_id = read_state(ckpt).get("wandb_run_id") if ckpt else None
     loggers = []
     for name, spec in cfg.logger.items():

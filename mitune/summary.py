@@ -35,6 +35,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from mitune.io import atomic_write, write_text  # noqa: E402
+from mitune.tracking import wandb_offline_without_key  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -253,8 +254,7 @@ def log_to_wandb(written: dict[str, Path], out: Path, project: str) -> None:
     """The tables as W&B tables and the plot as an image, in a "summary" run."""
     import wandb
 
-    if "WANDB_MODE" not in os.environ and not os.environ.get("WANDB_API_KEY"):
-        os.environ["WANDB_MODE"] = "offline"
+    wandb_offline_without_key()
     run = wandb.init(project=project, job_type="summary", name=f"summary-{out.name}", dir=str(out))
     try:
         for name in ("table1_csv", "table2_csv"):

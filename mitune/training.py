@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from diffusers import DiffusionPipeline
 from lightning.pytorch.loggers import WandbLogger
 
-from mitune.adapters import AdapterConfig, add_adapters
+from mitune.adapters import AdapterConfig, DoraNormCache, add_adapters
 from mitune.mi import Embedding
 from mitune.models import ddpm_scheduler, encode_prompts, index_embedding, is_sdxl, unet_eps_fn
 
@@ -34,6 +34,8 @@ class TrainConfig:
     t_min: int = 500
     t_max: int = 1000
     train_text_encoder: bool = False
+    # DoRA's weight norm once per optimizer step instead of per micro-batch (exact; see DoraNormCache).
+    cache_dora_norm: bool = True
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -119,7 +121,10 @@ class MITuneModule(L.LightningModule):
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         c = self.train_config
-        return torch.optim.AdamW(self.trainable, lr=c.lr, betas=tuple(c.betas), weight_decay=c.weight_decay, eps=c.eps)
+        optimizer = torch.optim.AdamW(self.trainable, lr=c.lr, betas=tuple(c.betas), weight_decay=c.weight_decay, eps=c.eps)
+        if c.cache_dora_norm:
+            DoraNormCache([m for m in (self.unet, self.text_encoder) if m is not None], optimizer)
+        return optimizer
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         """Keep the W&B run id so that a resumed run continues the same W&B run."""

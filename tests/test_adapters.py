@@ -200,6 +200,35 @@ def test_fused_adapters_give_the_adapted_output_without_adapter_layers(tiny_sd_p
     torch.testing.assert_close(_eps(pipe), sd_dora[1], atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("config", [SMALL_DORA, SMALL_LORA], ids=["dora", "lora"])
+@pytest.mark.parametrize("text_encoder", [False, pytest.param(True, marks=needs_text_encoder_adapters)],
+                         ids=["unet", "unet+text"])
+def test_merged_adapters_compute_the_adapted_model_and_restore_it_exactly(tiny_sd_path, config, text_encoder):
+    pipe = _adapted(tiny_sd_path, config, seed=5, text_encoder=text_encoder)
+    weights = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
+    text_weights = {k: v.clone() for k, v in pipe.text_encoder.state_dict().items()}
+    adapted = _eps(pipe)
+    with adapters.merged_adapters(pipe):
+        merged_layers = [m for m in pipe.unet.modules() if isinstance(m, BaseTunerLayer)]
+        assert merged_layers and all(m.merged for m in merged_layers)
+        torch.testing.assert_close(_eps(pipe), adapted, atol=1e-5, rtol=1e-5)
+    assert not any(m.merged for m in pipe.unet.modules() if isinstance(m, BaseTunerLayer))
+    for name, value in pipe.unet.state_dict().items():  # bit-identical: training resumes from these
+        assert torch.equal(value, weights[name]), name
+    for name, value in pipe.text_encoder.state_dict().items():
+        assert torch.equal(value, text_weights[name]), name
+    assert torch.equal(_eps(pipe), adapted)
+
+
+def test_merged_adapters_restore_the_weights_after_an_error(tiny_sd_path):
+    pipe = _adapted(tiny_sd_path, SMALL_DORA, seed=6)
+    weights = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
+    with pytest.raises(RuntimeError, match="killed mid-round"):
+        with adapters.merged_adapters(pipe):
+            raise RuntimeError("killed mid-round")
+    assert all(torch.equal(v, weights[k]) for k, v in pipe.unet.state_dict().items())
+
+
 def test_load_adapters_refuses_another_base_model(tiny_sd_path, sdxl_dora):
     pipe = load_pipeline(str(tiny_sd_path))
     with pytest.raises(ValueError, match="was trained on base model") as err:

@@ -14,6 +14,7 @@ from hydra import compose, initialize_config_dir
 from PIL import Image
 
 from mitune import evaluate as ev
+from mitune.io import read_jsonl
 from mitune.metrics import CATEGORY_METRICS, MetricInputError
 from mitune.prompts import COMPBENCH_CATEGORIES
 
@@ -205,6 +206,20 @@ def test_base_model_job_writes_a_tidy_table_and_reuses_its_images(tiny_sd_path, 
     monkeypatch.undo()
     ev.evaluate(compose_eval(tmp_path, *overrides, "eval.seed=7"))
     assert sorted(p.name.rsplit("_", 1)[0] for p in (images / "round_0").iterdir()) == ["cfg5_n2_seed1", "cfg5_n2_seed7"]
+
+
+def test_compiled_unet_gives_the_same_images_in_its_own_folder(tiny_sd_path, tmp_path, caplog):
+    """eval.compile names a torch.compile backend; "eager" runs the dynamo path without a C compiler."""
+    images = tmp_path / "images"
+    overrides = [*FAST, f"model.path={tiny_sd_path}", f"eval.image_root={images}"]
+    ev.evaluate(compose_eval(tmp_path, *overrides))
+    with caplog.at_level("INFO", logger="mitune.evaluate"):
+        ev.evaluate(compose_eval(tmp_path, *overrides, "eval.compile=eager"))
+    assert "torch.compile (eager) of the UNet took" in caplog.text
+    eager, compiled = sorted((images / "round_0").iterdir(), key=lambda p: p.stat().st_mtime)
+    for row in read_jsonl(eager / "metadata.jsonl"):
+        a, b = (np.asarray(Image.open(folder / row["file_name"]), dtype=int) for folder in (eager, compiled))
+        assert np.abs(a - b).max() <= 1  # same model, same noise; rounding may differ by one level
 
 
 def test_killed_job_resumes_its_images(tiny_sd_path, tmp_path):

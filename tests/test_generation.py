@@ -129,11 +129,27 @@ def test_micro_batches_never_mix_a_split_prompt(m, mb, sizes):
         assert len(ids) == 1 or all(sum(j.prompt_id == p for j in b) == m for p in ids)
 
 
-def test_ranks_sharing_a_round_reproduce_one_process(pipe, reference, tmp_path):
+@pytest.mark.parametrize("micro_batch", [5, 2], ids=["whole-prompts", "prompts-split-in-batches"])
+def test_ranks_sharing_a_round_reproduce_one_process(pipe, tmp_path, micro_batch):
+    config = replace(CONFIG, micro_batch=micro_batch)
+    one = run_round(pipe, PROMPTS, config, tmp_path / "one", progress=False)
     for rank in (1, 0):  # rank 1 first: the settings file is written by rank 0 only
-        assert run_round(pipe, PROMPTS, CONFIG, tmp_path, progress=False, rank=rank, world_size=2) is None
-    generation.finish_round(tmp_path, len(PROMPTS))
-    assert files_of(tmp_path) == files_of(reference.round_dir)
+        assert run_round(pipe, PROMPTS, config, tmp_path / "two", progress=False, rank=rank, world_size=2) is None
+    generation.finish_round(tmp_path / "two", len(PROMPTS))
+    assert files_of(tmp_path / "two") == files_of(one.round_dir)
+
+
+@pytest.mark.parametrize("m, mb, world", [(4, 2, 2), (5, 2, 3), (4, 8, 2), (50, 50, 4), (7, 3, 2)])
+def test_rank_shares_cover_every_batch_once_and_never_split_a_prompt(m, mb, world):
+    jobs = [generation.Job(p, c, 0) for p in range(5) for c in range(m)]
+    batches = generation.micro_batches(jobs, m, mb)
+    shares = [generation.rank_batches(batches, r, world) for r in range(world)]
+    assert sorted(map(id, (b for share in shares for b in share))) == sorted(map(id, batches))
+    owners = {}
+    for r, share in enumerate(shares):
+        for batch in share:
+            for job in batch:
+                assert owners.setdefault(job.prompt_id, r) == r, f"prompt {job.prompt_id} split between ranks"
 
 
 def test_random_selection_keeps_the_candidates_and_changes_only_the_choice(pipe, reference, tmp_path):
@@ -152,3 +168,22 @@ def test_oracle_selection_rejects_prompts_outside_the_toy_grammar(pipe, tmp_path
     with pytest.raises(ValueError, match="toy-world prompts only"):
         run_round(pipe, PROMPTS, replace(CONFIG, selection="oracle"), tmp_path / "round", progress=False)
     assert not (tmp_path / "round").exists()
+
+
+@pytest.mark.parametrize("m, mb", [(50, 50), (50, 25), (50, 100), (50, 32), (50, 64), (8, 20), (3, 2), (1, 7)])
+def test_batch_fill_matches_the_cut(m, mb):
+    """The fill the warning reports is the fill of micro_batches' actual cut (many prompts)."""
+    prompts = 7 * mb  # whole number of batches, so only the cut's own gaps count
+    jobs = [generation.Job(p, c, 0) for p in range(prompts) for c in range(m)]
+    batches = generation.micro_batches(jobs, m, mb)
+    assert generation.batch_fill(m, mb) == pytest.approx(len(jobs) / (len(batches) * mb), rel=0.02)
+
+
+def test_underfilled_batches_are_named_with_the_fix(caplog):
+    with caplog.at_level("WARNING", logger="mitune.generation"):
+        generation.warn_if_underfilled(GenerationConfig(num_candidates=50, micro_batch=32))
+    assert "fills the UNet's batches to 78%" in caplog.text and "micro_batch=25 or 50" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="mitune.generation"):
+        generation.warn_if_underfilled(GenerationConfig(num_candidates=50, micro_batch=100))
+    assert not caplog.text

@@ -22,7 +22,7 @@ def gpu():
 def test_main_writes_report_on_cpu(gpu, tmp_path):
     out = tmp_path / "gpu_cpu.md"
     argv = ["--device", "cpu", "--latent", "8", "--gen-batches", "1", "--steps", "2", "--train-batch", "1",
-            "--repeats", "1", "--out", str(out)]
+            "--repeats", "1", "--channels-last", "--out", str(out)]
     assert gpu.main(argv) == out
     text = out.read_text()
     assert "Command: `python benchmarks/gpu.py --device cpu --latent 8" in text
@@ -31,6 +31,8 @@ def test_main_writes_report_on_cpu(gpu, tmp_path):
     assert "| DoRA | " in text and "| LoRA | " in text
     assert "MFU" in text and "n/a" in text  # no --peak-tflops on CPU
     assert "process peak RSS" in text
+    assert "channels-last: yes" in text
+    assert "attention: AttnProcessor2_0" in text  # diffusers' PyTorch-SDPA processor, nothing slower
 
 
 @pytest.mark.parametrize("model, latent", [("sd21", 8), ("sdxl", 16)])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from peft.tuners.lora.dora import DoraLinearLayer
 
 from mitune.adapters import AdapterConfig
 from mitune.models import load_pipeline
@@ -58,3 +59,41 @@ def test_text_encoder_training_on_sdxl_is_refused(tiny_sdxl_path):
 def test_t_max_beyond_the_schedule_is_refused(tiny_sd_path):
     with pytest.raises(ValueError, match="t_max=1001 exceeds the model's 1000 timesteps"):
         MITuneModule(load_pipeline(str(tiny_sd_path)), AdapterConfig(rank=4, alpha=4), TrainConfig(t_max=1001))
+
+
+def accumulated_training(path, cache: bool) -> dict[str, torch.Tensor]:
+    """3 optimizer steps of 4 accumulated micro-batches each, UNet and text encoder with DoRA."""
+    pipe = load_pipeline(str(path))
+    module = MITuneModule(pipe, AdapterConfig(rank=4, alpha=4), TrainConfig(train_text_encoder=True, cache_dora_norm=cache))
+    module.set_prompts(PROMPTS)
+    optimizer = module.configure_optimizers()
+    g = torch.Generator().manual_seed(0)
+    shape = (2, module.unet.config.in_channels, module.unet.config.sample_size, module.unet.config.sample_size)
+    for _ in range(3):
+        for _ in range(4):
+            batch = {"latents": torch.randn(shape, generator=g), "noise": torch.randn(shape, generator=g),
+                     "prompt": torch.tensor([0, 1]), "t": torch.randint(500, 1000, (2,), generator=g)}
+            module.training_step(batch, 0).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    return {**snapshot(pipe.unet), **{f"te.{k}": v for k, v in snapshot(pipe.text_encoder).items()}}
+
+
+def test_dora_norm_cache_is_exact_and_computes_once_per_optimizer_step(tiny_sd_path, monkeypatch):
+    calls = []
+    original = DoraLinearLayer.get_weight_norm
+
+    def counted(self, *args, **kwargs):
+        if kwargs.get("adapter_name") is not None:  # the training forwards (init and merge pass none)
+            calls.append(id(self))
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(DoraLinearLayer, "get_weight_norm", counted)
+    cached = accumulated_training(tiny_sd_path, cache=True)
+    layers, cached_calls = len(set(calls)), len(calls)
+    calls.clear()
+    plain = accumulated_training(tiny_sd_path, cache=False)
+    assert layers > 0 and cached_calls == 3 * layers  # once per layer per optimizer step
+    assert len(calls) == 12 * layers  # peft alone: once per layer per micro-batch
+    moved = [name for name in plain if "lora_" in name]
+    assert moved and all(torch.equal(cached[name], plain[name]) for name in plain)  # bit-identical training

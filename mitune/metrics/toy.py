@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 from PIL import Image
 
@@ -28,4 +27,4 @@ class ToyOracleMetric(AlignmentMetric):
                 raise MetricInputError(f"prompt {i} ({prompt!r}) is not a toy-world prompt: {err}") from err
 
     def score_batch(self, images: list[Image.Image], prompts: list[str]) -> torch.Tensor:
-        return torch.tensor([oracle.score(p, np.asarray(im)) for im, p in zip(images, prompts)], dtype=torch.float64)
+        return torch.tensor([oracle.score_image(p, im) for im, p in zip(images, prompts)], dtype=torch.float64)

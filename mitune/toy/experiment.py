@@ -14,10 +14,7 @@ Outputs: per-image scores (``scores.csv``), the summary over seeds (``summary.cs
 from __future__ import annotations
 
 import argparse
-import csv
-import io
 import logging
-import os
 import shutil
 import subprocess
 import sys
@@ -39,9 +36,11 @@ from mitune.io import atomic_write, read_jsonl, write_text  # noqa: E402
 from mitune.models import load_pipeline  # noqa: E402
 from mitune.prompts import load_toy  # noqa: E402
 from mitune.selection import STRATEGIES  # noqa: E402
+from mitune.summary import csv_text  # noqa: E402
 from mitune.toy.base_model import MODEL_DIR  # noqa: E402
-from mitune.toy.oracle import detect, score  # noqa: E402
+from mitune.toy.oracle import detect, score, score_image  # noqa: E402
 from mitune.toy.world import CATEGORIES, category_of, parse  # noqa: E402
+from mitune.tracking import wandb_offline_without_key  # noqa: E402
 
 log = logging.getLogger(__name__)
 REPO = Path(__file__).resolve().parents[2]
@@ -132,7 +131,9 @@ def evaluate(config: ToyEval, method: str, seed: int, r: int, prompts: list[str]
 
 
 def oracle(folder: Path, row: dict) -> float:
-    return score(row["prompt"], np.asarray(Image.open(folder / row["file_name"]).convert("RGB")))
+    """The oracle score of a generated image, as ``toy_oracle`` in ``mitune.evaluate`` would give it."""
+    with Image.open(folder / row["file_name"]) as image:
+        return score_image(row["prompt"], image)
 
 
 # ----------------------------------------------------------------------------- analysis
@@ -204,11 +205,8 @@ def round_stats(config: ToyEval) -> list[dict]:
 
 
 def write_csv(path: Path, rows: list[dict]) -> None:
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=list(rows[0]))
-    writer.writeheader()
-    writer.writerows(rows)
-    write_text(path, buffer.getvalue())
+    """Rows under the first row's keys, in the same CSV dialect as every other table mitune writes."""
+    write_text(path, csv_text(rows, list(rows[0])))
 
 
 def _fmt(mean: float, std: float) -> str:
@@ -300,8 +298,7 @@ def log_wandb(config: ToyEval, summary: list[dict], files: list[Path]) -> None:
     """The summary table and plots as one W&B run (offline without credentials)."""
     import wandb
 
-    if "WANDB_MODE" not in os.environ and not os.environ.get("WANDB_API_KEY"):
-        os.environ["WANDB_MODE"] = "offline"
+    wandb_offline_without_key()
     run = wandb.init(project="mitune", name="toy-eval", dir=str(config.out), config={"seeds": list(config.seeds)})
     try:
         run.log({"toy/summary": wandb.Table(columns=list(summary[0]), data=[list(s.values()) for s in summary]),

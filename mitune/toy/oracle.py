@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from itertools import permutations
 
 import numpy as np
+from PIL import Image
 
 from mitune.toy.world import (
     BACKGROUND,
@@ -146,3 +147,9 @@ def score(prompt: str, image: np.ndarray) -> float:
             total *= relation_holds(chosen[0].centroid, chosen[1].centroid, scene.relation)
         best = max(best, total)
     return best
+
+
+def score_image(prompt: str, image: Image.Image) -> float:
+    """``score`` of a decoded or saved image of any mode; the toy experiment and the ``toy_oracle``
+    metric both score through here, so they cannot disagree on how an image becomes pixels."""
+    return score(prompt, np.asarray(image.convert("RGB")))

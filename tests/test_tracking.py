@@ -1,0 +1,34 @@
+"""W&B runs offline unless credentials are configured, and the helper stays cheap to import."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from mitune.tracking import wandb_offline_without_key
+
+
+def test_wandb_goes_offline_without_mode_or_key(monkeypatch):
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    wandb_offline_without_key()
+    assert os.environ["WANDB_MODE"] == "offline"
+
+
+@pytest.mark.parametrize("name, value", [("WANDB_MODE", "online"), ("WANDB_MODE", "disabled"), ("WANDB_API_KEY", "key")])
+def test_wandb_settings_are_left_alone_when_either_is_set(monkeypatch, name, value):
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv(name, value)
+    before = dict(os.environ)
+    wandb_offline_without_key()
+    assert dict(os.environ) == before
+
+
+def test_summary_does_not_import_lightning_or_hydra():
+    code = "import sys, mitune.summary; print(sorted({m.split('.')[0] for m in sys.modules} & {'lightning', 'hydra', 'wandb'}))"
+    found = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert found.strip() == "[]"
