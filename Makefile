@@ -28,7 +28,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/generation.py
 	$(PY) benchmarks/training.py
 	$(PY) benchmarks/scaling.py
-	$(PY) benchmarks/gpu.py --device cpu --latent 16 --gen-batches 2 4 --steps 5 --train-batch 2 --repeats 3
+	$(PY) benchmarks/gpu.py --device cpu --latent 16 --gen-batches 2 4 --steps 5 --train-batch 2 --accumulation 2 --repeats 5
 
 # On a GPU machine: SD-2.1-base and SDXL UNets (random init, real configs): generation with MI at
 # micro-batch 25/50/100, training step, peak memory and MFU; then the channels-last and

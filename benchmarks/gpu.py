@@ -3,12 +3,12 @@
 A random-init UNet with SD-2.1-base's (or SDXL-base's) exact config, so nothing is downloaded;
 random 77-token text embeddings stand in for the text encoder. Measures
 ``mitune.mi.sample_with_mi`` against the same DDPM/CFG loop without MI accumulation (the
-overhead ratio, target <= 1.03), one adapter training step (forward + backward + AdamW), peak
-memory, and MFU from FLOPs counted by ``torch.utils.flop_counter``. Runs on CPU at tiny sizes
+overhead ratio, target <= 1.03), an optimizer step of accumulated micro-batches for DoRA, DoRA with
+mitune's norm cache and LoRA, peak memory, and MFU from FLOPs counted by ``torch.utils.flop_counter``. Runs on CPU at tiny sizes
 so that the code stays tested. Writes a Markdown file under docs/benchmarks/.
 
     python benchmarks/gpu.py [--model sd21|sdxl] [--device auto] [--latent 64|128] [--gen-batches 25 50 100]
-                             [--steps 50] [--train-batch 16] [--repeats 3] [--compile] [--channels-last]
+                             [--steps 50] [--train-batch 16] [--accumulation 25] [--repeats 3] [--compile] [--channels-last]
                              [--peak-tflops 989] [--out FILE]
 """
 
@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from diffusers import DDPMScheduler, UNet2DConditionModel
 from torch.utils.flop_counter import FlopCounterMode
 
-from mitune.adapters import UNET_TARGETS, AdapterConfig, lora_config
+from mitune.adapters import UNET_TARGETS, AdapterConfig, DoraNormCache, lora_config
 from mitune.mi import Embedding, EpsFn, ddpm_step, paired_eps, sample_with_mi, step_noise
 from mitune.models import SD21_BASE_UNET, SD_DDPM_CONFIG, resolve_device
 
@@ -58,7 +58,9 @@ SDXL_BASE_UNET = dict(
 )
 MODELS = {"sd21": SD21_BASE_UNET, "sdxl": SDXL_BASE_UNET}
 SDXL_POOLED_DIM = 1280  # text_encoder_2's projection; + 6 time ids x 256 = 2816
-ADAPTERS = {"DoRA": AdapterConfig(use_dora=True), "LoRA": AdapterConfig(use_dora=False)}
+# name: (adapter, mitune's DoRA norm cache as train.cache_dora_norm switches it on)
+ADAPTERS = {"DoRA": (AdapterConfig(use_dora=True), False), "DoRA + norm cache": (AdapterConfig(use_dora=True), True),
+            "LoRA": (AdapterConfig(use_dora=False), False)}
 
 
 # ----------------------------------------------------------------------------- model and inputs
@@ -200,15 +202,18 @@ def bench_generation(unet: UNet2DConditionModel, forward: Callable, batch: int, 
 
 
 def bench_training(unet: UNet2DConditionModel, name: str, args: argparse.Namespace, device: torch.device) -> dict:
-    """One adapter's training step (q_sample, forward, eps-MSE, backward, AdamW) at the micro-batch."""
-    config = ADAPTERS[name]
-    adapter = name.lower()
+    """One adapter's optimizer step: ``args.accumulation`` micro-batches of q_sample, forward, eps-MSE and
+    backward, then AdamW."""
+    config, cache_norm = ADAPTERS[name]
+    adapter = "adapter"
     torch.manual_seed(0)
     unet.add_adapter(lora_config(config, UNET_TARGETS[config.targets]), adapter_name=adapter)
     unet.set_adapter(adapter)
     unet.train()
     trainable = [p for p in unet.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=1e-4, weight_decay=1e-2)
+    if cache_norm:
+        DoraNormCache([unet], optimizer)
     forward = torch.compile(unet) if args.compile else unet
     scheduler = DDPMScheduler(**SD_DDPM_CONFIG)
     g = torch.Generator().manual_seed(4)
@@ -219,9 +224,10 @@ def bench_training(unet: UNet2DConditionModel, name: str, args: argparse.Namespa
     emb = text_embedding(unet, b, device, seed=5)
 
     def step() -> None:
-        with autocast(device):
-            pred = forward(scheduler.add_noise(z0, noise, t), t, return_dict=False, **unet_kwargs(emb))[0]
-        F.mse_loss(pred.float(), noise).backward()
+        for _ in range(args.accumulation):
+            with autocast(device):
+                pred = forward(scheduler.add_noise(z0, noise, t), t, return_dict=False, **unet_kwargs(emb))[0]
+            F.mse_loss(pred.float(), noise).backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
@@ -294,21 +300,24 @@ def report(args: argparse.Namespace, argv: list[str], device: torch.device, para
         )
     lines += ["", "**MI overhead ratio** (MI / plain, target <= 1.03): "
               + ", ".join(f"batch {r['batch']}: {r['median']['MI'] / r['median']['plain']:.3f}" for r in gen), ""]
-    config = ADAPTERS["DoRA"]
+    config = ADAPTERS["DoRA"][0]
+    samples = args.accumulation * args.train_batch
     lines += [
-        f"## Training step (micro-batch {args.train_batch}; the paper's effective batch 400 = micro-batches "
-        f"accumulated)",
+        f"## Training step ({args.accumulation} micro-batches of {args.train_batch} per optimizer step = {samples} "
+        f"samples; the paper's batch 400 is 25 x 16)",
         "",
         f"Adapters: rank {config.rank}, alpha {config.alpha}, targets `{config.targets}` "
-        f"({', '.join(UNET_TARGETS[config.targets])}); step = q_sample, forward, eps-MSE, backward, AdamW.",
+        f"({', '.join(UNET_TARGETS[config.targets])}); step = per micro-batch q_sample, forward, eps-MSE, backward; "
+        "then AdamW. `DoRA + norm cache` is `train.cache_dora_norm` (mitune's default).",
         "",
-        "| adapter | trainable params | s / step | samples/s | TFLOP / sample | MFU | peak memory |",
+        "| adapter | trainable params | s / optimizer step | samples/s | TFLOP / sample | MFU | peak memory |",
         "|---|---|---|---|---|---|---|",
     ]
     for r in train:
         lines.append(
-            f"| {r['adapter']} | {r['trainable']:,} | {r['median']:.3f} | {args.train_batch / r['median']:.2f} | "
-            f"{3 * train_flops / args.train_batch / 1e12:.3f} | {mfu(3 * train_flops, r['median'], peak)} | {r['peak']} |"
+            f"| {r['adapter']} | {r['trainable']:,} | {r['median']:.3f} | {samples / r['median']:.2f} | "
+            f"{3 * train_flops / args.train_batch / 1e12:.3f} | "
+            f"{mfu(3 * train_flops * args.accumulation, r['median'], peak)} | {r['peak']} |"
         )
     lines += ["", "All runs (s): "
               + "; ".join(f"gen {r['batch']} {k} {[round(t, 3) for t in v]}" for r in gen for k, v in r["times"].items())
@@ -336,6 +345,7 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--gen-batches", type=int, nargs="+", default=[25, 50, 100], help="images per micro-batch")
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--train-batch", type=int, default=16, help="training micro-batch")
+    parser.add_argument("--accumulation", type=int, default=25, help="micro-batches per optimizer step (paper: 25 x 16)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--compile", action="store_true", help="torch.compile the UNet")
     parser.add_argument("--channels-last", action="store_true", help="UNet weights and activations in channels-last")

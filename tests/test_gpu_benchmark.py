@@ -22,13 +22,14 @@ def gpu():
 def test_main_writes_report_on_cpu(gpu, tmp_path):
     out = tmp_path / "gpu_cpu.md"
     argv = ["--device", "cpu", "--latent", "8", "--gen-batches", "1", "--steps", "2", "--train-batch", "1",
-            "--repeats", "1", "--channels-last", "--out", str(out)]
+            "--accumulation", "2", "--repeats", "1", "--channels-last", "--out", str(out)]
     assert gpu.main(argv) == out
     text = out.read_text()
     assert "Command: `python benchmarks/gpu.py --device cpu --latent 8" in text
     assert "| 1 | " in text  # the generation row of micro-batch 1
     assert "**MI overhead ratio**" in text
-    assert "| DoRA | " in text and "| LoRA | " in text
+    assert "| DoRA | " in text and "| DoRA + norm cache | " in text and "| LoRA | " in text
+    assert "2 micro-batches of 1 per optimizer step = 2 samples" in text
     assert "MFU" in text and "n/a" in text  # no --peak-tflops on CPU
     assert "process peak RSS" in text
     assert "channels-last: yes" in text
