@@ -242,26 +242,20 @@ def finish_round(round_dir: Path, num_prompts: int) -> RoundSummary:
 
 
 def micro_batches(jobs: list[Job], num_candidates: int, micro_batch: int) -> list[list[Job]]:
-    """Cut the job list into micro-batches that never split a prompt across two batches
-    unless it alone is larger than one (then it is split into near-equal parts).
+    """Cut the job list into full micro-batches (only the last may be short); a prompt may
+    straddle two batches.
 
-    The cut depends only on (prompts, M, micro_batch), so every run, resume and rank
-    computes each batch identically. Choose micro_batch as a multiple or divisor of M to
-    keep batches full.
+    The cut depends only on (prompts, M, micro_batch), so every run, resume and rank computes
+    each batch identically; ``rank_batches`` keeps each prompt on one rank.
     """
-    prompts = [jobs[i : i + num_candidates] for i in range(0, len(jobs), num_candidates)]
-    if num_candidates > micro_batch:
-        parts = -(-num_candidates // micro_batch)
-        size = -(-num_candidates // parts)
-        return [p[i : i + size] for p in prompts for i in range(0, num_candidates, size)]
-    per_batch = micro_batch // num_candidates
-    return [sum(prompts[i : i + per_batch], []) for i in range(0, len(prompts), per_batch)]
+    return [jobs[i : i + micro_batch] for i in range(0, len(jobs), micro_batch)]
 
 
 def rank_batches(batches: list[list[Job]], rank: int, world_size: int) -> list[list[Job]]:
-    """Rank ``rank``'s share of the batches: every world_size-th group of batches that share a
-    prompt, so each prompt is generated whole by one rank (a prompt is committed only with all
-    its M candidates; split between ranks, it never would be)."""
+    """Rank ``rank``'s share of the batches: every world_size-th group of batches chained by the
+    prompts they share, so each prompt is generated whole by one rank (a prompt is committed only
+    with all its M candidates; split between ranks, it never would be). A group holds
+    lcm(M, micro_batch) jobs: one batch or one prompt when either divides the other."""
     groups: list[list[list[Job]]] = []
     for batch in batches:
         if groups and groups[-1][-1][-1].prompt_id == batch[0].prompt_id:
@@ -269,26 +263,6 @@ def rank_batches(batches: list[list[Job]], rank: int, world_size: int) -> list[l
         else:
             groups.append([batch])
     return [batch for group in groups[rank::world_size] for batch in group]
-
-
-def batch_fill(num_candidates: int, micro_batch: int) -> float:
-    """How full ``micro_batches`` keeps the UNet's batches (1.0 = every one full, the last aside)."""
-    if num_candidates > micro_batch:
-        parts = -(-num_candidates // micro_batch)
-        return num_candidates / (parts * micro_batch)
-    return (micro_batch // num_candidates) * num_candidates / micro_batch
-
-
-def warn_if_underfilled(config: GenerationConfig) -> None:
-    """Prompts are never split between two batches (the commit unit is a prompt), so a micro_batch
-    that is neither a multiple nor a divisor of M leaves the GPU partly idle: say so, with the fix."""
-    m, b = config.num_candidates, config.micro_batch
-    fill = batch_fill(m, b)
-    if fill < 0.95:
-        divisor = max(d for d in range(1, b + 1) if m % d == 0)
-        full = " or ".join(map(str, sorted({divisor, m * max(b // m, 1)})))
-        log.warning("micro_batch=%d with M=%d candidates fills the UNet's batches to %.0f%%; "
-                    "micro_batch=%s keeps them full", b, m, 100 * fill, full)
 
 
 def run_round(
@@ -308,7 +282,6 @@ def run_round(
     ``finish_round`` once. Returns the summary when ``world_size`` is 1, else None.
     """
     check_strategy(config.selection, prompts)
-    warn_if_underfilled(config)
     round_dir = mio.check_writable(round_dir)
     done = prepare_round_dir(round_dir, round_settings(pipe, prompts, config), write=rank == 0)
     jobs = make_jobs(prompts, config)

@@ -117,16 +117,12 @@ def test_bad_generation_settings(kwargs, msg):
         GenerationConfig(**kwargs)
 
 
-@pytest.mark.parametrize("m,mb,sizes", [(4, 5, [4, 4, 4]), (4, 8, [8, 4]), (4, 3, [2, 2] * 3), (5, 2, [2, 2, 1] * 3)])
-def test_micro_batches_never_mix_a_split_prompt(m, mb, sizes):
+@pytest.mark.parametrize("m,mb,sizes", [(4, 5, [5, 5, 2]), (4, 8, [8, 4]), (4, 3, [3] * 4), (5, 2, [2] * 7 + [1])])
+def test_micro_batches_are_full_and_keep_the_job_order(m, mb, sizes):
     jobs = generation.make_jobs(PROMPTS, replace(CONFIG, num_candidates=m, top_k=1))
     batches = generation.micro_batches(jobs, m, mb)
     assert [len(b) for b in batches] == sizes
     assert [j for b in batches for j in b] == jobs
-    for b in batches:
-        assert len(b) <= mb
-        ids = {j.prompt_id for j in b}
-        assert len(ids) == 1 or all(sum(j.prompt_id == p for j in b) == m for p in ids)
 
 
 @pytest.mark.parametrize("micro_batch", [5, 2], ids=["whole-prompts", "prompts-split-in-batches"])
@@ -170,20 +166,8 @@ def test_oracle_selection_rejects_prompts_outside_the_toy_grammar(pipe, tmp_path
     assert not (tmp_path / "round").exists()
 
 
-@pytest.mark.parametrize("m, mb", [(50, 50), (50, 25), (50, 100), (50, 32), (50, 64), (8, 20), (3, 2), (1, 7)])
-def test_batch_fill_matches_the_cut(m, mb):
-    """The fill the warning reports is the fill of micro_batches' actual cut (many prompts)."""
-    prompts = 7 * mb  # whole number of batches, so only the cut's own gaps count
-    jobs = [generation.Job(p, c, 0) for p in range(prompts) for c in range(m)]
-    batches = generation.micro_batches(jobs, m, mb)
-    assert generation.batch_fill(m, mb) == pytest.approx(len(jobs) / (len(batches) * mb), rel=0.02)
-
-
-def test_underfilled_batches_are_named_with_the_fix(caplog):
-    with caplog.at_level("WARNING", logger="mitune.generation"):
-        generation.warn_if_underfilled(GenerationConfig(num_candidates=50, micro_batch=32))
-    assert "fills the UNet's batches to 78%" in caplog.text and "micro_batch=25 or 50" in caplog.text
-    caplog.clear()
-    with caplog.at_level("WARNING", logger="mitune.generation"):
-        generation.warn_if_underfilled(GenerationConfig(num_candidates=50, micro_batch=100))
-    assert not caplog.text
+def test_rank_groups_hold_lcm_jobs_so_shares_stay_balanced():
+    jobs = [generation.Job(p, c, 0) for p in range(12) for c in range(4)]  # M=4, micro_batch=6: lcm 12 = 3 prompts
+    shares = [generation.rank_batches(generation.micro_batches(jobs, 4, 6), r, 2) for r in range(2)]
+    assert [sorted({j.prompt_id for b in share for j in b}) for share in shares] == [[0, 1, 2, 6, 7, 8], [3, 4, 5, 9, 10, 11]]
+    assert all(len(b) == 6 for share in shares for b in share)
