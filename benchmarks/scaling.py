@@ -73,7 +73,7 @@ def rank_load(prompts: int, candidates: int, micro_batch: int, world_size: int, 
     """(micro-batches, images) of one rank, from mitune's own cut and rank split; rank 0 is the
     busiest, as it takes the first of every W groups and only the last batch can be short."""
     jobs = [Job(pid, c, 0) for pid in range(prompts) for c in range(candidates)]
-    mine = rank_batches(micro_batches(jobs, candidates, micro_batch), rank, world_size)
+    mine = rank_batches(micro_batches(jobs, micro_batch), rank, world_size)
     return len(mine), sum(map(len, mine))
 
 

@@ -241,7 +241,7 @@ def finish_round(round_dir: Path, num_prompts: int) -> RoundSummary:
     return summary
 
 
-def micro_batches(jobs: list[Job], num_candidates: int, micro_batch: int) -> list[list[Job]]:
+def micro_batches(jobs: list[Job], micro_batch: int) -> list[list[Job]]:
     """Cut the job list into full micro-batches (only the last may be short); a prompt may
     straddle two batches.
 
@@ -285,7 +285,7 @@ def run_round(
     round_dir = mio.check_writable(round_dir)
     done = prepare_round_dir(round_dir, round_settings(pipe, prompts, config), write=rank == 0)
     jobs = make_jobs(prompts, config)
-    batches = rank_batches(micro_batches(jobs, config.num_candidates, config.micro_batch), rank, world_size)
+    batches = rank_batches(micro_batches(jobs, config.micro_batch), rank, world_size)
     mine = [j for batch in batches for j in batch]
     jobs_by_prompt = {pid: jobs[pid * config.num_candidates : (pid + 1) * config.num_candidates] for pid in range(len(prompts))}
     pending: dict[int, dict[int, tuple[torch.Tensor, Image.Image, float]]] = {}

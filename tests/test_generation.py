@@ -120,7 +120,7 @@ def test_bad_generation_settings(kwargs, msg):
 @pytest.mark.parametrize("m,mb,sizes", [(4, 5, [5, 5, 2]), (4, 8, [8, 4]), (4, 3, [3] * 4), (5, 2, [2] * 7 + [1])])
 def test_micro_batches_are_full_and_keep_the_job_order(m, mb, sizes):
     jobs = generation.make_jobs(PROMPTS, replace(CONFIG, num_candidates=m, top_k=1))
-    batches = generation.micro_batches(jobs, m, mb)
+    batches = generation.micro_batches(jobs, mb)
     assert [len(b) for b in batches] == sizes
     assert [j for b in batches for j in b] == jobs
 
@@ -138,7 +138,7 @@ def test_ranks_sharing_a_round_reproduce_one_process(pipe, tmp_path, micro_batch
 @pytest.mark.parametrize("m, mb, world", [(4, 2, 2), (5, 2, 3), (4, 8, 2), (50, 50, 4), (7, 3, 2)])
 def test_rank_shares_cover_every_batch_once_and_never_split_a_prompt(m, mb, world):
     jobs = [generation.Job(p, c, 0) for p in range(5) for c in range(m)]
-    batches = generation.micro_batches(jobs, m, mb)
+    batches = generation.micro_batches(jobs, mb)
     shares = [generation.rank_batches(batches, r, world) for r in range(world)]
     assert sorted(map(id, (b for share in shares for b in share))) == sorted(map(id, batches))
     owners = {}
@@ -168,6 +168,6 @@ def test_oracle_selection_rejects_prompts_outside_the_toy_grammar(pipe, tmp_path
 
 def test_rank_groups_hold_lcm_jobs_so_shares_stay_balanced():
     jobs = [generation.Job(p, c, 0) for p in range(12) for c in range(4)]  # M=4, micro_batch=6: lcm 12 = 3 prompts
-    shares = [generation.rank_batches(generation.micro_batches(jobs, 4, 6), r, 2) for r in range(2)]
+    shares = [generation.rank_batches(generation.micro_batches(jobs, 6), r, 2) for r in range(2)]
     assert [sorted({j.prompt_id for b in share for j in b}) for share in shares] == [[0, 1, 2, 6, 7, 8], [3, 4, 5, 9, 10, 11]]
     assert all(len(b) == 6 for share in shares for b in share)

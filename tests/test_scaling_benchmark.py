@@ -64,7 +64,7 @@ def test_main_writes_report_and_figure(scaling, tmp_path):
 ])
 def test_batch_counts_match_micro_batches(scaling, prompts, candidates, micro_batch, world_size):
     config = GenerationConfig(num_candidates=candidates, micro_batch=micro_batch)
-    batches = micro_batches(make_jobs([f"prompt {i}" for i in range(prompts)], config), candidates, micro_batch)
+    batches = micro_batches(make_jobs([f"prompt {i}" for i in range(prompts)], config), micro_batch)
     loads = [scaling.rank_load(prompts, candidates, micro_batch, world_size, rank) for rank in range(world_size)]
     assert sum(n for n, _ in loads) == len(batches) and sum(i for _, i in loads) == prompts * candidates
     assert all(loads[0][i] >= load[i] for load in loads for i in (0, 1))  # rank 0 is the critical path

@@ -254,10 +254,10 @@ def train_toy_model(config: ToyTrainConfig) -> tuple[StableDiffusionPipeline, di
 def oracle_scores(pipe: StableDiffusionPipeline, per_category: int = 4, images: int = 4, cfg: float = 7.5,
                   steps: int = 25) -> dict[str, dict[str, float]]:
     """Mean oracle score per category on train and held-out test prompts (for the model card)."""
-    from mitune.generation import GenerationConfig, generate_batch, make_jobs
+    from mitune.generation import GenerationConfig, generate_batch, make_jobs, micro_batches
     from mitune.models import decode_latents
     from mitune.prompts import load_toy
-    from mitune.toy.oracle import score
+    from mitune.toy.oracle import score_image
     from mitune.toy.world import category_of
 
     config = GenerationConfig(num_candidates=images, guidance_scale=cfg, num_inference_steps=steps, micro_batch=64,
@@ -265,14 +265,12 @@ def oracle_scores(pipe: StableDiffusionPipeline, per_category: int = 4, images: 
     result = {}
     for which in ("train", "val"):
         prompts = load_toy(which, per_category, SPLIT_SEED).prompts
-        jobs = make_jobs(prompts, config)
         per_category_scores: dict[str, list[float]] = {}
-        for i in range(0, len(jobs), config.micro_batch):
-            batch = jobs[i : i + config.micro_batch]
+        for batch in micro_batches(make_jobs(prompts, config), config.micro_batch):
             latents, _ = generate_batch(pipe, prompts, batch, config)
             for job, image in zip(batch, decode_latents(pipe, latents)):
                 text = prompts[job.prompt_id]
-                per_category_scores.setdefault(category_of(text), []).append(score(text, np.asarray(image)))
+                per_category_scores.setdefault(category_of(text), []).append(score_image(text, image))
         result[which] = {c: round(float(np.mean(v)), 3) for c, v in per_category_scores.items()}
         result[which]["all"] = round(float(np.mean([x for v in per_category_scores.values() for x in v])), 3)
     return result
