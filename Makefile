@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test bench bench-gpu data toy-model toy-eval
+.PHONY: install demo test bench bench-gpu device-wheels data toy-model toy-eval
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -30,15 +30,17 @@ bench: $(STAMP)
 	$(PY) benchmarks/scaling.py
 	$(PY) benchmarks/gpu.py --device cpu --latent 16 --gen-batches 2 4 --steps 5 --train-batch 2 --accumulation 2 --repeats 5
 
-# On a GPU machine: SD-2.1-base and SDXL UNets (random init, real configs): generation with MI at
-# micro-batch 25/50/100, training step, peak memory and MFU; then the channels-last and
-# torch.compile variants, each in its own file, so a speed-up is kept only where it shows.
+# On a GPU machine: benchmarks/device.py's suite. SD-2.1-base and SDXL UNets (random init, real configs):
+# generation with MI at micro-batch 25/50/100, training step, peak memory and MFU; the main job on CUDA;
+# then the torch.compile and channels-last variants, each in its own file, so a speed-up is kept only
+# where it shows. The lent machine (no network, a 15 min lease): see docs/benchmarks/README.md.
 bench-gpu: $(STAMP)
-	$(PY) benchmarks/gpu.py --device cuda --out docs/benchmarks/gpu_cuda_sd21.md
-	$(PY) benchmarks/gpu.py --device cuda --channels-last --out docs/benchmarks/gpu_cuda_sd21_channels_last.md
-	$(PY) benchmarks/gpu.py --device cuda --compile --out docs/benchmarks/gpu_cuda_sd21_compile.md
-	$(PY) benchmarks/gpu.py --device cuda --model sdxl --gen-batches 8 16 32 --train-batch 4 \
-		--out docs/benchmarks/gpu_cuda_sdxl.md
+	$(PY) benchmarks/device.py --out docs/benchmarks
+
+# What a GPU machine without network lacks (benchmarks/device-requirements.txt), as wheels in .whl/.
+device-wheels: $(STAMP)
+	rm -rf .whl
+	$(PY) -m pip wheel --quiet --no-deps -r benchmarks/device-requirements.txt -w .whl
 
 data: $(STAMP)
 	$(PY) -c "from mitune.prompts import download_compbench; print(download_compbench())"

@@ -8,7 +8,8 @@ mitune's norm cache and LoRA, peak memory, and MFU from FLOPs counted by ``torch
 so that the code stays tested. Writes a Markdown file under docs/benchmarks/.
 
     python benchmarks/gpu.py [--model sd21|sdxl] [--device auto] [--latent 64|128] [--gen-batches 25 50 100]
-                             [--steps 50] [--train-batch 16] [--accumulation 25] [--repeats 3] [--compile] [--channels-last]
+                             [--steps 50] [--train-batch 16] [--accumulation 25] [--repeats 3] [--adapters NAME ...]
+                             [--compile] [--channels-last]
                              [--peak-tflops 989] [--out FILE]
 """
 
@@ -71,7 +72,8 @@ def build_unet(model: str, device: torch.device, channels_last: bool) -> UNet2DC
     them: bf16 on CUDA (adapters added later stay fp32, under autocast as in bf16-mixed training),
     fp32 on CPU."""
     torch.manual_seed(0)
-    unet = UNet2DConditionModel(**MODELS[model]).to(device)
+    with device:  # initialised where it runs: SDXL takes 30 s to initialise on 2 host cores
+        unet = UNet2DConditionModel(**MODELS[model])
     if device.type == "cuda":
         unet = unet.to(torch.bfloat16)
     return unet.to(memory_format=torch.channels_last) if channels_last else unet
@@ -265,6 +267,30 @@ def mfu(flops: float, seconds: float, peak_tflops: float | None) -> str:
     return f"{100 * flops / seconds / (peak_tflops * 1e12):.1f}%"
 
 
+def training_table(args: argparse.Namespace, train: list[dict], train_flops: int) -> list[str]:
+    """The training section: one row per adapter measured."""
+    config = ADAPTERS["DoRA"][0]
+    samples = args.accumulation * args.train_batch
+    lines = [
+        f"## Training step ({args.accumulation} micro-batches of {args.train_batch} per optimizer step = {samples} "
+        f"samples; the paper's batch 400 is 25 x 16)",
+        "",
+        f"Adapters: rank {config.rank}, alpha {config.alpha}, targets `{config.targets}` "
+        f"({', '.join(UNET_TARGETS[config.targets])}); step = per micro-batch q_sample, forward, eps-MSE, backward; "
+        "then AdamW. `DoRA + norm cache` is `train.cache_dora_norm` (mitune's default).",
+        "",
+        "| adapter | trainable params | s / optimizer step | samples/s | TFLOP / sample | MFU | peak memory |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in train:
+        lines.append(
+            f"| {r['adapter']} | {r['trainable']:,} | {r['median']:.3f} | {samples / r['median']:.2f} | "
+            f"{3 * train_flops / args.train_batch / 1e12:.3f} | "
+            f"{mfu(3 * train_flops * args.accumulation, r['median'], args.peak_tflops)} | {r['peak']} |"
+        )
+    return lines
+
+
 def report(args: argparse.Namespace, argv: list[str], device: torch.device, params: int, attention: str,
            compile_s: float | None, gen: list[dict], train: list[dict], train_flops: int) -> str:
     peak = args.peak_tflops
@@ -300,28 +326,11 @@ def report(args: argparse.Namespace, argv: list[str], device: torch.device, para
         )
     lines += ["", "**MI overhead ratio** (MI / plain, target <= 1.03): "
               + ", ".join(f"batch {r['batch']}: {r['median']['MI'] / r['median']['plain']:.3f}" for r in gen), ""]
-    config = ADAPTERS["DoRA"][0]
-    samples = args.accumulation * args.train_batch
-    lines += [
-        f"## Training step ({args.accumulation} micro-batches of {args.train_batch} per optimizer step = {samples} "
-        f"samples; the paper's batch 400 is 25 x 16)",
-        "",
-        f"Adapters: rank {config.rank}, alpha {config.alpha}, targets `{config.targets}` "
-        f"({', '.join(UNET_TARGETS[config.targets])}); step = per micro-batch q_sample, forward, eps-MSE, backward; "
-        "then AdamW. `DoRA + norm cache` is `train.cache_dora_norm` (mitune's default).",
-        "",
-        "| adapter | trainable params | s / optimizer step | samples/s | TFLOP / sample | MFU | peak memory |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    for r in train:
-        lines.append(
-            f"| {r['adapter']} | {r['trainable']:,} | {r['median']:.3f} | {samples / r['median']:.2f} | "
-            f"{3 * train_flops / args.train_batch / 1e12:.3f} | "
-            f"{mfu(3 * train_flops * args.accumulation, r['median'], peak)} | {r['peak']} |"
-        )
-    lines += ["", "All runs (s): "
-              + "; ".join(f"gen {r['batch']} {k} {[round(t, 3) for t in v]}" for r in gen for k, v in r["times"].items())
-              + "; " + "; ".join(f"train {r['adapter']} {[round(t, 3) for t in r['times']]}" for r in train), ""]
+    if train:
+        lines += training_table(args, train, train_flops)
+    runs = [f"gen {r['batch']} {k} {[round(t, 3) for t in v]}" for r in gen for k, v in r["times"].items()]
+    runs += [f"train {r['adapter']} {[round(t, 3) for t in r['times']]}" for r in train]
+    lines += ["", "All runs (s): " + "; ".join(runs), ""]
     return "\n".join(lines)
 
 
@@ -335,8 +344,7 @@ def forward_once(forward: Callable, unet: UNet2DConditionModel, args: argparse.N
         forward(z, t, return_dict=False, **unet_kwargs(text_embedding(unet, batch, device, seed=0)))
 
 
-def main(argv: list[str] | None = None) -> Path:
-    argv = sys.argv[1:] if argv is None else argv
+def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", choices=sorted(MODELS), default="sd21")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
@@ -347,6 +355,8 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--train-batch", type=int, default=16, help="training micro-batch")
     parser.add_argument("--accumulation", type=int, default=25, help="micro-batches per optimizer step (paper: 25 x 16)")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--adapters", nargs="*", choices=list(ADAPTERS), default=list(ADAPTERS),
+                        help="adapters whose training step is measured; none: generation only")
     parser.add_argument("--compile", action="store_true", help="torch.compile the UNet")
     parser.add_argument("--channels-last", action="store_true", help="UNet weights and activations in channels-last")
     parser.add_argument("--peak-tflops", type=float, default=None,
@@ -354,6 +364,12 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--out", type=Path, default=None, help="default docs/benchmarks/gpu_<device>.md")
     args = parser.parse_args(argv)
     args.latent = args.latent or MODELS[args.model]["sample_size"]
+    return args
+
+
+def main(argv: list[str] | None = None) -> Path:
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse_args(argv)
     device = resolve_device(args.device)
     if args.peak_tflops is None and device.type == "cuda":
         args.peak_tflops = 989.0
@@ -367,8 +383,8 @@ def main(argv: list[str] | None = None) -> Path:
         forward = torch.compile(unet)
         compile_s = timed(lambda: forward_once(forward, unet, args, device), device)
     gen = [bench_generation(unet, forward, b, args, device) for b in args.gen_batches]
-    train_flops = forward_flops(unet, args.train_batch, args.latent, device)
-    train = [bench_training(unet, name, args, device) for name in ADAPTERS]
+    train_flops = forward_flops(unet, args.train_batch, args.latent, device) if args.adapters else 0
+    train = [bench_training(unet, name, args, device) for name in args.adapters]
 
     text = report(args, argv, device, params, attention_kernels(unet), compile_s, gen, train, train_flops)
     out.parent.mkdir(parents=True, exist_ok=True)

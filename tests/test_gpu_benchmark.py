@@ -50,3 +50,13 @@ def test_sdxl_config_has_sdxl_base_parameter_count(gpu):
     with torch.device("meta"):
         unet = UNet2DConditionModel(**gpu.SDXL_BASE_UNET)
     assert sum(p.numel() for p in unet.parameters()) == 2_567_463_684  # stabilityai/stable-diffusion-xl-base-1.0
+
+
+def test_generation_only_run_has_no_training_section(gpu, tmp_path):
+    """`--adapters` with no names: the compile / channels-last runs of benchmarks/device.py."""
+    out = tmp_path / "gen.md"
+    gpu.main(["--device", "cpu", "--latent", "8", "--gen-batches", "1", "--steps", "2", "--repeats", "1",
+              "--adapters", "--out", str(out)])
+    text = out.read_text()
+    assert "| 1 | " in text and "**MI overhead ratio**" in text
+    assert "## Training step" not in text and "train " not in text

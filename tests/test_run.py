@@ -211,11 +211,12 @@ def test_two_process_ddp_matches_one_process(tiny_sd_path, tmp_path):
     """2 CPU processes (gloo): rounds sharded across ranks, gradients all-reduced instead of accumulated."""
     args = [*SMALL, "data.limit=3", "rounds=2", "logger=csv"]
     one, two = tmp_path / "one", tmp_path / "two"
-    # Lightning gives each of the 2 DDP processes one CPU thread; match it so kernels agree bit for bit.
+    # One CPU thread everywhere (Lightning's default for DDP ranks unless OMP_NUM_THREADS is set), so kernels
+    # agree bit for bit whatever the caller exported.
     result = cli(*args, f"hydra.run.dir={one}", tiny=tiny_sd_path, OMP_NUM_THREADS="1")
     assert result.returncode == 0, result.stderr[-3000:]
     result = cli(*args, "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", f"hydra.run.dir={two}",
-                 tiny=tiny_sd_path)
+                 tiny=tiny_sd_path, OMP_NUM_THREADS="1")
     assert result.returncode == 0, result.stderr[-3000:]
     assert (two / "train_ddp_process_1.log").is_file()  # a second rank really ran
 
