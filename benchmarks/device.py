@@ -20,7 +20,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -60,8 +60,7 @@ def suite(device: str) -> list[Run]:
                                         "--adapters", "DoRA + norm cache"]),
     ]
     if device == "cpu":
-        runs = [Run(r.name, r.limit_s, r.args + (CPU_SIZES if r.args[0] == GPU else CPU_RUN), r.result, r.required)
-                for r in runs if r.name != "sdxl"]
+        runs = [replace(r, args=r.args + (CPU_SIZES if r.args[0] == GPU else CPU_RUN)) for r in runs if r.name != "sdxl"]
     return runs
 
 

@@ -1,35 +1,25 @@
 """benchmarks/device.py, the GPU suite for a short lease: every command it would run is valid, and its
 time limits, budget and smoke-run stop behave, so a lent GPU's minutes are not spent on a typo."""
 
-import importlib.util
 import os
-import sys
 import time
 from pathlib import Path
 
 import pytest
 from hydra import compose, initialize_config_dir
 
-BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
-CONF = BENCH.parent / "conf"
-
-
-def load(name: str):
-    spec = importlib.util.spec_from_file_location(f"benchmarks_{name}", BENCH / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # device.py's dataclass looks its module up there
-    spec.loader.exec_module(module)
-    return module
+ROOT = Path(__file__).resolve().parent.parent
+CONF = ROOT / "conf"
 
 
 @pytest.fixture(scope="module")
-def device():
-    return load("device")
+def device(load_benchmark):
+    return load_benchmark("device")
 
 
 @pytest.fixture(scope="module")
-def gpu():
-    return load("gpu")
+def gpu(load_benchmark):
+    return load_benchmark("gpu")
 
 
 @pytest.mark.parametrize("target", ["cuda", "cpu"])
@@ -108,4 +98,4 @@ def test_children_find_the_checkout(device, monkeypatch, tmp_path):
     monkeypatch.setattr(device, "suite", lambda _: runs)
     device.main(["--device", "cpu", "--out", str(tmp_path)])
     line = next(x for x in (tmp_path / "gpu_cpu.log").read_text().splitlines() if x.startswith("PATH_IS"))
-    assert line.split()[1].split(os.pathsep) == [str(BENCH.parent), "/elsewhere"]
+    assert line.split()[1].split(os.pathsep) == [str(ROOT), "/elsewhere"]

@@ -1,22 +1,14 @@
 """The GPU benchmark script runs end to end on CPU at tiny sizes, so the GPU session finds working code."""
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 import torch
 from diffusers import UNet2DConditionModel
 
-SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "gpu.py"
 
 
 @pytest.fixture(scope="module")
-def gpu():
-    """benchmarks/gpu.py as a module (benchmarks/ is not a package)."""
-    spec = importlib.util.spec_from_file_location("benchmarks_gpu", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def gpu(load_benchmark):
+    return load_benchmark("gpu")
 
 
 def test_main_writes_report_on_cpu(gpu, tmp_path):

@@ -1,26 +1,15 @@
 """The scaling benchmark runs end to end at tiny sizes, and its cost model and GPU arithmetic are right."""
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
 
 from mitune.generation import GenerationConfig, make_jobs, micro_batches
 
-SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "scaling.py"
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
 @pytest.fixture(scope="module")
-def scaling():
-    """benchmarks/scaling.py as a module (benchmarks/ is not a package)."""
-    spec = importlib.util.spec_from_file_location("benchmarks_scaling", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    yield module
-    del sys.modules[spec.name]
+def scaling(load_benchmark):
+    return load_benchmark("scaling")
 
 
 def table_rows(text: str) -> list[list[str]]:
