@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 from diffusers import DiffusionPipeline
+from diffusers.training_utils import cast_training_params
 from diffusers.utils import convert_state_dict_to_diffusers
 from peft import LoraConfig
 from peft.tuners.lora.dora import DoraLinearLayer
@@ -108,7 +109,9 @@ def add_adapters(
     """Freeze the pipeline, add a fresh adapter to the UNet (and every text encoder), return what to train.
 
     ``text_encoder=True`` is the paper's optional joint UNet + text-encoder fine-tuning; on SDXL
-    both text encoders are adapted, as diffusers' SDXL LoRA training does.
+    both text encoders are adapted, as diffusers' SDXL LoRA training does. The trainable weights
+    are float32 whatever the base model's dtype (diffusers' ``cast_training_params``): AdamW updates
+    of lr 1e-4 are below bf16's resolution for weights near 1 (DoRA's magnitudes) and round away.
     """
     for module in _pipeline_modules(pipe):
         module.requires_grad_(False)
@@ -116,7 +119,9 @@ def add_adapters(
         for encoder in _text_encoders(pipe).values():
             encoder.add_adapter(lora_config(config, TEXT_ENCODER_TARGETS), adapter_name=ADAPTER_NAME)
     pipe.unet.add_adapter(lora_config(config, UNET_TARGETS[config.targets]), adapter_name=ADAPTER_NAME)
-    return [param for module in _pipeline_modules(pipe) for param in module.parameters() if param.requires_grad]
+    modules = _pipeline_modules(pipe)
+    cast_training_params(modules, dtype=torch.float32)
+    return [param for module in modules for param in module.parameters() if param.requires_grad]
 
 
 # ----------------------------------------------------------------------------- fingerprint

@@ -40,7 +40,14 @@ def resolve_resume(resume: bool | str, out_dir: Path) -> Path | None:
 
 
 def precision(value: str) -> str:
-    """'auto' = bf16 mixed precision where the GPU supports it, full fp32 elsewhere."""
+    """'auto' = bf16 mixed precision where the GPU supports it, full fp32 elsewhere.
+
+    Lightning's "*-true" half precisions cast the whole module, adapters included, to half; AdamW
+    updates of the adapter weights would then round away, so only mixed precision is accepted.
+    """
+    if value in ("bf16-true", "16-true"):
+        raise ValueError(f"trainer.precision={value} would train the adapter weights in half precision, where "
+                         "AdamW updates round away; use bf16-mixed (bf16 compute, fp32 adapter weights)")
     if value != "auto":
         return value
     return "bf16-mixed" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "32-true"

@@ -169,6 +169,17 @@ def test_fresh_adapter_leaves_the_unet_unchanged(tiny_sd_path, config):
     torch.testing.assert_close(_eps(pipe), before, atol=1e-6, rtol=0)
 
 
+@pytest.mark.parametrize("text_encoder", [False, pytest.param(True, marks=needs_text_encoder_adapters)],
+                         ids=["unet", "unet+text-encoder"])
+def test_adapters_on_a_bf16_base_train_in_fp32(tiny_sd_path, text_encoder):
+    """bf16 AdamW updates round away (see test_training's bf16 step), so trainable weights are fp32."""
+    pipe = load_pipeline(str(tiny_sd_path), torch_dtype="bfloat16")
+    params = add_adapters(pipe, SMALL_DORA, text_encoder=text_encoder)
+    assert params and {p.dtype for p in params} == {torch.float32}
+    frozen = [p for m in (pipe.unet, pipe.vae, pipe.text_encoder) for p in m.parameters() if not p.requires_grad]
+    assert {p.dtype for p in frozen} == {torch.bfloat16}
+
+
 # ----------------------------------------------------------------------------- save and load
 
 
@@ -180,6 +191,25 @@ def test_plain_diffusers_loads_the_saved_adapter(tiny_sd_path, adapter, request)
     fresh.load_lora_weights(str(folder))
     torch.testing.assert_close(_eps(fresh), adapted_eps, atol=1e-6, rtol=0)
     assert _files(folder) == {WEIGHTS_NAME, META_NAME}
+
+
+@pytest.mark.parametrize("config", [SMALL_LORA, SMALL_DORA], ids=["lora", "dora"])
+def test_plain_diffusers_loads_an_adapter_trained_on_a_bf16_base(tiny_sd_path, tmp_path, config):
+    """Saved in fp32 (as diffusers' training scripts save them); a bf16 pipeline loads them as usual.
+
+    diffusers casts loaded adapter weights to the pipeline's dtype, so the loaded model matches the
+    trained one up to bf16 rounding: measured mean |diff| 0.0025 against 0.026 from the base model.
+    """
+    pipe = load_pipeline(str(tiny_sd_path), torch_dtype="bfloat16")
+    _randomise(add_adapters(pipe, config), seed=5)
+    save_adapters(pipe, tmp_path / "adapter", base_model=str(tiny_sd_path), config=config)
+    assert {v.dtype for v in load_file(tmp_path / "adapter" / WEIGHTS_NAME).values()} == {torch.float32}
+
+    fresh = load_pipeline(str(tiny_sd_path), torch_dtype="bfloat16")
+    trained, base = _eps(pipe).float(), _eps(fresh).float()
+    fresh.load_lora_weights(str(tmp_path / "adapter"))
+    loaded = _eps(fresh).float()
+    assert (loaded - trained).abs().mean() < 0.2 * (base - trained).abs().mean()
 
 
 def test_dora_magnitudes_are_saved(sd_dora):

@@ -137,6 +137,7 @@ def test_multirun_over_all_exps_and_cfg(tiny_sd_path, tmp_path):
         ("rounds=0", "rounds must be >= 1, got 0"),
         ("adapter.rank=0", "rank"),
         ("resume=/nonexistent.ckpt", "resume checkpoint /nonexistent.ckpt does not exist"),
+        ("trainer.precision=bf16-true", "trainer.precision=bf16-true would train the adapter weights in half"),
     ],
 )
 def test_bad_input_fails_before_the_model_loads(tiny_sd_path, tmp_path, override, msg):

@@ -27,9 +27,9 @@ PROMPTS = ["a red cube", "a blue ball"]
 ADAPTER = AdapterConfig(rank=4, alpha=4)  # DoRA on attention + feed-forward, as the paper
 
 
-def make_module(tiny: Path, **train: object) -> MITuneModule:
+def make_module(tiny: Path, dtype: str = "float32", **train: object) -> MITuneModule:
     """A fresh pipeline with a fresh adapter (seeded), prompts set for a fixed two-latent set."""
-    module = MITuneModule(load_pipeline(str(tiny)), ADAPTER, TrainConfig(**train))
+    module = MITuneModule(load_pipeline(str(tiny), torch_dtype=dtype), ADAPTER, TrainConfig(**train))
     module.set_prompts(PROMPTS)
     return module
 
@@ -104,6 +104,31 @@ def test_loss_falls_on_a_tiny_overfit_set(tiny_sd_path):
     # Deterministic samples: a step that does not descend (no update, wrong sign, lost gradients)
     # leaves the loss flat or raises it. Rank-4 adapters on the tiny UNet get it from ~1.1 to ~0.87.
     assert sum(last) / 5 < 0.9 * sum(first) / 5, recorder.losses
+
+
+def dora_magnitudes_moved(module: MITuneModule, lr: float) -> float:
+    """Share of DoRA magnitude entries that one optimizer step at ``lr`` changes."""
+    magnitudes = [p for n, p in module.named_parameters() if "lora_magnitude_vector" in n]
+    before = [p.detach().clone() for p in magnitudes]
+    fit(module, tiny_set(module, steps=1, batch=2), micro_batch=2, accumulate=1, steps=1)
+    moved = sum((p != b).sum().item() for p, b in zip(magnitudes, before))
+    return moved / sum(b.numel() for b in before)
+
+
+def test_a_bf16_base_model_trains_fp32_adapters(tiny_sd_path):
+    """Magnitudes are ~1, where bf16's step is 2**-7: AdamW's ~lr-sized updates vanish in bf16 weights."""
+    module = make_module(tiny_sd_path, dtype="bfloat16", lr=1e-6)
+    assert {p.dtype for p in module.trainable} == {torch.float32}
+    assert module.unet.conv_in.weight.dtype == torch.bfloat16  # the frozen base stays in its dtype
+    assert dora_magnitudes_moved(module, lr=1e-6) == 1.0
+    states = [s for s in module.trainer.optimizers[0].state.values()]
+    assert states and {s["exp_avg"].dtype for s in states} == {torch.float32}
+
+    # The failure this guards against: the same step with the adapter kept in bf16 changes nothing.
+    control = make_module(tiny_sd_path, dtype="bfloat16", lr=1e-6)
+    for param in control.trainable:
+        param.data = param.data.bfloat16()
+    assert dora_magnitudes_moved(control, lr=1e-6) == 0.0
 
 
 # ----------------------------------------------------------------------------- timesteps
@@ -182,10 +207,10 @@ STEPS_PER_ROUND, EFFECTIVE, MICRO = 4, 8, 2
 
 
 def run_rounds(tiny: Path, out: Path, extra: list[L.Callback], *, rounds: int = 2, resume: bool = False,
-               **train: object) -> MITuneModule:
+               dtype: str = "float32", **train: object) -> MITuneModule:
     """The production wiring (MIRounds + FinetuneData + two ModelCheckpoints), small."""
     config = TrainConfig(effective_batch=EFFECTIVE, micro_batch=MICRO, steps_per_round=STEPS_PER_ROUND, **train)
-    module = MITuneModule(load_pipeline(str(tiny)), ADAPTER, config)
+    module = MITuneModule(load_pipeline(str(tiny), torch_dtype=dtype), ADAPTER, config)
     generation = GenerationConfig(num_candidates=4, top_k=1, num_inference_steps=3, micro_batch=8)
     mi_rounds = MIRounds(PROMPTS, generation, out, base_model=str(tiny))
     checkpoints = out / "checkpoints"
@@ -230,6 +255,16 @@ def test_resume_after_a_crash_is_exact(tiny_sd_path, tmp_path, uninterrupted, cr
     assert all(torch.equal(resumed[k], expected[k]) for k in expected)
     name = f"rounds/round_2/{METADATA}"
     assert (tmp_path / name).read_bytes() == (full_dir / name).read_bytes()
+
+
+def test_resume_of_a_bf16_model_is_exact(tiny_sd_path, tmp_path):
+    """fp32 adapters on a bf16 base: the checkpoint restores them (and AdamW's state) bit for bit."""
+    full = adapter_weights(run_rounds(tiny_sd_path, tmp_path / "full", [], dtype="bfloat16"))
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        run_rounds(tiny_sd_path, tmp_path / "crashed", [Recorder(crash_at=3)], dtype="bfloat16")
+    resumed = adapter_weights(run_rounds(tiny_sd_path, tmp_path / "crashed", [], resume=True, dtype="bfloat16"))
+    assert {v.dtype for v in resumed.values()} == {torch.float32}
+    assert resumed.keys() == full.keys() and all(torch.equal(resumed[k], full[k]) for k in full)
 
 
 # ----------------------------------------------------------------------------- non-finite loss
