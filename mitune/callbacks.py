@@ -9,6 +9,7 @@ that round, not the training before it.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
 
 import lightning as L
@@ -22,7 +23,14 @@ from lightning.pytorch.loggers import WandbLogger  # noqa: E402
 
 from mitune.adapters import merged_adapters, save_adapters  # noqa: E402
 from mitune.data import FinetuneSet, ResumableLoader, load_latents, selected_rows  # noqa: E402
-from mitune.generation import GenerationConfig, RoundSummary, finish_round, run_round  # noqa: E402
+from mitune.generation import (  # noqa: E402
+    GenerationConfig,
+    RoundSummary,
+    finish_round,
+    round_settings,
+    run_round,
+    verify_round,
+)
 from mitune.io import atomic_write, read_jsonl, write_json  # noqa: E402
 from mitune.training import MITuneModule, TrainConfig  # noqa: E402
 
@@ -35,12 +43,13 @@ class MIRounds(L.Callback):
     """Runs generation rounds with the current model and keeps each round's set and adapter."""
 
     def __init__(self, prompts: list[str], generation: GenerationConfig, run_dir: str | Path, *, base_model: str,
-                 log_images: int = 16) -> None:
+                 log_images: int = 16, stop: Callable[[], None] | None = None) -> None:
         self.prompts = prompts
         self.generation = generation
         self.run_dir = Path(run_dir)
         self.base_model = base_model
         self.log_images = log_images
+        self.stop = stop  # raises between generation batches once a stop (SIGTERM) is requested
 
     def round_dir(self, r: int) -> Path:
         return self.run_dir / "rounds" / f"round_{r}"
@@ -50,12 +59,15 @@ class MIRounds(L.Callback):
         out = self.round_dir(r)
         # The histogram is written atomically after the round is finished, so it marks a round as
         # complete; a kill before it reruns the (then instant) round, its summary and the plot.
-        if not (out / HISTOGRAM).is_file():
+        if (out / HISTOGRAM).is_file():
+            verify_round(out, round_settings(module.pipe, self.prompts, self.generation), len(self.prompts),
+                         self.generation.num_candidates)
+        else:
             training = module.unet.training
             module.unet.eval()
             with merged_adapters(module.pipe):  # base-model speed; the weights come back bit-exact
                 run_round(module.pipe, self.prompts, self.generation, out, progress=trainer.is_global_zero,
-                          rank=trainer.global_rank, world_size=trainer.world_size)
+                          rank=trainer.global_rank, world_size=trainer.world_size, stop=self.stop)
             module.unet.train(training)
             trainer.strategy.barrier("mitune-round")
             if trainer.is_global_zero:

@@ -1,13 +1,15 @@
 """Lightning checkpoints as safetensors + JSON: nothing is ever unpickled on resume.
 
 A checkpoint "file" is a directory holding ``tensors.safetensors`` (every tensor of the
-checkpoint dict) and ``state.json`` (everything else, with tensors replaced by their key).
-It is written into a temporary sibling and renamed, so a crash or a full disk while saving
-leaves the previous checkpoint intact.
+checkpoint dict) and ``state.json`` (everything else, with tensors replaced by their key, and
+the SHA-256 of the tensors file, checked on load). It is written into a temporary sibling and
+renamed, so a crash or a full disk while saving leaves the previous checkpoint intact. A
+checkpoint with a non-finite tensor is never written, so the newest one is always usable.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -16,11 +18,13 @@ from typing import Any
 
 import torch
 from lightning.fabric.plugins import CheckpointIO
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from mitune.io import atomic_dir
 
 TENSORS, STATE = "tensors.safetensors", "state.json"
+CHECKSUM = "mitune_tensors_sha256"
 
 
 def flatten(obj: Any, tensors: dict[str, torch.Tensor], path: str = "") -> Any:
@@ -56,14 +60,48 @@ def unflatten(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
     return {k: unflatten(v, tensors) for k, v in obj.items()}
 
 
+WEIGHTS = ("/state_dict/", "/optimizer_states/")  # callbacks may hold inf legitimately (e.g. a best score)
+
+
+def non_finite(tensors: dict[str, torch.Tensor]) -> dict[str, int]:
+    """Count of NaN/inf values per weight or optimizer-state tensor that has any."""
+    counts = {k: int((~torch.isfinite(v)).sum()) for k, v in tensors.items()
+              if v.is_floating_point() and k.split(":", 1)[1].startswith(WEIGHTS)}
+    return {k: n for k, n in counts.items() if n}
+
+
+def sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 class SafetensorsCheckpointIO(CheckpointIO):
-    """Drop-in for Lightning's TorchCheckpointIO without pickle."""
+    """Drop-in for Lightning's TorchCheckpointIO without pickle.
+
+    ``root`` confines deletions: Lightning removes superseded checkpoints by the path it restored
+    from a checkpoint's own state, so a crafted or stale path must never reach ``rmtree`` unchecked.
+    """
+
+    def __init__(self, root: str | os.PathLike | None = None) -> None:
+        self.root = Path(root).resolve() if root is not None else None
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: str | os.PathLike, storage_options: Any = None) -> None:
         tensors: dict[str, torch.Tensor] = {}
         state = flatten(checkpoint, tensors)
+        bad = non_finite(tensors)
+        if bad:
+            first = next(iter(bad))
+            raise FloatingPointError(
+                f"refusing to write checkpoint {path}: {sum(bad.values())} non-finite values in {len(bad)} tensor(s) "
+                f"(first: {first.split(':', 1)[1]}); the earlier checkpoints are finite and kept. "
+                "Lower train.lr or check the data"
+            )
         with atomic_dir(Path(path), STATE) as tmp:
             save_file(tensors, str(tmp / TENSORS))
+            state[CHECKSUM] = sha256(tmp / TENSORS)
             (tmp / STATE).write_text(json.dumps(state))
 
     def load_checkpoint(self, path: str | os.PathLike, map_location: Any = None, weights_only: bool | None = None) -> dict[str, Any]:
@@ -74,16 +112,38 @@ class SafetensorsCheckpointIO(CheckpointIO):
             if not previous:
                 raise FileNotFoundError(f"checkpoint {path} not found (expected {STATE} and {TENSORS} inside)")
             path = previous[-1].parent
+        state = read_state(path)
+        if sha256(path / TENSORS) != state.pop(CHECKSUM, None):
+            raise ValueError(f"checkpoint {path / TENSORS} does not match the checksum in its {STATE} (damaged "
+                             f"or truncated); delete {path} to resume from an earlier checkpoint")
         device = str(map_location) if isinstance(map_location, (str, torch.device)) else "cpu"
-        return unflatten(json.loads((path / STATE).read_text()), load_file(str(path / TENSORS), device=device))
+        try:
+            tensors = load_file(str(path / TENSORS), device=device)
+        except SafetensorError as err:
+            raise ValueError(f"checkpoint tensors {path / TENSORS} cannot be read: {err}") from err
+        return unflatten(state, tensors)
 
     def remove_checkpoint(self, path: str | os.PathLike) -> None:
-        shutil.rmtree(path, ignore_errors=True)
+        """Delete a superseded checkpoint: only a checkpoint dir, and only inside ``root``."""
+        target = Path(path)
+        resolved = target.resolve()
+        if self.root is not None and not resolved.is_relative_to(self.root):
+            raise ValueError(f"refusing to delete {target}: it resolves to {resolved}, outside the run dir {self.root}")
+        if not target.exists():
+            return
+        if target.is_symlink() or not target.is_dir() or not {p.name for p in target.iterdir()} <= {TENSORS, STATE}:
+            raise ValueError(f"refusing to delete {target}: it is not a checkpoint dir ({TENSORS} and {STATE} only)")
+        shutil.rmtree(target)
 
 
 def read_state(path: str | os.PathLike) -> dict[str, Any]:
     """The JSON part of a checkpoint (global step, W&B run id) without loading tensors."""
-    return json.loads((Path(path) / STATE).read_text())
+    file = Path(path) / STATE
+    try:
+        return json.loads(file.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as err:
+        raise ValueError(f"checkpoint state {file} is corrupt ({err}); delete {Path(path)} to resume from an "
+                         "earlier checkpoint") from err
 
 
 def progress_key(path: Path) -> tuple[int, int]:

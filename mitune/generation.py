@@ -24,9 +24,10 @@ import hashlib
 import io
 import json
 import logging
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from diffusers import DiffusionPipeline
@@ -62,9 +63,9 @@ class GenerationConfig:
     num_inference_steps: int = 50
     micro_batch: int = 50
     seed: int = 0
-    seed_mode: Literal["per_prompt", "shared"] = "per_prompt"
+    seed_mode: str = "per_prompt"  # or "shared"
     variance_type: str = "fixed_large"
-    selection: Literal["mi", "random", "oracle"] = "mi"
+    selection: str = "mi"  # or "random", "oracle"
     mi: MIConfig = field(default_factory=MIConfig)
 
     def __post_init__(self) -> None:
@@ -142,23 +143,64 @@ def round_settings(pipe: DiffusionPipeline, prompts: list[str], config: Generati
     }
 
 
+def check_settings(round_dir: Path, settings: dict[str, Any]) -> bool:
+    """Whether ``round.json`` exists; if it does, it must hold exactly ``settings``."""
+    settings_file = round_dir / "round.json"
+    if not settings_file.exists():
+        return False
+    try:
+        previous = json.loads(settings_file.read_text(encoding="utf-8"))
+    except ValueError as err:
+        raise ValueError(f"{settings_file} is corrupt ({err}); delete the round dir {round_dir} to regenerate it") from err
+    if previous != settings:
+        changed = sorted(k for k in settings.keys() | previous.keys() if previous.get(k) != settings.get(k))
+        raise ValueError(
+            f"{round_dir} holds a round made with different settings ({', '.join(changed)}); "
+            "resume with the same settings or choose a new output dir"
+        )
+    return True
+
+
 def prepare_round_dir(round_dir: Path, settings: dict[str, Any], write: bool = True) -> set[int]:
     """Create or reopen a round dir; returns the prompt ids already committed.
 
     Only one rank writes the settings file; the others check it when it is there.
     """
-    settings_file = round_dir / "round.json"
-    if settings_file.exists():
-        previous = json.loads(settings_file.read_text())
-        if previous != settings:
-            changed = sorted(k for k in settings if previous.get(k) != settings[k])
-            raise ValueError(
-                f"{round_dir} holds a round made with different settings ({', '.join(changed)}); "
-                "resume with the same settings or choose a new output dir"
-            )
-    elif write:
-        mio.write_json(settings_file, settings)
+    if not check_settings(round_dir, settings) and write:
+        mio.write_json(round_dir / "round.json", settings)
     return {int(p.stem) for p in (round_dir / "parts").glob("*.jsonl")}
+
+
+def verify_round(round_dir: Path, settings: dict[str, Any], num_prompts: int, num_candidates: int) -> None:
+    """Check a finished round before it is reused: its settings, every row, and the selected files.
+
+    A ``metadata.jsonl`` that lost rows is rebuilt from the per-prompt ``parts/`` (what it was made
+    from); a missing part, latents file or selected image is an error naming it.
+    """
+    if not check_settings(round_dir, settings):
+        raise FileNotFoundError(f"finished round {round_dir} has no round.json; delete the round dir to regenerate it")
+    expected = num_prompts * num_candidates
+    try:
+        rows = mio.read_jsonl(round_dir / METADATA)
+    except (OSError, ValueError) as err:
+        rows, reason = [], str(err)
+    else:
+        reason = f"{len(rows)} rows, expected {num_prompts} prompts x {num_candidates} = {expected}"
+    if len(rows) != expected:
+        missing = [pid for pid in range(num_prompts) if not (round_dir / "parts" / f"{pid:06d}.jsonl").is_file()]
+        if missing:
+            raise ValueError(f"{round_dir / METADATA} is damaged ({reason}) and parts/{missing[0]:06d}.jsonl is "
+                             "missing too; delete the round dir to regenerate the round")
+        log.warning("%s was damaged (%s); rebuilt it from parts/", round_dir / METADATA, reason)
+        finish_round(round_dir, num_prompts)
+        rows = mio.read_jsonl(round_dir / METADATA)
+    for row in rows:
+        for name in ([row["latents"], row["file_name"]] if row["selected"] else [row["latents"]]):
+            if not (round_dir / name).is_file():
+                raise FileNotFoundError(
+                    f"{round_dir / name} is missing; restore it, or delete {round_dir}/parts/{row['prompt_id']:06d}.jsonl "
+                    "to regenerate that prompt"
+                )
 
 
 @torch.no_grad()
@@ -274,12 +316,14 @@ def run_round(
     progress: bool = True,
     rank: int = 0,
     world_size: int = 1,
+    stop: Callable[[], None] | None = None,
 ) -> RoundSummary | None:
     """Generate, score and select for every prompt; resumes a partly done ``round_dir``.
 
     With ``world_size`` > 1, rank r takes every world_size-th micro-batch (whole prompts) and writes its
     prompts into the shared ``round_dir``; the caller synchronises the ranks and then calls
-    ``finish_round`` once. Returns the summary when ``world_size`` is 1, else None.
+    ``finish_round`` once. Returns the summary when ``world_size`` is 1, else None. ``stop`` is called
+    before each micro-batch and may raise to end the round early (finished prompts are kept).
     """
     check_strategy(config.selection, prompts)
     round_dir = mio.check_writable(round_dir)
@@ -295,6 +339,8 @@ def run_round(
     for batch in batches:
         if all(j.prompt_id in done for j in batch):
             continue
+        if stop is not None:
+            stop()
         latents, mi = generate_batch(pipe, prompts, batch, config)
         images = decode_latents(pipe, latents)
         for j, z0, image, score in zip(batch, latents.float().cpu(), images, mi.tolist()):

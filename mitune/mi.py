@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Literal, Union
+from typing import Union
 
 import torch
 from diffusers import DDPMScheduler
@@ -36,7 +36,7 @@ class MIConfig:
     """
 
     include_alpha: bool = True
-    reduction: Literal["sum", "mean"] = "sum"
+    reduction: str = "sum"  # or "mean"
     min_timestep: int = 0
 
     def __post_init__(self) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import unicodedata
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,10 +34,21 @@ class PromptSet:
     blank_lines: int = 0
 
 
+def check_characters(lines: list[str], source: str) -> None:
+    """A control character (NUL, escape codes: a binary file or a paste gone wrong) in a prompt would
+    reach the tokenizer unseen, so it is refused with its line; tabs count as spaces."""
+    for number, line in enumerate(lines, 1):
+        bad = next((c for c in line if unicodedata.category(c) == "Cc" and c != "\t"), None)
+        if bad is not None:
+            raise ValueError(f"{source}, line {number}: control character U+{ord(bad):04X} in a prompt; "
+                             "is it a text file? Remove the character and rerun")
+
+
 def clean_prompts(lines: list[str], source: str, limit: int | None = None) -> PromptSet:
     """Strip, drop blank lines and de-duplicate (first occurrence wins)."""
     if limit is not None and limit < 1:
         raise ValueError(f"prompt limit must be >= 1 or null, got {limit}")
+    check_characters(lines, source)
     stripped = [line.strip() for line in lines]
     blank = sum(1 for line in stripped if not line)
     kept = [line for line in stripped if line]
@@ -56,9 +68,26 @@ def clean_prompts(lines: list[str], source: str, limit: int | None = None) -> Pr
 def read_prompt_file(path: str | os.PathLike, limit: int | None = None) -> PromptSet:
     """One prompt per line (UTF-8, LF or CRLF); ``limit`` keeps the first unique ones (smoke runs)."""
     path = Path(path).expanduser()
+    if path.is_dir():
+        raise IsADirectoryError(f"prompt file {path} is a directory; give a text file with one prompt per line")
     if not path.is_file():
         raise FileNotFoundError(f"prompt file {path} does not exist")
-    return clean_prompts(path.read_text(encoding="utf-8").splitlines(), str(path), limit)
+    return clean_prompts(decode_lines(path), str(path), limit)
+
+
+def decode_lines(path: Path) -> list[str]:
+    """UTF-8 lines; a decoding error names the file and line, and a byte-order mark is dropped with a warning."""
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = data[: err.start].count(b"\n") + 1
+        raise ValueError(f"prompt file {path}, line {line}: not UTF-8 ({err.reason} at byte {err.start}); "
+                         "save it as UTF-8") from None
+    if text.startswith("\ufeff"):
+        log.warning("%s: dropped a UTF-8 byte-order mark", path)
+        text = text[1:]
+    return text.splitlines()
 
 
 def compbench_file(category: str, split: str = "train", data_dir: str | None = None) -> Path:

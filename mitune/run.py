@@ -7,6 +7,8 @@ dir, batch arithmetic), so a bad value fails in seconds, before a model is loade
 from __future__ import annotations
 
 import logging
+import os
+import sys
 from pathlib import Path
 
 import hydra
@@ -15,12 +17,17 @@ from hydra.utils import instantiate
 from lightning.pytorch.loggers import WandbLogger
 from omegaconf import DictConfig, OmegaConf
 
+from mitune.adapters import AdapterConfig
 from mitune.callbacks import FinetuneData, MIRounds
 from mitune.checkpoint import SafetensorsCheckpointIO, latest_checkpoint, read_state
+from mitune.config import RunSettings, typed
+from mitune.generation import GenerationConfig
 from mitune.io import check_writable
+from mitune.preemption import EXIT_STATUS, Preempted, SigtermStop
 from mitune.prompts import over_length
+from mitune.rundir import check_config, exclusive, remove_temporaries
 from mitune.tracking import wandb_offline_without_key
-from mitune.training import MITuneModule, accumulation_steps
+from mitune.training import MITuneModule, TrainConfig, accumulation_steps
 
 log = logging.getLogger(__name__)
 
@@ -73,36 +80,64 @@ def finish_wandb(loggers: list) -> None:
         wandb.finish()
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="config")
-def main(cfg: DictConfig) -> float:
-    if cfg.rounds < 1:
-        raise ValueError(f"rounds must be >= 1, got {cfg.rounds}")
+def launching_process() -> bool:
+    """False in the extra ranks Lightning DDP or a cluster starts: the launching process holds the
+    run dir's lock and has checked its config for them."""
+    return all(int(os.environ.get(k, 0)) == 0 for k in ("LOCAL_RANK", "NODE_RANK", "RANK", "SLURM_PROCID"))
+
+
+def train(cfg: DictConfig) -> float:
+    """R rounds of MI-TUNE; every setting and the run dir are checked before the model loads."""
+    typed(OmegaConf.masked_copy(cfg, ["rounds", "seed"]), RunSettings)
+    generation = typed(cfg.generation, GenerationConfig, "generation")
+    adapter = typed(cfg.adapter, AdapterConfig, "adapter")
+    train_config = typed(cfg.train, TrainConfig, "train")
     prompts = instantiate(cfg.data).prompts
-    generation = instantiate(cfg.generation)
-    adapter = instantiate(cfg.adapter)
-    train = instantiate(cfg.train)
     out_dir = check_writable(Path(cfg.paths.output_dir))
+    if not launching_process():
+        return fit(cfg, prompts, generation, adapter, train_config, out_dir)
+    with exclusive(out_dir):
+        check_config(out_dir, OmegaConf.to_container(cfg, resolve=True), resume=bool(cfg.resume))
+        remove_temporaries(out_dir)
+        try:
+            return fit(cfg, prompts, generation, adapter, train_config, out_dir)
+        except Preempted as stop:
+            command = " ".join(a for a in sys.argv[1:] if not a.startswith(("resume=", "hydra.run.dir=")))
+            print(f"mitune: {stop}; newest checkpoint: {stop.checkpoint or latest_checkpoint(out_dir / 'checkpoints')}. "
+                  f"Resume with: python -m mitune.run {command} hydra.run.dir={out_dir} resume=true", file=sys.stderr)
+            raise SystemExit(EXIT_STATUS) from None
+
+
+def fit(cfg: DictConfig, prompts: list[str], generation: GenerationConfig, adapter: AdapterConfig,
+        train_config: TrainConfig, out_dir: Path) -> float:
     ckpt = resolve_resume(cfg.resume, out_dir)
     base_model = str(cfg.model.get("path_or_id", cfg.model.get("path")))
-    rounds = MIRounds(prompts, generation, out_dir, base_model=base_model)
-    callbacks = [instantiate(spec) for spec in cfg.callbacks.values()] + [rounds]
+    stop = SigtermStop(out_dir / "checkpoints")
+    rounds = MIRounds(prompts, generation, out_dir, base_model=base_model, stop=stop.check)
+    callbacks = [instantiate(spec) for spec in cfg.callbacks.values()] + [rounds, stop]
     loggers = make_loggers(cfg, ckpt)
     try:
-        trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers, plugins=[SafetensorsCheckpointIO()],
-                              precision=precision(cfg.trainer.precision))
-        trainer.accumulate_grad_batches = accumulation_steps(train.effective_batch, train.micro_batch, trainer.world_size)
+        trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers,
+                              plugins=[SafetensorsCheckpointIO(root=out_dir)], precision=precision(cfg.trainer.precision))
+        trainer.accumulate_grad_batches = accumulation_steps(
+            train_config.effective_batch, train_config.micro_batch, trainer.world_size)
         for lg in loggers:
             lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
         pipe = instantiate(cfg.model)
         over_length(pipe.tokenizer, prompts)
-        module = MITuneModule(pipe, adapter, train)
-        trainer.fit(module, datamodule=FinetuneData(rounds, train), ckpt_path=ckpt)
+        module = MITuneModule(pipe, adapter, train_config)
+        trainer.fit(module, datamodule=FinetuneData(rounds, train_config), ckpt_path=ckpt)
     finally:
         finish_wandb(loggers)
     if trainer.is_global_zero:
         print(f"mitune: {cfg.rounds} round(s) done; adapter in {out_dir / 'adapter'}, "
               f"rounds (images, MI, adapters) in {out_dir / 'rounds'}; outputs in {out_dir}")
     return float(trainer.callback_metrics.get("train/loss", float("nan")))
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="config")
+def main(cfg: DictConfig) -> float:
+    return train(cfg)
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ from diffusers import DiffusionPipeline
 from lightning.pytorch.loggers import WandbLogger
 
 from mitune.adapters import AdapterConfig, DoraNormCache, add_adapters
+from mitune.checkpoint import latest_checkpoint, progress_key
 from mitune.mi import Embedding
 from mitune.models import ddpm_scheduler, encode_prompts, index_embedding, is_sdxl, unet_eps_fn
 
@@ -108,11 +109,17 @@ class MITuneModule(L.LightningModule):
         if not torch.isfinite(loss):
             raise FloatingPointError(
                 f"training loss is {loss.item()} at global step {self.global_step}; stopping. "
-                "The last checkpoint written before this step is intact: lower train.lr or check the data"
+                f"Newest checkpoint (checkpoints are written only when finite): {self.newest_checkpoint()}. "
+                "Lower train.lr or check the data"
             )
         self.log("train/loss", loss, prog_bar=True, batch_size=z0.shape[0])
         self.log("train/t_mean", t.float().mean(), batch_size=z0.shape[0])
         return loss
+
+    def newest_checkpoint(self) -> str:
+        folders = {c.dirpath for c in self.trainer.checkpoint_callbacks if getattr(c, "dirpath", None)}
+        found = [p for p in map(latest_checkpoint, folders) if p is not None]
+        return str(max(found, key=progress_key)) if found else "none yet"
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         grads = [p.grad for p in self.trainable if p.grad is not None]

@@ -234,3 +234,30 @@ def test_two_process_ddp_matches_one_process(tiny_sd_path, tmp_path):
     r1, r2 = rows(one), rows(two)
     assert [r["selected"] for r in r1] == [r["selected"] for r in r2]
     torch.testing.assert_close(torch.tensor([r["mi"] for r in r1]), torch.tensor([r["mi"] for r in r2]), rtol=1e-4, atol=0)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("phase,marker", [
+    ("round 1 generation", "rounds/round_1/parts/*.jsonl"),
+    ("round 1 training", "checkpoints/step-*.ckpt"),
+])
+def test_sigterm_checkpoints_exits_143_and_resumes_identically(tiny_sd_path, tmp_path, uninterrupted, phase, marker):
+    """SIGTERM (a scheduler's notice before a kill) stops at a safe point, says how to resume, exits non-zero."""
+    stopped = tmp_path / "stopped"
+    proc = subprocess.Popen(command(*KILL_ARGS, f"hydra.run.dir={stopped}", tiny=tiny_sd_path),
+                            cwd=REPO, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    while proc.poll() is None and not list(stopped.glob(marker)):
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 143, stderr[-3000:]
+    assert "stopped by SIGTERM" in stderr and f"hydra.run.dir={stopped} resume=true" in stderr
+    assert not (stopped / "checkpoints" / "round-epoch=1.ckpt").exists(), f"the run finished before SIGTERM in {phase}"
+    if phase.endswith("training"):
+        assert list((stopped / "checkpoints").glob("sigterm-step-*.ckpt"))
+
+    result = cli(*KILL_ARGS, f"hydra.run.dir={stopped}", "resume=true", tiny=tiny_sd_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert round_outputs(stopped) == round_outputs(uninterrupted)
+    ours, theirs = adapter_tensors(stopped), adapter_tensors(uninterrupted)
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)

@@ -1,0 +1,69 @@
+"""Typed settings: each config group checked against its dataclass before anything expensive runs.
+
+OmegaConf's structured-config validation checks every value's type against the dataclass's
+annotations (``rounds=1.5`` or ``generation.num_candidates=abc`` fail naming the key); the
+dataclass's ``__post_init__`` then checks ranges, and ``finite`` rejects NaN and inf, which
+are valid floats to OmegaConf.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields, is_dataclass
+from typing import Any, TypeVar
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+T = TypeVar("T")
+
+
+@dataclass
+class RunSettings:
+    """The top-level keys of ``conf/config.yaml`` that the task reads as numbers."""
+
+    rounds: int
+    seed: int
+
+    def __post_init__(self) -> None:
+        if self.rounds < 1:
+            raise ValueError(f"rounds must be >= 1, got {self.rounds}")
+
+
+def without_targets(node: Any) -> Any:
+    """A plain copy without Hydra's ``_target_`` keys, which the dataclasses do not declare."""
+    if isinstance(node, dict):
+        return {k: without_targets(v) for k, v in node.items() if k != "_target_"}
+    return node
+
+
+def finite(settings: Any, key: str) -> None:
+    for f in fields(settings):
+        value, name = getattr(settings, f.name), f"{key}.{f.name}" if key else f.name
+        if is_dataclass(value):
+            finite(value, name)
+        for number in value if isinstance(value, (list, tuple)) else [value]:
+            if isinstance(number, float) and not math.isfinite(number):
+                raise ValueError(f"{name} must be a finite number, got {value}")
+
+
+def writable(node: DictConfig) -> DictConfig:
+    """Frozen dataclasses give read-only nodes at every level; the merge must write (the built
+    dataclass instance is still frozen)."""
+    OmegaConf.set_readonly(node, False)
+    for key in node:
+        if isinstance(node._get_node(key), DictConfig):
+            writable(node[key])
+    return node
+
+
+def typed(node: DictConfig, schema: type[T], key: str = "") -> T:
+    """The config group ``key`` as a ``schema`` instance, or a ValueError naming the bad key."""
+    data = without_targets(OmegaConf.to_container(node, resolve=True))
+    try:
+        settings = OmegaConf.to_object(OmegaConf.merge(writable(OmegaConf.structured(schema)), data))
+    except OmegaConfBaseException as err:
+        full = f"{key}.{err.full_key}" if key else err.full_key
+        raise ValueError(f"config key {full}: {err.msg}") from None
+    finite(settings, key)
+    return settings

@@ -1,0 +1,142 @@
+"""A run dir is one run: the config it was made with, one writer at a time, no stale temporaries.
+
+A paper-scale round is a day of GPU time, so a resume or rerun must never mix two configurations
+in one dir. The first start writes ``run_config.yaml`` (the resolved config); every later start
+compares its own config with it, key by key, before any model is loaded, and refuses on a
+difference. Only the keys in ``MUTABLE`` may change between starts: they decide where and how
+the run executes or logs, not what it computes (``rounds`` may grow, to add rounds to a run).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import yaml
+from filelock import FileLock, Timeout
+
+from mitune.io import write_text
+
+RECORD = "run_config.yaml"
+LOCK, OWNER = ".mitune.lock", ".mitune.lock.json"
+WORK = ("rounds", "checkpoints", "adapter")
+# Keys (and their sub-keys) that may differ on a resume: how many rounds, where and how it runs,
+# what it logs and how often it checkpoints. Numerics on another device count or accelerator
+# match to float rounding, not bit for bit (README, "Resume").
+MUTABLE = (
+    "rounds", "trainer.max_epochs", "resume", "logger", "callbacks", "paths.cache_dir", "model.device",
+    "trainer.accelerator", "trainer.devices", "trainer.num_nodes", "trainer.strategy",
+    "trainer.log_every_n_steps", "trainer.enable_progress_bar",
+)
+
+
+class RunDirError(RuntimeError):
+    """The run dir cannot be used with this config or by this process."""
+
+
+def flat(tree: Any, prefix: str = "") -> dict[str, Any]:
+    """``{"train.lr": 1e-4, ...}``: nested mappings as dotted keys (lists stay values)."""
+    if not isinstance(tree, dict):
+        return {prefix: tree}
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        out.update(flat(value, f"{prefix}.{key}" if prefix else str(key)))
+    return out
+
+
+def is_mutable(key: str) -> bool:
+    return any(key == m or key.startswith(f"{m}.") for m in MUTABLE)
+
+
+def differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """``key: old -> new`` for every non-mutable key whose value differs (missing counts as <unset>)."""
+    a, b = flat(old), flat(new)
+    keys = sorted(k for k in a.keys() | b.keys() if not is_mutable(k) and a.get(k, "<unset>") != b.get(k, "<unset>"))
+    return [f"{k}: {a.get(k, '<unset>')!r} -> {b.get(k, '<unset>')!r}" for k in keys]
+
+
+def has_work(run_dir: Path) -> bool:
+    return any((run_dir / name).exists() and any((run_dir / name).iterdir()) for name in WORK)
+
+
+def check_config(run_dir: Path, config: dict[str, Any], resume: bool) -> None:
+    """Refuse a start whose config differs from the run's record, or a fresh start over earlier work.
+
+    The record is (re)written while the dir holds no work yet, so a start that failed before
+    generating anything does not tie the dir to its config.
+    """
+    record = run_dir / RECORD
+    if not has_work(run_dir):
+        write_text(record, yaml.safe_dump(config, sort_keys=True))
+        return
+    if not record.is_file():
+        raise RunDirError(f"run dir {run_dir} holds run outputs but no {RECORD}, so its config is unknown; "
+                          "start a new run dir")
+    try:
+        old = yaml.safe_load(record.read_text(encoding="utf-8"))
+    except yaml.YAMLError as err:
+        raise RunDirError(f"{record} is corrupt ({err}); restore it or start a new run dir") from err
+    diff = differences(old or {}, config)
+    if diff:
+        raise RunDirError(
+            f"run dir {run_dir} was made with another config; one run dir holds one run, so it is not reused:\n  "
+            + "\n  ".join(diff)
+            + f"\nStart a new run dir (another hydra.run.dir), or rerun with the recorded values ({record}). "
+            f"Only these may change on a resume: {', '.join(MUTABLE)}."
+        )
+    if not resume:
+        raise RunDirError(f"run dir {run_dir} already holds a run; add resume=true to continue it, "
+                          "or choose a new hydra.run.dir to start another")
+
+
+@contextmanager
+def exclusive(run_dir: Path) -> Iterator[None]:
+    """Hold the run dir's lock (filelock: released by the OS if the process dies); a second run
+    on the same dir fails at once, naming the holder."""
+    lock = FileLock(str(run_dir / LOCK), timeout=0)
+    try:
+        lock.acquire()
+    except Timeout:
+        raise RunDirError(f"run dir {run_dir} is in use by another mitune run ({holder(run_dir)}); "
+                          "wait for it to end, or use another hydra.run.dir") from None
+    try:
+        owner = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%d %H:%M:%S"),
+                 "command": " ".join(sys.argv)}
+        write_text(run_dir / OWNER, json.dumps(owner))
+        yield
+    finally:
+        (run_dir / OWNER).unlink(missing_ok=True)
+        lock.release()
+
+
+def holder(run_dir: Path) -> str:
+    try:
+        owner = json.loads((run_dir / OWNER).read_text(encoding="utf-8"))
+        return f"pid {owner['pid']} on {owner['host']} since {owner['since']}: {owner['command']}"
+    except (OSError, ValueError, KeyError):
+        return "holder unknown"
+
+
+def remove_temporaries(run_dir: Path) -> list[Path]:
+    """Delete what an interrupted atomic write left behind (``mitune.io``'s ``.name.tmp`` files and
+    ``.name.tmp-*`` dirs), inside the run dir only and without following links."""
+    removed = []
+    for folder, dirs, files in os.walk(run_dir):
+        here = Path(folder)
+        for name in [d for d in dirs if d.startswith(".") and ".tmp-" in d]:
+            shutil.rmtree(here / name)
+            dirs.remove(name)
+            removed.append(here / name)
+        for name in files:
+            if name.startswith(".") and name.endswith(".tmp"):
+                (here / name).unlink()
+                removed.append(here / name)
+    return removed

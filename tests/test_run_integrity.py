@@ -1,0 +1,317 @@
+"""A run dir is one run (issue #14): mismatched reruns refused, one writer, finite and checked
+checkpoints, deletions confined to the run dir, typed settings, damaged rounds and prompt files named."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from safetensors.torch import load_file
+
+import mitune  # noqa: F401  (registers the ${mitune.asset:...} resolver)
+from mitune.checkpoint import STATE, TENSORS, SafetensorsCheckpointIO, latest_checkpoint, read_state
+from mitune.generation import METADATA, GenerationConfig, round_settings, run_round, verify_round
+from mitune.models import load_pipeline
+from mitune.prompts import read_prompt_file
+from mitune.run import train
+from mitune.rundir import RECORD, RunDirError, exclusive
+
+REPO = Path(__file__).resolve().parents[1]
+SMALL = [
+    "data=demo", "data.limit=2", "generation.num_candidates=2", "generation.num_inference_steps=3",
+    "generation.micro_batch=4", "train.effective_batch=4", "train.micro_batch=2", "train.steps_per_round=2",
+    "adapter.rank=4", "adapter.alpha=4", "callbacks.step_checkpoint.every_n_train_steps=1", "logger=csv", "rounds=1",
+]
+
+
+def config(run_dir: Path, tiny: Path, *overrides: str):
+    with initialize_config_dir(str(REPO / "conf"), version_base="1.3"):
+        return compose("config", overrides=["model=tiny", f"model.path={tiny}", *SMALL,
+                                            f"paths.output_dir={run_dir}", *overrides])
+
+
+def snapshot(run_dir: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(run_dir)): p.read_bytes() for p in sorted(run_dir.rglob("*"))
+            if p.is_file() and RECORD not in p.name and not p.name.startswith(".mitune.lock")}
+
+
+@pytest.fixture(scope="module")
+def finished(tiny_sd_path, tmp_path_factory):
+    """One finished 1-round run."""
+    run_dir = tmp_path_factory.mktemp("finished")
+    train(config(run_dir, tiny_sd_path))
+    return run_dir
+
+
+# ----------------------------------------------------------------------------- cases 1-3: one config per dir
+
+
+@pytest.mark.parametrize("overrides, changed", [
+    (["generation.guidance_scale=3.0"], ["generation.guidance_scale: 7.5 -> 3.0"]),
+    (["generation.guidance_scale=3.0", "resume=true"], ["generation.guidance_scale: 7.5 -> 3.0"]),
+    (["generation.num_candidates=3", "data.limit=3", "resume=true"],
+     ["data.limit: 2 -> 3", "generation.num_candidates: 2 -> 3"]),
+    (["resume=true", "train.lr=1e-2", "train.steps_per_round=8"],
+     ["train.lr: 0.0001 -> 0.01", "train.steps_per_round: 2 -> 8"]),
+], ids=["cfg", "cfg-resume", "M-and-prompts", "training-settings"])
+def test_another_config_in_a_finished_run_dir_is_refused(tiny_sd_path, finished, overrides, changed):
+    before = snapshot(finished)
+    with pytest.raises(RunDirError) as err:
+        train(config(finished, tiny_sd_path, *overrides))
+    for line in changed:
+        assert line in str(err.value)
+    assert snapshot(finished) == before
+
+
+def test_a_rerun_without_resume_is_refused(tiny_sd_path, finished):
+    before = snapshot(finished)
+    with pytest.raises(RunDirError, match="already holds a run; add resume=true"):
+        train(config(finished, tiny_sd_path))
+    assert snapshot(finished) == before  # no retraining, no *-v1.ckpt, adapters untouched
+
+
+def test_resume_may_add_rounds_keeps_the_csv_and_cleans_temporaries(tiny_sd_path, tmp_path):
+    train(config(tmp_path, tiny_sd_path, "trainer.log_every_n_steps=1"))
+    rows = lambda: list(csv.DictReader((tmp_path / "csv" / "metrics.csv").open()))
+    first = rows()
+    assert any(r.get("train/loss") for r in first)
+    orphans = [tmp_path / "checkpoints" / ".step-000009.ckpt.tmp-x1", tmp_path / "rounds" / "round_1" / ".x.png.tmp"]
+    orphans[0].mkdir()
+    orphans[1].write_bytes(b"half")
+
+    train(config(tmp_path, tiny_sd_path, "trainer.log_every_n_steps=1", "rounds=2", "resume=true"))
+    after = rows()
+    assert after[: len(first)] == [{**r, **{k: "" for k in after[0].keys() - r.keys()}} for r in first]
+    assert max(int(r["step"]) for r in after) > max(int(r["step"]) for r in first)
+    assert not any(p.exists() for p in orphans)
+    assert (tmp_path / "rounds" / "round_2" / "adapter").is_dir()
+
+
+def test_a_start_that_failed_before_any_work_does_not_tie_the_dir(tiny_sd_path, tmp_path):
+    with pytest.raises(ValueError, match="effective batch"):
+        train(config(tmp_path, tiny_sd_path, "train.micro_batch=3"))
+    assert (tmp_path / RECORD).is_file()
+    train(config(tmp_path, tiny_sd_path))  # another config in the same, still empty, dir
+
+
+# ----------------------------------------------------------------------------- case 4: checkpoints stay finite
+
+
+def test_diverged_training_leaves_only_finite_checkpoints(tiny_sd_path, tmp_path):
+    with pytest.raises(FloatingPointError) as err:
+        train(config(tmp_path, tiny_sd_path, "train.lr=1e6", "train.steps_per_round=6", "train.effective_batch=2"))
+    found = sorted((tmp_path / "checkpoints").glob("*.ckpt"))
+    for path in found:
+        weights = {k: t for k, t in load_file(path / TENSORS).items() if "/state_dict/" in k or "/optimizer_states/" in k}
+        assert weights and all(torch.isfinite(t).all() for t in weights.values()), path
+    newest = latest_checkpoint(tmp_path / "checkpoints")
+    assert (str(newest) if newest else "none yet") in str(err.value) or "refusing to write checkpoint" in str(err.value)
+
+
+# ----------------------------------------------------------------------------- case 5: deletions confined
+
+
+@pytest.fixture
+def io_and_victim(tmp_path):
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (victim / "precious.txt").write_text("keep")
+    return SafetensorsCheckpointIO(root=run), run, victim
+
+
+def test_a_checkpoint_path_with_dotdot_outside_the_run_is_not_deleted(io_and_victim):
+    io, run, victim = io_and_victim
+    with pytest.raises(ValueError, match="outside the run dir"):
+        io.remove_checkpoint(run / "checkpoints" / ".." / ".." / "victim")
+    assert (victim / "precious.txt").read_text() == "keep"
+
+
+def test_a_symlinked_checkpoint_pointing_outside_is_not_deleted(io_and_victim):
+    io, run, victim = io_and_victim
+    link = run / "checkpoints" / "step-000002.ckpt"
+    link.symlink_to(victim, target_is_directory=True)
+    with pytest.raises(ValueError, match="outside the run dir"):
+        io.remove_checkpoint(link)
+    assert (victim / "precious.txt").read_text() == "keep"
+
+
+def test_only_checkpoint_dirs_are_deleted(io_and_victim):
+    io, run, _ = io_and_victim
+    other = run / "checkpoints" / "notes"
+    other.mkdir()
+    (other / "a.txt").write_text("x")
+    with pytest.raises(ValueError, match="not a checkpoint dir"):
+        io.remove_checkpoint(other)
+    io.save_checkpoint({"state_dict": {"w": torch.ones(2)}}, run / "checkpoints" / "a.ckpt")
+    io.remove_checkpoint(run / "checkpoints" / "a.ckpt")
+    assert not (run / "checkpoints" / "a.ckpt").exists() and other.exists()
+
+
+# ----------------------------------------------------------------------------- case 10: corruption is named
+
+
+@pytest.fixture
+def saved(tmp_path):
+    io = SafetensorsCheckpointIO(root=tmp_path)
+    path = tmp_path / "step-000001.ckpt"
+    io.save_checkpoint({"state_dict": {"w": torch.arange(4096, dtype=torch.float32)}, "global_step": 1}, path)
+    return io, path
+
+
+def test_a_checkpoint_reads_back(saved):
+    io, path = saved
+    assert torch.equal(io.load_checkpoint(path)["state_dict"]["w"], torch.arange(4096, dtype=torch.float32))
+
+
+def test_bit_flips_in_a_checkpoint_are_caught(saved):
+    io, path = saved
+    data = bytearray((path / TENSORS).read_bytes())
+    for i in range(256):
+        data[-(16 * i + 1)] ^= 0x10
+    (path / TENSORS).write_bytes(bytes(data))
+    with pytest.raises(ValueError, match=f"{path / TENSORS} does not match the checksum"):
+        io.load_checkpoint(path)
+
+
+def test_a_truncated_tensors_file_is_named(saved):
+    io, path = saved
+    (path / TENSORS).write_bytes((path / TENSORS).read_bytes()[:100])
+    with pytest.raises(ValueError, match=str(path / TENSORS)):
+        io.load_checkpoint(path)
+
+
+def test_a_truncated_state_file_is_named(saved):
+    io, path = saved
+    (path / STATE).write_text((path / STATE).read_text()[:20])
+    with pytest.raises(ValueError, match=f"checkpoint state {path / STATE} is corrupt"):
+        read_state(path)
+    with pytest.raises(ValueError, match=str(path / STATE)):
+        io.load_checkpoint(path)
+
+
+def test_a_non_finite_checkpoint_is_not_written(tmp_path):
+    io = SafetensorsCheckpointIO(root=tmp_path)
+    weights = torch.ones(8)
+    weights[3] = float("nan")
+    with pytest.raises(FloatingPointError, match="1 non-finite values"):
+        io.save_checkpoint({"state_dict": {"w": weights}}, tmp_path / "bad.ckpt")
+    assert not (tmp_path / "bad.ckpt").exists()
+
+
+# ----------------------------------------------------------------------------- cases 6, 10: damaged rounds
+
+
+@pytest.fixture
+def round_dir(tiny_sd_path, tmp_path):
+    pipe = load_pipeline(str(tiny_sd_path))
+    prompts, generation = ["a red cube", "a blue ball"], GenerationConfig(num_candidates=2, num_inference_steps=2)
+    run_round(pipe, prompts, generation, tmp_path, progress=False)
+    return tmp_path, round_settings(pipe, prompts, generation)
+
+
+def test_a_metadata_file_missing_lines_is_rebuilt_from_parts(round_dir):
+    out, settings = round_dir
+    whole = (out / METADATA).read_bytes()
+    (out / METADATA).write_bytes(b"".join(whole.splitlines(keepends=True)[:2]))
+    verify_round(out, settings, 2, 2)
+    assert (out / METADATA).read_bytes() == whole
+
+
+def test_a_damaged_metadata_file_without_its_parts_is_refused(round_dir):
+    out, settings = round_dir
+    (out / METADATA).write_text("")
+    (out / "parts" / "000001.jsonl").unlink()
+    with pytest.raises(ValueError, match="parts/000001.jsonl is missing"):
+        verify_round(out, settings, 2, 2)
+
+
+def test_a_deleted_selected_image_is_named(round_dir):
+    out, settings = round_dir
+    selected = next(json.loads(x) for x in (out / METADATA).read_text().splitlines() if json.loads(x)["selected"])
+    (out / selected["file_name"]).unlink()
+    with pytest.raises(FileNotFoundError, match=selected["file_name"]):
+        verify_round(out, settings, 2, 2)
+
+
+def test_a_finished_round_with_other_settings_is_refused(round_dir):
+    out, settings = round_dir
+    other = {**settings, "generation": {**settings["generation"], "guidance_scale": 3.0}}
+    with pytest.raises(ValueError, match=r"different settings \(generation\)"):
+        verify_round(out, other, 2, 2)
+
+
+# ----------------------------------------------------------------------------- case 7: one writer
+
+
+def test_a_second_run_on_a_locked_dir_fails_at_once_naming_the_holder(tiny_sd_path, tmp_path):
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from pathlib import Path; from mitune.rundir import exclusive\n"
+         f"with exclusive(Path({str(tmp_path)!r})):\n    print('held', flush=True); time.sleep(60)"],
+        stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        start = time.monotonic()
+        with pytest.raises(RunDirError, match=f"in use by another mitune run \\(pid {holder.pid} on "):
+            train(config(tmp_path, tiny_sd_path))
+        assert time.monotonic() - start < 10
+    finally:
+        holder.kill()
+        holder.wait()
+    with exclusive(tmp_path):  # released when its holder died
+        pass
+
+
+# ----------------------------------------------------------------------------- case 8: typed settings
+
+
+@pytest.mark.parametrize("override, message", [
+    ("rounds=1.5", "config key rounds: Value '1.5' of type 'float' could not be converted to Integer"),
+    ("generation.num_candidates=4.5", "config key generation.num_candidates: Value '4.5'"),
+    ("generation.num_candidates=abc", "config key generation.num_candidates: Value 'abc'"),
+    ("train.lr=nan", "train.lr must be a finite number, got nan"),
+    ("generation.guidance_scale=nan", "generation.guidance_scale must be a finite number, got nan"),
+    ("train.betas=[0.9,inf]", "train.betas must be a finite number"),
+    ("adapter.alpha=abc", "config key adapter.alpha"),
+])
+def test_bad_types_and_non_finite_numbers_name_the_key_before_the_model_loads(tmp_path, override, message):
+    never_built = tmp_path / "never-built"
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")):
+        train(config(tmp_path / "run", never_built, override))
+    assert not never_built.exists()
+
+
+# ----------------------------------------------------------------------------- case 11: prompt files
+
+
+@pytest.mark.parametrize("content, message", [
+    ("a red cube\nun café\n".encode("latin-1"), r"line 2: not UTF-8"),
+    (b"a red cube\na blue\x00 ball\n", r"line 2: control character U\+0000"),
+    (bytes(range(256)), r"line 2: not UTF-8"),  # byte 10 is a newline
+])
+def test_bad_prompt_files_name_the_file_and_line(tmp_path, content, message):
+    path = tmp_path / "prompts.txt"
+    path.write_bytes(content)
+    with pytest.raises(ValueError, match=f"{path}.*{message}"):
+        read_prompt_file(path)
+
+
+def test_a_byte_order_mark_is_dropped(tmp_path, caplog):
+    path = tmp_path / "prompts.txt"
+    path.write_bytes("\ufeffa red cube\na blue ball\n".encode("utf-8"))
+    assert read_prompt_file(path).prompts == ["a red cube", "a blue ball"]
+    assert "byte-order mark" in caplog.text
+
+
+def test_a_directory_is_not_a_prompt_file(tmp_path):
+    with pytest.raises(IsADirectoryError, match="is a directory"):
+        read_prompt_file(tmp_path)
