@@ -60,8 +60,10 @@ class MIRounds(L.Callback):
         # The histogram is written atomically after the round is finished, so it marks a round as
         # complete; a kill before it reruns the (then instant) round, its summary and the plot.
         if (out / HISTOGRAM).is_file():
-            verify_round(out, round_settings(module.pipe, self.prompts, self.generation), len(self.prompts),
-                         self.generation.num_candidates)
+            if trainer.is_global_zero:  # may rebuild the metadata: one writer
+                verify_round(out, round_settings(module.pipe, self.prompts, self.generation), len(self.prompts),
+                             self.generation.num_candidates)
+            trainer.strategy.barrier("mitune-round-verified")
         else:
             training = module.unet.training
             module.unet.eval()

@@ -153,6 +153,9 @@ def progress_key(path: Path) -> tuple[int, int]:
 
 
 def latest_checkpoint(folder: str | os.PathLike) -> Path | None:
-    """The most advanced complete checkpoint in ``folder``, or None when there is none."""
-    found = [p for p in Path(folder).glob("*.ckpt") if (p / STATE).is_file() and (p / TENSORS).is_file()]
+    """The most advanced complete checkpoint in ``folder``, or None when there is none (a link
+    that leads out of ``folder`` is not followed)."""
+    inside = Path(folder).resolve()
+    found = [p for p in Path(folder).glob("*.ckpt")
+             if p.resolve().is_relative_to(inside) and (p / STATE).is_file() and (p / TENSORS).is_file()]
     return max(found, key=progress_key, default=None)

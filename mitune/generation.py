@@ -197,10 +197,8 @@ def verify_round(round_dir: Path, settings: dict[str, Any], num_prompts: int, nu
     for row in rows:
         for name in ([row["latents"], row["file_name"]] if row["selected"] else [row["latents"]]):
             if not (round_dir / name).is_file():
-                raise FileNotFoundError(
-                    f"{round_dir / name} is missing; restore it, or delete {round_dir}/parts/{row['prompt_id']:06d}.jsonl "
-                    "to regenerate that prompt"
-                )
+                raise FileNotFoundError(f"{round_dir / name} is missing; restore it, or delete the round dir "
+                                        f"{round_dir} to regenerate the round")
 
 
 @torch.no_grad()

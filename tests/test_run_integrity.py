@@ -145,6 +145,14 @@ def test_a_symlinked_checkpoint_pointing_outside_is_not_deleted(io_and_victim):
     assert (victim / "precious.txt").read_text() == "keep"
 
 
+def test_resume_does_not_follow_a_checkpoint_link_out_of_the_run(io_and_victim):
+    io, run, victim = io_and_victim
+    io.save_checkpoint({"state_dict": {"w": torch.ones(2)}, "global_step": 99,
+                        "loops": {"fit_loop": {"epoch_progress": {"current": {"processed": 0}}}}}, victim / "x.ckpt")
+    (run / "checkpoints" / "step-000099.ckpt").symlink_to(victim / "x.ckpt", target_is_directory=True)
+    assert latest_checkpoint(run / "checkpoints") is None
+
+
 def test_only_checkpoint_dirs_are_deleted(io_and_victim):
     io, run, _ = io_and_victim
     other = run / "checkpoints" / "notes"
