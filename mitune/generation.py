@@ -64,6 +64,7 @@ class GenerationConfig:
     seed: int = 0
     seed_mode: Literal["per_prompt", "shared"] = "per_prompt"
     variance_type: str = "fixed_large"
+    last_step_noise: bool = False
     selection: Literal["mi", "random", "oracle"] = "mi"
     mi: MIConfig = field(default_factory=MIConfig)
 
@@ -184,6 +185,7 @@ def generate_batch(
         guidance_scale=config.guidance_scale,
         generator=generators,
         config=config.mi,
+        last_step_noise=config.last_step_noise,
     )
 
 

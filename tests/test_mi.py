@@ -24,7 +24,7 @@ import torch
 from diffusers import DDPMScheduler
 
 from mitune.models import SD_DDPM_CONFIG
-from mitune.mi import PAPER, MIConfig, NonFiniteMIError, pointwise_mi, sample_with_mi
+from mitune.mi import PAPER, MIConfig, NonFiniteMIError, pointwise_mi, sample_with_mi, step_weights
 from mitune.toy.gmm import NULL_CLASS, GaussianMixture
 
 NUM_CLASSES, DIM, LATENT_SHAPE = 4, 8, (2, 2, 2)  # SD-like [C, H, W] latents, d = 8
@@ -289,7 +289,7 @@ def test_fused_mean_and_min_timestep() -> None:
     torch.testing.assert_close(z_cut, z_sum)  # MI never feeds back into sampling
     kept = int((scheduler.timesteps >= 100).sum())
     assert kept == 45  # 981, 961, ..., 101
-    torch.testing.assert_close(cut_mean * kept, cut)
+    torch.testing.assert_close(cut_mean * kept / 1000, cut)  # "mean" is T * mean over kept steps
     assert (cut <= total).all() and (cut < total).any()
 
 
@@ -306,7 +306,7 @@ def test_pointwise_mean_and_min_timestep() -> None:
     full = standalone(PAPER)
     late = standalone(MIConfig(min_timestep=500))
     late_mean = standalone(MIConfig(min_timestep=500, reduction="mean"))
-    torch.testing.assert_close(late_mean * 500, late)
+    torch.testing.assert_close(late_mean * 500 / 1000, late)  # "mean" is T * mean over kept t
     # Most of this mixture's information is resolved at t < 500 (SNR > 0.38).
     assert late.mean() < 0.8 * full.mean()
 
@@ -360,6 +360,116 @@ def test_one_batched_denoiser_call_per_step() -> None:
     pointwise_mi(counting, z0, labels, null_like(labels), scheduler, n_draws=5)
     assert [size for size, _, _ in calls] == [2 * batch] * 5
     assert all((t[:batch] == t[batch:]).all() for _, t, _ in calls)  # cond/uncond share z_t, t
+
+
+# --- the authors' code and the last step -------------------------------------------------
+
+AUTHORS = MIConfig(include_alpha=False, reduction="mean", min_timestep=51, step_beta="train")
+
+
+def authors_reference(scheduler: DDPMScheduler, eps_fn: Callable, z_T: torch.Tensor, labels: torch.Tensor,
+                      generators: list[torch.Generator], steps: int, guidance: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The authors' pipeline loop re-written from their code: diffusers' own ``step`` and, for
+    t > 50, ``betas[t] * T / (2 * (1 - alphas_cumprod[t])) * ||eps_u - eps_c||^2``, averaged."""
+    scheduler.set_timesteps(steps)
+    weights = scheduler.betas * 1000 / (2 * (1 - scheduler.alphas_cumprod))
+    latents, terms = z_T.clone(), []
+    for t in scheduler.timesteps:
+        t_batch = t.expand(2 * len(labels))
+        eps_uncond, eps_cond = eps_fn(torch.cat([latents] * 2), t_batch, torch.cat([null_like(labels), labels])).chunk(2)
+        if t > 50:
+            terms.append(weights[t] * (eps_uncond - eps_cond).flatten(1).pow(2).sum(1))
+        guided = eps_uncond + guidance * (eps_cond - eps_uncond)
+        latents = scheduler.step(guided, t, latents, generator=generators, return_dict=False)[0]
+    return latents, torch.stack(terms).mean(0)
+
+
+def test_authors_code_config_reproduces_their_latents_and_mi() -> None:
+    """``generation=authors_code`` (fixed_small, noise at the last step, 1000-step beta, T * mean
+    over t > 50) against their formula on their sampler: same latents, same MI."""
+    scheduler = sd_scheduler(variance_type="fixed_small")
+    eps_fn = MIXTURE.eps_fn(scheduler.alphas_cumprod)
+    gen = seeded(4)
+    labels = torch.randint(0, NUM_CLASSES, (16,), generator=gen)
+    z_T = torch.randn(16, *LATENT_SHAPE, generator=gen)
+    z, mi = sample_with_mi(eps_fn, z_T, labels, null_like(labels), scheduler, num_inference_steps=100,
+                           guidance_scale=7.5, generator=[seeded(s) for s in range(16)], config=AUTHORS,
+                           last_step_noise=True)
+    z_ref, mi_ref = authors_reference(sd_scheduler(variance_type="fixed_small"), eps_fn, z_T, labels,
+                                      [seeded(s) for s in range(16)], steps=100, guidance=7.5)
+    assert torch.equal(z, z_ref)
+    torch.testing.assert_close(mi, mi_ref, rtol=1e-5, atol=0)
+
+
+def test_authors_beta_is_not_a_rescaled_effective_beta() -> None:
+    """Their weight uses betas[t], not the 100-step stride's effective beta: the ratio of the two
+    weights drifts across the steps, so no constant factor turns one MI into the other."""
+    scheduler = sd_scheduler()
+    scheduler.set_timesteps(100)
+    effective, _ = step_weights(scheduler, MIConfig(include_alpha=False))
+    train, _ = step_weights(scheduler, MIConfig(include_alpha=False, step_beta="train"))
+    ratio = effective / train
+    assert ratio.max() / ratio.min() > 1.03
+
+
+def test_last_step_adds_no_noise_unless_asked() -> None:
+    """Algorithm 2 ends on the mean; ``last_step_noise`` adds sigma * noise at t=1 as diffusers
+    does: exactly the noise the same generators draw next, std sqrt(1 - abar_1) = 0.041."""
+    scheduler = sd_scheduler()
+    eps_fn = MIXTURE.eps_fn(scheduler.alphas_cumprod)
+    gen = seeded(8)
+    labels = torch.randint(0, NUM_CLASSES, (512,), generator=gen)
+    z_T = torch.randn(512, *LATENT_SHAPE, generator=gen)
+
+    def sample(last_step_noise: bool, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        return sample_with_mi(eps_fn, z_T, labels, null_like(labels), scheduler, num_inference_steps=50,
+                              guidance_scale=3.0, generator=generator, last_step_noise=last_step_noise)
+
+    paper_gen = seeded(9)
+    (z_paper, mi_paper), (z_noisy, mi_noisy) = sample(False, paper_gen), sample(True, seeded(9))
+    assert int(scheduler.timesteps[-1]) == 1
+    sigma = (1 - scheduler.alphas_cumprod[1]).sqrt()
+    assert sigma.item() == pytest.approx(0.041, abs=5e-4)
+    last_noise = torch.randn(z_T.shape, generator=paper_gen)  # the draw the paper's chain skipped
+    torch.testing.assert_close(z_noisy, z_paper + sigma * last_noise)
+    torch.testing.assert_close(mi_noisy, mi_paper)  # MI is accumulated before the step
+
+
+# --- MI maps ------------------------------------------------------------------------------
+
+# Three classes whose means differ only in latent elements 0, 3 and 5 (of 8): the prompt says
+# nothing about the other five, so the exact eps gap, and the map, is zero there.
+INFORMATIVE = [0, 3, 5]
+SPARSE = GaussianMixture(means=1.5 * torch.eye(DIM)[INFORMATIVE], std=0.4)
+
+
+def assert_map_on_informative_elements(mi: torch.Tensor, mi_map: torch.Tensor) -> None:
+    assert mi_map.shape == (len(mi), *LATENT_SHAPE)
+    torch.testing.assert_close(mi_map.flatten(1).sum(1), mi, rtol=1e-5, atol=1e-6)
+    mass = mi_map.flatten(1).sum(0)
+    assert mass[INFORMATIVE].sum() / mass.sum() > 0.999
+    assert (mass[INFORMATIVE] > 0.2 * mass.sum()).all()  # each informative element carries its share
+
+
+def test_mi_maps_lie_on_the_elements_the_prompt_decides() -> None:
+    scheduler = sd_scheduler()
+    eps_fn = SPARSE.eps_fn(scheduler.alphas_cumprod)
+    z0, labels = SPARSE.sample(1024, seeded(1))
+    z0 = z0.view(-1, *LATENT_SHAPE)
+    mi, mi_map = pointwise_mi(eps_fn, z0, labels, null_like(labels), scheduler, n_draws=8, generator=seeded(2),
+                              return_map=True)
+    assert_map_on_informative_elements(mi, mi_map)
+    plain = pointwise_mi(eps_fn, z0, labels, null_like(labels), scheduler, n_draws=8, generator=seeded(2))
+    torch.testing.assert_close(plain, mi, rtol=1e-5, atol=1e-6)  # same draws, same MI
+
+    z_T = torch.randn(1024, *LATENT_SHAPE, generator=seeded(3))
+    z, mi, mi_map = sample_with_mi(eps_fn, z_T, labels, null_like(labels), scheduler, num_inference_steps=50,
+                                   guidance_scale=1.0, generator=seeded(4), return_map=True)
+    assert_map_on_informative_elements(mi, mi_map)
+    z_plain, mi_plain = sample_with_mi(eps_fn, z_T, labels, null_like(labels), scheduler, num_inference_steps=50,
+                                       guidance_scale=1.0, generator=seeded(4))
+    assert torch.equal(z, z_plain)
+    torch.testing.assert_close(mi_plain, mi, rtol=1e-5, atol=1e-6)
 
 
 # --- argument errors ----------------------------------------------------------------------
