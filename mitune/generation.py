@@ -6,7 +6,9 @@ the ``selection`` control: random, oracle) are marked as the fine-tuning set. Th
     round_dir/
       round.json                 settings of the round (a resume must match them)
       images/000012_003.png      every candidate
-      latents/000012.safetensors "latents" [M, C, h, w] and "mi" [M] of one prompt
+      latents/000012.safetensors "latents" [M, C, h, w] and "mi" [M] of one prompt (and
+                                 "mi_maps" [M, C, h, w] with save_mi_maps)
+      mi_maps/000012_003.png     the MI map over the image (save_mi_maps)
       parts/000012.jsonl         one prompt's rows; its presence marks the prompt as done
       metadata.jsonl             all rows (file_name, prompt, prompt_id, candidate, seed, mi,
                                  score (what selection ranked by), rank, selected, latents),
@@ -36,6 +38,7 @@ from tqdm.auto import tqdm
 
 from mitune import io as mio
 from mitune.mi import MIConfig, sample_with_mi
+from mitune.mi_maps import overlay
 from mitune.models import (
     ddpm_scheduler,
     decode_latents,
@@ -65,6 +68,7 @@ class GenerationConfig:
     seed_mode: Literal["per_prompt", "shared"] = "per_prompt"
     variance_type: str = "fixed_large"
     last_step_noise: bool = False
+    save_mi_maps: bool = False
     selection: Literal["mi", "random", "oracle"] = "mi"
     mi: MIConfig = field(default_factory=MIConfig)
 
@@ -165,8 +169,10 @@ def prepare_round_dir(round_dir: Path, settings: dict[str, Any], write: bool = T
 @torch.no_grad()
 def generate_batch(
     pipe: DiffusionPipeline, prompts: list[str], jobs: list[Job], config: GenerationConfig
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sample one micro-batch; one text-encoder pass per distinct prompt in it."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Sample one micro-batch; one text-encoder pass per distinct prompt in it.
+
+    Returns latents, MI and the MI maps (None unless ``save_mi_maps``)."""
     device = pipe.unet.device
     unique_ids = sorted({j.prompt_id for j in jobs})
     position = {pid: i for i, pid in enumerate(unique_ids)}
@@ -175,7 +181,7 @@ def generate_batch(
     null = index_embedding(null_embedding(pipe), torch.zeros(len(jobs), dtype=torch.long, device=device))
     generators = [torch.Generator("cpu").manual_seed(j.seed) for j in jobs]
     z_T = randn_tensor(latent_shape(pipe, len(jobs)), generator=generators, device=device, dtype=torch.float32)
-    return sample_with_mi(
+    out = sample_with_mi(
         unet_eps_fn(pipe),
         z_T,
         emb,
@@ -186,7 +192,9 @@ def generate_batch(
         generator=generators,
         config=config.mi,
         last_step_noise=config.last_step_noise,
+        return_map=config.save_mi_maps,
     )
+    return out if config.save_mi_maps else (*out, None)
 
 
 def png_bytes(image: Image.Image) -> bytes:
@@ -195,9 +203,17 @@ def png_bytes(image: Image.Image) -> bytes:
     return buffer.getvalue()
 
 
+def write_png(path: Path, image: Image.Image) -> None:
+    data = png_bytes(image)
+    mio.atomic_write(path, lambda tmp: tmp.write_bytes(data))
+
+
+Result = tuple[torch.Tensor, Image.Image, float, torch.Tensor | None]
+"""One candidate's latents, image, MI and MI map (None unless ``save_mi_maps``)."""
+
+
 def commit_prompt(
-    round_dir: Path, prompt: str, jobs: list[Job], results: dict[int, tuple[torch.Tensor, Image.Image, float]],
-    config: GenerationConfig,
+    round_dir: Path, prompt: str, jobs: list[Job], results: dict[int, Result], config: GenerationConfig,
 ) -> None:
     """Write one prompt's images and latents, then its rows (the commit marker)."""
     pid = jobs[0].prompt_id
@@ -207,12 +223,17 @@ def commit_prompt(
     scores = selection_scores(config.selection, prompt, [results[j.candidate][1] for j in jobs], mi, generator)
     ranks, selected = select_top_k(scores, config.top_k)
     latents_name = f"latents/{pid:06d}.safetensors"
-    mio.write_safetensors(round_dir / latents_name, {"latents": latents, "mi": mi}, {"prompt": prompt})
+    tensors = {"latents": latents, "mi": mi}
+    if config.save_mi_maps:
+        tensors["mi_maps"] = torch.stack([results[j.candidate][3] for j in jobs])
+        for j in jobs:
+            _, image, _, mi_map = results[j.candidate]
+            write_png(round_dir / f"mi_maps/{pid:06d}_{j.candidate:03d}.png", overlay(image, mi_map))
+    mio.write_safetensors(round_dir / latents_name, tensors, {"prompt": prompt})
     rows = []
     for j, score, rank, sel in zip(jobs, scores.tolist(), ranks.tolist(), selected.tolist()):
         file_name = f"images/{pid:06d}_{j.candidate:03d}.png"
-        data = png_bytes(results[j.candidate][1])
-        mio.atomic_write(round_dir / file_name, lambda tmp, data=data: tmp.write_bytes(data))
+        write_png(round_dir / file_name, results[j.candidate][1])
         rows.append({
             "file_name": file_name, "prompt": prompt, "prompt_id": pid, "candidate": j.candidate,
             "seed": j.seed, "mi": results[j.candidate][2], "score": score, "rank": rank, "selected": sel,
@@ -290,20 +311,21 @@ def run_round(
     batches = rank_batches(micro_batches(jobs, config.micro_batch), rank, world_size)
     mine = [j for batch in batches for j in batch]
     jobs_by_prompt = {pid: jobs[pid * config.num_candidates : (pid + 1) * config.num_candidates] for pid in range(len(prompts))}
-    pending: dict[int, dict[int, tuple[torch.Tensor, Image.Image, float]]] = {}
+    pending: dict[int, dict[int, Result]] = {}
     bar = tqdm(total=len(mine), initial=sum(j.prompt_id in done for j in mine), unit="img",
                desc=f"{round_dir.name} (rank {rank})" if world_size > 1 else round_dir.name,
                disable=not progress, dynamic_ncols=True)
     for batch in batches:
         if all(j.prompt_id in done for j in batch):
             continue
-        latents, mi = generate_batch(pipe, prompts, batch, config)
+        latents, mi, maps = generate_batch(pipe, prompts, batch, config)
         images = decode_latents(pipe, latents)
-        for j, z0, image, score in zip(batch, latents.float().cpu(), images, mi.tolist()):
+        maps = maps.cpu() if maps is not None else [None] * len(batch)
+        for j, z0, image, score, mi_map in zip(batch, latents.float().cpu(), images, mi.tolist(), maps):
             if j.prompt_id in done:
                 continue
             results = pending.setdefault(j.prompt_id, {})
-            results[j.candidate] = (z0, image, score)
+            results[j.candidate] = (z0, image, score, mi_map)
             bar.update()
             if len(results) == config.num_candidates:
                 commit_prompt(round_dir, prompts[j.prompt_id], jobs_by_prompt[j.prompt_id], results, config)
