@@ -149,40 +149,90 @@ def _draw(proposal: torch.Tensor, n: int, generator: Generator, device: torch.de
 
 TimestepSampling = Literal["uniform", "importance"]
 TIMESTEP_SAMPLING = ("uniform", "importance")
-# The importance proposal: logistic in log-SNR (as Info-Decomp), mixed with the uniform one.
-PROPOSAL_LOC, PROPOSAL_SCALE, PROPOSAL_UNIFORM_SHARE = 1.0, 1.5, 0.1
+# The default importance proposal: logistic in log-SNR (as Info-Decomp), mixed with uniform.
+PROPOSAL_LOC, PROPOSAL_SCALE, UNIFORM_SHARE = 0.5, 1.0, 0.1
+UNIFORM_SHARE_CALIBRATED = 0.5
+
+
+def defensive(mass: torch.Tensor, min_timestep: int, uniform_share: float = UNIFORM_SHARE) -> torch.Tensor:
+    """Normalise ``mass`` over t >= min_timestep and mix in ``uniform_share`` of uniform: every
+    weight 1/q(t) stays below ``(T - min_timestep) / uniform_share``, so a proposal that misses
+    costs at most that factor in variance and never biases the estimate."""
+    if not 0 < uniform_share <= 1:
+        raise ValueError(f"uniform_share must be in (0, 1], got {uniform_share}")
+    mass = mass.double().clone()
+    mass[:min_timestep] = 0
+    uniform = torch.zeros_like(mass)
+    uniform[min_timestep:] = 1
+    mixed = (1 - uniform_share) * mass / mass.sum() + uniform_share * uniform / uniform.sum()
+    return mixed.float()
 
 
 def timestep_proposal(
-    scheduler: DDPMScheduler,
-    min_timestep: int = 0,
-    *,
-    loc: float = PROPOSAL_LOC,
-    scale: float = PROPOSAL_SCALE,
-    uniform_share: float = PROPOSAL_UNIFORM_SHARE,
+    scheduler: DDPMScheduler, min_timestep: int = 0, *, loc: float = PROPOSAL_LOC, scale: float = PROPOSAL_SCALE,
 ) -> torch.Tensor:
-    """Probability of each training timestep for importance-sampled standalone MI.
+    """Model-free proposal over training timesteps: logistic mass of each t's log-SNR bin.
 
     Eq. 2's integrand, written over log-SNR, is ``snr/2 * ||E[x0|z,p] - E[x0|z]||^2``: it grows
-    as snr while the prompt still shapes the image and dies once the image is determined, a
-    bump that a logistic density in log-SNR follows (Info-Decomp samples log-SNR the same way).
-    Timestep t gets the logistic mass of its log-SNR bin; ``uniform_share`` of uniform keeps
-    every weight ``1/q(t)`` below ``(T - min_timestep) / uniform_share``, so a bump in the wrong
-    place costs at most that factor in variance and never biases the estimate.
+    with snr while the prompt still shapes the image and dies once the image is decided, a
+    bump that a logistic density in log-SNR can follow (Info-Decomp samples log-SNR so). Where
+    the bump sits depends on the data: see ``calibrated_proposal``.
     """
-    if not 0 < uniform_share <= 1:
-        raise ValueError(f"uniform_share must be in (0, 1], got {uniform_share}")
     if scale <= 0:
         raise ValueError(f"scale must be > 0, got {scale}")
     alphabar = scheduler.alphas_cumprod.double()
     log_snr = (alphabar / (1 - alphabar)).log()  # decreasing in t
     edges = torch.sigmoid((0.5 * (log_snr[1:] + log_snr[:-1]) - loc) / scale)
-    mass = torch.cat([torch.ones(1), edges]) - torch.cat([edges, torch.zeros(1)])
-    mass[:min_timestep] = 0
-    uniform = torch.zeros_like(mass)
-    uniform[min_timestep:] = 1
-    proposal = (1 - uniform_share) * mass / mass.sum() + uniform_share * uniform / uniform.sum()
-    return proposal.float()
+    mass = torch.cat([torch.ones(1, dtype=edges.dtype), edges]) - torch.cat([edges, torch.zeros(1, dtype=edges.dtype)])
+    return defensive(mass, min_timestep)
+
+
+@torch.no_grad()
+def calibrated_proposal(
+    eps_fn: EpsFn,
+    z0: torch.Tensor,
+    emb: Embedding,
+    null_emb: Embedding,
+    scheduler: DDPMScheduler,
+    *,
+    n_draws: int,
+    bins: int = 20,
+    generator: Generator = None,
+    config: MIConfig = PAPER,
+) -> torch.Tensor:
+    """The variance-optimal proposal over t, q(t) ~ sqrt(E[f_t^2]) for the per-draw term f_t,
+    measured on pilot latents: ``n_draws`` uniform draws per latent, pooled in ``bins`` equal
+    ranges of t, mixed with uniform (``defensive``).
+
+    Calibrate once per model (and prompt set) on a few latents and pass the result as
+    ``proposal`` to ``pointwise_mi``: the estimate stays unbiased whatever the pilot, because
+    its own draws are independent of the proposal.
+    """
+    num_t = scheduler.config.num_train_timesteps
+    alphas_cumprod = scheduler.alphas_cumprod.to(z0.device, torch.float32)
+    betas = scheduler.betas.to(z0.device, torch.float32)
+    width = -(-num_t // bins)
+    power, count = torch.zeros(bins, dtype=torch.float64), torch.zeros(bins, dtype=torch.float64)
+    for _ in range(n_draws):
+        t = _randint(config.min_timestep, num_t, z0.shape[0], generator, z0.device)
+        z_t = scheduler.add_noise(z0, _randn(z0.shape, generator, z0), t)
+        eps_uncond, eps_cond = paired_eps(eps_fn, z_t, t, emb, null_emb)
+        term = kappa(betas[t], alphas_cumprod[t], config.include_alpha) * squared_gap(eps_cond, eps_uncond)
+        power.index_add_(0, (t // width).cpu(), term.double().pow(2).cpu())
+        count.index_add_(0, (t // width).cpu(), torch.ones(len(t), dtype=torch.float64))
+    rms = (power / count.clamp(min=1)).sqrt()
+    return defensive(rms.repeat_interleave(width)[:num_t], config.min_timestep, UNIFORM_SHARE_CALIBRATED)
+
+
+def check_proposal(proposal: torch.Tensor, scheduler: DDPMScheduler, config: MIConfig) -> torch.Tensor:
+    """A proposal must be a distribution over the training timesteps that covers every kept t:
+    a t it never draws would silently drop that t's share of MI."""
+    num_t = scheduler.config.num_train_timesteps
+    if proposal.shape != (num_t,):
+        raise ValueError(f"proposal must have shape ({num_t},), got {tuple(proposal.shape)}")
+    if not (proposal[config.min_timestep:] > 0).all() or abs(proposal.sum().item() - 1) > 1e-4:
+        raise ValueError(f"proposal must be positive on every t >= {config.min_timestep} and sum to 1")
+    return proposal
 
 
 @torch.no_grad()
@@ -197,14 +247,16 @@ def pointwise_mi(
     generator: Generator = None,
     config: MIConfig = PAPER,
     timestep_sampling: TimestepSampling = "uniform",
+    proposal: torch.Tensor | None = None,
     return_map: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Standalone MI of given clean latents: average over ``n_draws`` draws of (t, eps).
 
     ``generator`` may be one generator or one per sample; the latter makes each sample's
     estimate independent of what else is in the batch. ``timestep_sampling="importance"``
-    draws t from ``timestep_proposal`` and weights each draw by 1/q(t): unbiased for the same
-    sum, at the same 2 * B UNet rows per draw. ``null_emb`` may be any reference prompt: with
+    draws t from ``proposal`` (a probability per training timestep, e.g. from
+    ``calibrated_proposal``; default ``timestep_proposal``) and weights each draw by 1/q(t):
+    unbiased for the same sum, at the same 2 * B UNet rows per draw. ``null_emb`` may be any reference prompt: with
     the prompt minus a phrase it estimates that phrase's conditional MI. With ``return_map``
     it returns ``(mi, mi_map)``, ``mi_map`` the per-element terms in ``z0``'s shape.
     """
@@ -218,9 +270,12 @@ def pointwise_mi(
     alphas_cumprod = scheduler.alphas_cumprod.to(z0.device, torch.float32)
     betas = scheduler.betas.to(z0.device, torch.float32)
     kept = num_t - config.min_timestep
-    proposal = None
+    if proposal is not None and timestep_sampling != "importance":
+        raise ValueError("a proposal is only used with timestep_sampling='importance'")
     if timestep_sampling == "importance":
-        proposal = timestep_proposal(scheduler, config.min_timestep).to(z0.device)
+        proposal = check_proposal(proposal, scheduler, config) if proposal is not None else timestep_proposal(
+            scheduler, config.min_timestep)
+        proposal = proposal.to(z0.device)
     # Uniform draws estimate the sum over kept timesteps by (count * mean); "mean" is T * mean.
     scale = (kept if proposal is None else 1.0) * (num_t / kept if config.reduction == "mean" else 1.0)
     total = torch.zeros(z0.shape if return_map else z0.shape[:1], device=z0.device, dtype=torch.float32)

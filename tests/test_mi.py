@@ -24,7 +24,16 @@ import torch
 from diffusers import DDPMScheduler
 
 from mitune.models import SD_DDPM_CONFIG
-from mitune.mi import PAPER, MIConfig, NonFiniteMIError, pointwise_mi, sample_with_mi, step_weights
+from mitune.mi import (
+    PAPER,
+    MIConfig,
+    NonFiniteMIError,
+    calibrated_proposal,
+    pointwise_mi,
+    sample_with_mi,
+    step_weights,
+    timestep_proposal,
+)
 from mitune.toy.gmm import NULL_CLASS, GaussianMixture
 
 NUM_CLASSES, DIM, LATENT_SHAPE = 4, 8, (2, 2, 2)  # SD-like [C, H, W] latents, d = 8
@@ -470,6 +479,73 @@ def test_mi_maps_lie_on_the_elements_the_prompt_decides() -> None:
                                        guidance_scale=1.0, generator=seeded(4))
     assert torch.equal(z, z_plain)
     torch.testing.assert_close(mi_plain, mi, rtol=1e-5, atol=1e-6)
+
+
+# --- importance-sampled timesteps ---------------------------------------------------------
+
+# Two more mixtures for the calibrated proposal: classes barely apart (MI 0.04 nats, resolved
+# late), and 20 random classes in 64 dimensions (resolved earlier than the 4-class one).
+CLOSE = GaussianMixture(means=torch.tensor([[0.3] + [0.0] * 7, [-0.3] + [0.0] * 7]), std=1.0)
+MANY = GaussianMixture(means=0.5 * torch.randn(20, 64, generator=seeded(5)), std=0.5)
+
+
+def per_latent_sd(run: Callable[[int], torch.Tensor]) -> tuple[torch.Tensor, float]:
+    """Two independent estimates of the same latents: their values and the per-latent standard
+    error of one estimate, sqrt(E[(a - b)^2] / 2)."""
+    a, b = run(2), run(3)
+    return torch.cat([a, b]), ((a - b).pow(2).mean() / 2).sqrt().item()
+
+
+@pytest.mark.parametrize("mixture, proposal_kind", [
+    (MIXTURE, "logistic"), (MIXTURE, "calibrated"), (CLOSE, "calibrated"), (MANY, "calibrated"),
+])
+def test_importance_sampling_is_unbiased_with_lower_standard_error(mixture: GaussianMixture,
+                                                                   proposal_kind: str) -> None:
+    """Same latents, same 16 draws (32 UNet rows) per latent: importance-sampled t agrees with
+    uniform t within 4 standard errors of their difference and with the true MI within 5 %,
+    and its per-latent standard error is lower. Measured SE ratios (importance / uniform):
+    logistic 0.75 on MIXTURE; calibrated 0.72, 0.55, 0.74 (docs/mi.md has 8 mixtures)."""
+    scheduler = sd_scheduler()
+    eps_fn = mixture.eps_fn(scheduler.alphas_cumprod)
+    z0, labels = mixture.sample(4096, seeded(1))
+    proposal = None
+    if proposal_kind == "calibrated":
+        pilot, pilot_labels = mixture.sample(256, seeded(9))  # other latents than the estimate's
+        proposal = calibrated_proposal(eps_fn, pilot, pilot_labels, null_like(pilot_labels), scheduler,
+                                       n_draws=16, generator=seeded(10))
+
+    def estimate(sampling: str, seed: int) -> torch.Tensor:
+        return pointwise_mi(eps_fn, z0, labels, null_like(labels), scheduler, n_draws=16, generator=seeded(seed),
+                            timestep_sampling=sampling, proposal=proposal if sampling == "importance" else None)
+
+    uniform, sd_uniform = per_latent_sd(lambda seed: estimate("uniform", seed))
+    importance, sd_importance = per_latent_sd(lambda seed: estimate("importance", seed))
+    assert sd_importance < sd_uniform
+    se_difference = math.sqrt((sd_uniform**2 + sd_importance**2) / len(uniform))
+    assert abs(importance.mean().item() - uniform.mean().item()) < 4 * se_difference
+    truth = mixture.true_mi(400_000, seeded(0))
+    assert importance.mean().item() == pytest.approx(truth, rel=0.05)
+
+
+def test_proposals_are_distributions_that_cover_the_kept_timesteps() -> None:
+    scheduler = sd_scheduler()
+    for proposal in (timestep_proposal(scheduler), timestep_proposal(scheduler, 51)):
+        assert proposal.shape == (1000,) and proposal.sum().item() == pytest.approx(1, abs=1e-5)
+    cut = timestep_proposal(scheduler, 51)
+    assert (cut[:51] == 0).all() and (cut[51:] >= 0.1 / 949 * (1 - 1e-5)).all()  # the uniform share
+    eps_fn = MIXTURE.eps_fn(scheduler.alphas_cumprod)
+    z0, labels = clean_data(2, seed=1)
+    null = null_like(labels)
+    with pytest.raises(ValueError, match="timestep_sampling must be one of"):
+        pointwise_mi(eps_fn, z0, labels, null, scheduler, n_draws=1, timestep_sampling="stratified")
+    with pytest.raises(ValueError, match=r"proposal must have shape \(1000,\)"):
+        pointwise_mi(eps_fn, z0, labels, null, scheduler, n_draws=1, timestep_sampling="importance",
+                     proposal=torch.full((10,), 0.1))
+    with pytest.raises(ValueError, match="positive on every t >= 51"):
+        pointwise_mi(eps_fn, z0, labels, null, scheduler, n_draws=1, timestep_sampling="importance",
+                     proposal=timestep_proposal(scheduler, 60), config=MIConfig(min_timestep=51))
+    with pytest.raises(ValueError, match="only used with timestep_sampling='importance'"):
+        pointwise_mi(eps_fn, z0, labels, null, scheduler, n_draws=1, proposal=timestep_proposal(scheduler))
 
 
 # --- argument errors ----------------------------------------------------------------------
