@@ -39,6 +39,7 @@ from tqdm.auto import tqdm
 from mitune import io as mio
 from mitune.mi import MIConfig, sample_with_mi
 from mitune.mi_maps import overlay
+from mitune.phrase_mi import min_phrase_mi, rest_embeddings, sample_with_phrase_mi
 from mitune.models import (
     ddpm_scheduler,
     decode_latents,
@@ -69,7 +70,7 @@ class GenerationConfig:
     variance_type: str = "fixed_large"
     last_step_noise: bool = False
     save_mi_maps: bool = False
-    selection: Literal["mi", "random", "oracle"] = "mi"
+    selection: Literal["mi", "random", "oracle", "phrase_mi"] = "mi"
     mi: MIConfig = field(default_factory=MIConfig)
 
     def __post_init__(self) -> None:
@@ -85,6 +86,8 @@ class GenerationConfig:
             raise ValueError(f"seed_mode must be 'per_prompt' or 'shared', got {self.seed_mode!r}")
         if self.variance_type not in ("fixed_large", "fixed_small"):
             raise ValueError(f"variance_type must be 'fixed_large' or 'fixed_small', got {self.variance_type!r}")
+        if self.save_mi_maps and self.selection == "phrase_mi":
+            raise ValueError("save_mi_maps is not available with selection=phrase_mi")
 
 
 def mix_seed(*parts: int | str) -> int:
@@ -169,10 +172,11 @@ def prepare_round_dir(round_dir: Path, settings: dict[str, Any], write: bool = T
 @torch.no_grad()
 def generate_batch(
     pipe: DiffusionPipeline, prompts: list[str], jobs: list[Job], config: GenerationConfig
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+) -> tuple[torch.Tensor, torch.Tensor, list[dict[str, Any]]]:
     """Sample one micro-batch; one text-encoder pass per distinct prompt in it.
 
-    Returns latents, MI and the MI maps (None unless ``save_mi_maps``)."""
+    Returns latents, MI and extras per candidate: "mi_map" (``save_mi_maps``) or "phrase_mi",
+    the smallest per-phrase MI (``selection="phrase_mi"``, P more UNet rows per step)."""
     device = pipe.unet.device
     unique_ids = sorted({j.prompt_id for j in jobs})
     position = {pid: i for i, pid in enumerate(unique_ids)}
@@ -181,20 +185,17 @@ def generate_batch(
     null = index_embedding(null_embedding(pipe), torch.zeros(len(jobs), dtype=torch.long, device=device))
     generators = [torch.Generator("cpu").manual_seed(j.seed) for j in jobs]
     z_T = randn_tensor(latent_shape(pipe, len(jobs)), generator=generators, device=device, dtype=torch.float32)
-    out = sample_with_mi(
-        unet_eps_fn(pipe),
-        z_T,
-        emb,
-        null,
-        ddpm_scheduler(pipe, config.variance_type),
-        num_inference_steps=config.num_inference_steps,
-        guidance_scale=config.guidance_scale,
-        generator=generators,
-        config=config.mi,
-        last_step_noise=config.last_step_noise,
-        return_map=config.save_mi_maps,
-    )
-    return out if config.save_mi_maps else (*out, None)
+    sampling = dict(num_inference_steps=config.num_inference_steps, guidance_scale=config.guidance_scale,
+                    generator=generators, config=config.mi, last_step_noise=config.last_step_noise)
+    scheduler = ddpm_scheduler(pipe, config.variance_type)
+    if config.selection == "phrase_mi":
+        rests, valid = rest_embeddings(pipe, [prompts[j.prompt_id] for j in jobs])
+        z, mi, per_phrase = sample_with_phrase_mi(unet_eps_fn(pipe), z_T, emb, null, rests, scheduler, **sampling)
+        return z, mi, [{"phrase_mi": v} for v in min_phrase_mi(per_phrase, valid).tolist()]
+    out = sample_with_mi(unet_eps_fn(pipe), z_T, emb, null, scheduler, **sampling, return_map=config.save_mi_maps)
+    if config.save_mi_maps:
+        return out[0], out[1], [{"mi_map": m} for m in out[2].cpu()]
+    return out[0], out[1], [{} for _ in jobs]
 
 
 def png_bytes(image: Image.Image) -> bytes:
@@ -208,8 +209,8 @@ def write_png(path: Path, image: Image.Image) -> None:
     mio.atomic_write(path, lambda tmp: tmp.write_bytes(data))
 
 
-Result = tuple[torch.Tensor, Image.Image, float, torch.Tensor | None]
-"""One candidate's latents, image, MI and MI map (None unless ``save_mi_maps``)."""
+Result = tuple[torch.Tensor, Image.Image, float, dict[str, Any]]
+"""One candidate's latents, image, MI and extras (see ``generate_batch``)."""
 
 
 def commit_prompt(
@@ -220,15 +221,19 @@ def commit_prompt(
     latents = torch.stack([results[j.candidate][0] for j in jobs])
     mi = torch.tensor([results[j.candidate][2] for j in jobs], dtype=torch.float32)
     generator = torch.Generator().manual_seed(mix_seed(config.seed, "select", prompt))
-    scores = selection_scores(config.selection, prompt, [results[j.candidate][1] for j in jobs], mi, generator)
+    phrase_mi = None
+    if config.selection == "phrase_mi":
+        phrase_mi = torch.tensor([results[j.candidate][3]["phrase_mi"] for j in jobs], dtype=torch.float64)
+    scores = selection_scores(config.selection, prompt, [results[j.candidate][1] for j in jobs], mi, generator,
+                              phrase_mi)
     ranks, selected = select_top_k(scores, config.top_k)
     latents_name = f"latents/{pid:06d}.safetensors"
     tensors = {"latents": latents, "mi": mi}
     if config.save_mi_maps:
-        tensors["mi_maps"] = torch.stack([results[j.candidate][3] for j in jobs])
+        tensors["mi_maps"] = torch.stack([results[j.candidate][3]["mi_map"] for j in jobs])
         for j in jobs:
-            _, image, _, mi_map = results[j.candidate]
-            write_png(round_dir / f"mi_maps/{pid:06d}_{j.candidate:03d}.png", overlay(image, mi_map))
+            _, image, _, extras = results[j.candidate]
+            write_png(round_dir / f"mi_maps/{pid:06d}_{j.candidate:03d}.png", overlay(image, extras["mi_map"]))
     mio.write_safetensors(round_dir / latents_name, tensors, {"prompt": prompt})
     rows = []
     for j, score, rank, sel in zip(jobs, scores.tolist(), ranks.tolist(), selected.tolist()):
@@ -318,14 +323,13 @@ def run_round(
     for batch in batches:
         if all(j.prompt_id in done for j in batch):
             continue
-        latents, mi, maps = generate_batch(pipe, prompts, batch, config)
+        latents, mi, extras = generate_batch(pipe, prompts, batch, config)
         images = decode_latents(pipe, latents)
-        maps = maps.cpu() if maps is not None else [None] * len(batch)
-        for j, z0, image, score, mi_map in zip(batch, latents.float().cpu(), images, mi.tolist(), maps):
+        for j, z0, image, score, extra in zip(batch, latents.float().cpu(), images, mi.tolist(), extras):
             if j.prompt_id in done:
                 continue
             results = pending.setdefault(j.prompt_id, {})
-            results[j.candidate] = (z0, image, score, mi_map)
+            results[j.candidate] = (z0, image, score, extra)
             bar.update()
             if len(results) == config.num_candidates:
                 commit_prompt(round_dir, prompts[j.prompt_id], jobs_by_prompt[j.prompt_id], results, config)

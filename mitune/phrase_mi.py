@@ -18,7 +18,7 @@ import re
 import torch
 from diffusers import DDPMScheduler, DiffusionPipeline
 
-from mitune.metrics.phrases import noun_chunks
+from mitune.metrics.phrases import find_relation, noun_chunks
 from mitune.mi import (
     PAPER,
     Embedding,
@@ -61,10 +61,12 @@ def rest_prompt(prompt: str, phrase: str) -> str:
 
 
 def prompt_phrases(prompt: str, phrases: list[str] | None = None, use_spacy: bool = True) -> list[str]:
-    """The phrases to score: the given ones (each must occur in the prompt) or its noun phrases."""
+    """The phrases to score: the given ones (each must occur in the prompt) or its noun phrases
+    (without those inside a spatial relation such as "on the left of")."""
     prompt = check_prompt(prompt)
     if phrases is None:
-        found = noun_chunks(prompt, use_spacy)
+        relation = find_relation(prompt) or ""
+        found = [c for c in noun_chunks(prompt, use_spacy) if c not in relation]  # not "the left" of "on the left of"
         if not found:
             raise ValueError(f"prompt {prompt!r} has no noun phrase to score; pass phrases explicitly")
         return found
@@ -142,3 +144,23 @@ def sample_with_phrase_mi(
         guidance_scale=guidance_scale, generator=generator, config=config, last_step_noise=last_step_noise,
     )
     return z, check_finite(accs[0]), torch.stack([check_finite(acc) for acc in accs[1:]], dim=1)
+
+
+def rest_embeddings(pipe: DiffusionPipeline, prompts: list[str]) -> tuple[list[Embedding], torch.Tensor]:
+    """Rest-prompt embeddings for a batch of (possibly different) prompts, phrase k of row r in
+    the k-th embedding, and a [B, P] mask of the real ones: a prompt with fewer phrases than
+    the batch's most fills its slots with itself (a zero gap, masked out)."""
+    phrases = [prompt_phrases(p) for p in prompts]
+    width = max(len(ph) for ph in phrases)
+    valid = torch.tensor([[k < len(ph) for k in range(width)] for ph in phrases])
+    texts = [rest_prompt(p, ph[k]) if k < len(ph) else p for k in range(width) for p, ph in zip(prompts, phrases)]
+    encoded = encode_prompts(pipe, texts)
+    device = pipe.unet.device
+    rows = [index_embedding(encoded, torch.arange(k * len(prompts), (k + 1) * len(prompts), device=device))
+            for k in range(width)]
+    return rows, valid.to(device)
+
+
+def min_phrase_mi(per_phrase: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Each row's smallest conditional MI over its real phrases: the most neglected phrase."""
+    return per_phrase.masked_fill(~valid, torch.inf).min(dim=1).values

@@ -10,10 +10,14 @@ covers Monte-Carlo noise and the schedule's discretisation, as for plain MI in t
 
 from __future__ import annotations
 
+import json
+from dataclasses import replace
+
 import pytest
 import torch
 from diffusers import DDPMScheduler
 
+from mitune.generation import GenerationConfig, run_round
 from mitune.mi import pointwise_mi, sample_with_mi
 from mitune.models import (
     SD_DDPM_CONFIG,
@@ -23,7 +27,14 @@ from mitune.models import (
     null_embedding,
     unet_eps_fn,
 )
-from mitune.phrase_mi import phrase_mi, prompt_phrases, rest_prompt, sample_with_phrase_mi
+from mitune.phrase_mi import (
+    min_phrase_mi,
+    phrase_mi,
+    prompt_phrases,
+    rest_embeddings,
+    rest_prompt,
+    sample_with_phrase_mi,
+)
 from mitune.toy.gmm import NULL_CLASS, TwoFactorMixture
 
 TWO = TwoFactorMixture(mu_a=1.5 * torch.eye(8)[[0, 1, 2]], mu_b=1.2 * torch.eye(8)[[2, 3, 4]], std=0.4)
@@ -123,3 +134,36 @@ def test_phrase_mi_of_the_whole_prompt_is_plain_mi(tiny_sd_path):
     plain = pointwise_mi(unet_eps_fn(pipe), latents, encode_prompts(pipe, [prompt] * 3), null_embedding(pipe, 3),
                          ddpm_scheduler(pipe), n_draws=4, generator=generators)
     torch.testing.assert_close(whole[:, 0], plain)
+
+
+def test_rest_embeddings_pad_short_prompts_and_min_ignores_the_padding(tiny_sd_path):
+    pipe = load_pipeline(str(tiny_sd_path))
+    rests, valid = rest_embeddings(pipe, ["a red square and a yellow circle", "a blue car"])
+    assert len(rests) == 2 and valid.tolist() == [[True, True], [True, False]]
+    expected = encode_prompts(pipe, ["a yellow circle", "", "a red square", "a blue car"])
+    torch.testing.assert_close(torch.cat(rests), expected)
+    per_phrase = torch.tensor([[3.0, 1.0], [2.0, 0.0]])
+    assert min_phrase_mi(per_phrase, valid).tolist() == [1.0, 2.0]
+
+
+def test_generation_round_selects_by_the_smallest_phrase_mi(tiny_sd_path, tmp_path):
+    """selection=phrase_mi: same samples and MI as a plain round (the rest prompts only add UNet
+    rows), scores are the smallest phrase MI, and the top score is selected."""
+    pipe = load_pipeline(str(tiny_sd_path))
+    prompts = ["a red apple and a green book", "a blue car"]
+    config = GenerationConfig(num_candidates=3, top_k=1, num_inference_steps=3, micro_batch=4)
+    plain = run_round(pipe, prompts, config, tmp_path / "plain", progress=False).round_dir
+    phrased = run_round(pipe, prompts, replace(config, selection="phrase_mi"), tmp_path / "phrase", progress=False)
+    rows = [json.loads(line) for line in (phrased.round_dir / "metadata.jsonl").read_text().splitlines()]
+    plain_rows = [json.loads(line) for line in (plain / "metadata.jsonl").read_text().splitlines()]
+    assert [r["mi"] for r in rows] == pytest.approx([r["mi"] for r in plain_rows], rel=1e-4)
+    for pid in range(2):
+        mine = [r for r in rows if r["prompt_id"] == pid]
+        assert [r["selected"] for r in mine] == [r["score"] == max(m["score"] for m in mine) for r in mine]
+    one_phrase = [r for r in rows if r["prompt"] == "a blue car"]
+    assert [r["score"] for r in one_phrase] == pytest.approx([r["mi"] for r in one_phrase], rel=1e-4)  # rest = ""
+    assert all(r["score"] != pytest.approx(r["mi"], rel=1e-3) for r in rows if r["prompt_id"] == 0)
+    with pytest.raises(ValueError, match="'it is' has no noun phrase"):
+        run_round(pipe, ["it is"], replace(config, selection="phrase_mi"), tmp_path / "bad", progress=False)
+    with pytest.raises(ValueError, match="save_mi_maps is not available with selection=phrase_mi"):
+        replace(config, selection="phrase_mi", save_mi_maps=True)
