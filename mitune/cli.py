@@ -1,4 +1,5 @@
-"""``mitune export`` and ``mitune merge``: thin command-line wrappers over ``mitune.adapters``."""
+"""``mitune export``, ``mitune merge`` and ``mitune rerank``: thin command-line wrappers over
+``mitune.adapters`` and ``mitune.rerank``."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="mitune", description="Export and merge MI-TUNE adapters.")
+    parser = _Parser(prog="mitune", description="Export and merge MI-TUNE adapters; MI best-of-N sampling.")
     commands = parser.add_subparsers(dest="command", required=True)
 
     export = commands.add_parser("export", help="save base + adapter as a plain diffusers pipeline dir")
@@ -28,7 +29,43 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--adapters", nargs="+", required=True, help="adapter dirs")
     merge.add_argument("--weights", nargs="+", type=float, help="one weight per adapter (default: equal)")
     merge.add_argument("--out", required=True, help="output adapter dir")
+
+    rerank = commands.add_parser("rerank", help="sample N candidates of a prompt and rank them by MI (best-of-N)")
+    rerank.add_argument("--model", required=True, help="diffusers SD/SDXL pipeline: local dir, hub id, or 'toy'")
+    rerank.add_argument("--prompt", required=True, help="the prompt")
+    rerank.add_argument("-n", type=int, default=16, help="number of candidates (default 16)")
+    rerank.add_argument("--out", required=True, help="output dir: every image, named by rank, and ranking.csv")
+    rerank.add_argument("--score", choices=("mi", "phrase-mi"), default="mi",
+                        help="rank by MI, or by the smallest per-phrase conditional MI (default mi)")
+    rerank.add_argument("--phrase", action="append", dest="phrases",
+                        help="a phrase of the prompt to score (repeat; default: its noun phrases); needs --score phrase-mi")
+    rerank.add_argument("--steps", type=int, default=50, help="DDPM sampling steps (default 50)")
+    rerank.add_argument("--guidance", type=float, default=7.5, help="CFG scale (default 7.5)")
+    rerank.add_argument("--seed", type=int, default=0, help="base seed (default 0)")
+    rerank.add_argument("--batch-size", type=int, default=8, help="candidates per UNet batch (default 8)")
+    rerank.add_argument("--device", default="auto", help="cpu, cuda, ... (default: the GPU if there is one)")
+    rerank.add_argument("--dtype", default="float32", help="model dtype (default float32)")
     return parser
+
+
+def run_rerank(args: argparse.Namespace) -> str:
+    """Check everything, then load the model, sample, rank and write; returns the table's path."""
+    from diffusers.utils import logging as diffusers_logging
+
+    from mitune import io as mio
+    from mitune.models import load_pipeline
+    from mitune.rerank import RerankConfig, check_request, rerank, write_ranking
+    from mitune.toy.base_model import MODEL_DIR
+
+    config = RerankConfig(n=args.n, score=args.score, phrases=tuple(args.phrases) if args.phrases else None,
+                          guidance_scale=args.guidance, num_inference_steps=args.steps, seed=args.seed,
+                          batch_size=args.batch_size)
+    check_request(args.prompt, config)
+    out = mio.check_writable(args.out)
+    model = MODEL_DIR if args.model == "toy" else args.model
+    diffusers_logging.disable_progress_bar()  # loading bars; rerank's own bar shows the sampling
+    pipe = load_pipeline(str(model), torch_dtype=args.dtype, device=args.device)
+    return str(write_ranking(rerank(pipe, args.prompt, config), out))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -37,7 +74,9 @@ def main(argv: list[str] | None = None) -> int:
     from mitune.adapters import export_pipeline, merge_adapters
 
     try:
-        if args.command == "export":
+        if args.command == "rerank":
+            out = run_rerank(args)
+        elif args.command == "export":
             out = export_pipeline(args.base, args.adapter, args.out, fuse=args.fuse, scale=args.scale)
         else:
             weights = args.weights if args.weights is not None else [1.0] * len(args.adapters)

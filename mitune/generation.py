@@ -6,7 +6,9 @@ the ``selection`` control: random, oracle) are marked as the fine-tuning set. Th
     round_dir/
       round.json                 settings of the round (a resume must match them)
       images/000012_003.png      every candidate
-      latents/000012.safetensors "latents" [M, C, h, w] and "mi" [M] of one prompt
+      latents/000012.safetensors "latents" [M, C, h, w] and "mi" [M] of one prompt (and
+                                 "mi_maps" [M, C, h, w] with save_mi_maps)
+      mi_maps/000012_003.png     the MI map over the image (save_mi_maps)
       parts/000012.jsonl         one prompt's rows; its presence marks the prompt as done
       metadata.jsonl             all rows (file_name, prompt, prompt_id, candidate, seed, mi,
                                  score (what selection ranked by), rank, selected, latents),
@@ -37,6 +39,8 @@ from tqdm.auto import tqdm
 
 from mitune import io as mio
 from mitune.mi import MIConfig, sample_with_mi
+from mitune.mi_maps import overlay
+from mitune.phrase_mi import min_phrase_mi, rest_embeddings, sample_with_phrase_mi
 from mitune.models import (
     ddpm_scheduler,
     decode_latents,
@@ -65,7 +69,9 @@ class GenerationConfig:
     seed: int = 0
     seed_mode: str = "per_prompt"  # or "shared"
     variance_type: str = "fixed_large"
-    selection: str = "mi"  # or "random", "oracle"
+    last_step_noise: bool = False
+    save_mi_maps: bool = False
+    selection: str = "mi"  # or "random", "oracle", "phrase_mi"
     mi: MIConfig = field(default_factory=MIConfig)
 
     def __post_init__(self) -> None:
@@ -81,6 +87,8 @@ class GenerationConfig:
             raise ValueError(f"seed_mode must be 'per_prompt' or 'shared', got {self.seed_mode!r}")
         if self.variance_type not in ("fixed_large", "fixed_small"):
             raise ValueError(f"variance_type must be 'fixed_large' or 'fixed_small', got {self.variance_type!r}")
+        if self.save_mi_maps and self.selection == "phrase_mi":
+            raise ValueError("save_mi_maps is not available with selection=phrase_mi")
 
 
 def mix_seed(*parts: int | str) -> int:
@@ -204,8 +212,11 @@ def verify_round(round_dir: Path, settings: dict[str, Any], num_prompts: int, nu
 @torch.no_grad()
 def generate_batch(
     pipe: DiffusionPipeline, prompts: list[str], jobs: list[Job], config: GenerationConfig
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sample one micro-batch; one text-encoder pass per distinct prompt in it."""
+) -> tuple[torch.Tensor, torch.Tensor, list[dict[str, Any]]]:
+    """Sample one micro-batch; one text-encoder pass per distinct prompt in it.
+
+    Returns latents, MI and extras per candidate: "mi_map" (``save_mi_maps``) or "phrase_mi",
+    the smallest per-phrase MI (``selection="phrase_mi"``, P more UNet rows per step)."""
     device = pipe.unet.device
     unique_ids = sorted({j.prompt_id for j in jobs})
     position = {pid: i for i, pid in enumerate(unique_ids)}
@@ -214,17 +225,17 @@ def generate_batch(
     null = index_embedding(null_embedding(pipe), torch.zeros(len(jobs), dtype=torch.long, device=device))
     generators = [torch.Generator("cpu").manual_seed(j.seed) for j in jobs]
     z_T = randn_tensor(latent_shape(pipe, len(jobs)), generator=generators, device=device, dtype=torch.float32)
-    return sample_with_mi(
-        unet_eps_fn(pipe),
-        z_T,
-        emb,
-        null,
-        ddpm_scheduler(pipe, config.variance_type),
-        num_inference_steps=config.num_inference_steps,
-        guidance_scale=config.guidance_scale,
-        generator=generators,
-        config=config.mi,
-    )
+    sampling = dict(num_inference_steps=config.num_inference_steps, guidance_scale=config.guidance_scale,
+                    generator=generators, config=config.mi, last_step_noise=config.last_step_noise)
+    scheduler = ddpm_scheduler(pipe, config.variance_type)
+    if config.selection == "phrase_mi":
+        rests, valid = rest_embeddings(pipe, [prompts[j.prompt_id] for j in jobs])
+        z, mi, per_phrase = sample_with_phrase_mi(unet_eps_fn(pipe), z_T, emb, null, rests, scheduler, **sampling)
+        return z, mi, [{"phrase_mi": v} for v in min_phrase_mi(per_phrase, valid).tolist()]
+    out = sample_with_mi(unet_eps_fn(pipe), z_T, emb, null, scheduler, **sampling, return_map=config.save_mi_maps)
+    if config.save_mi_maps:
+        return out[0], out[1], [{"mi_map": m} for m in out[2].cpu()]
+    return out[0], out[1], [{} for _ in jobs]
 
 
 def png_bytes(image: Image.Image) -> bytes:
@@ -233,24 +244,41 @@ def png_bytes(image: Image.Image) -> bytes:
     return buffer.getvalue()
 
 
+def write_png(path: Path, image: Image.Image) -> None:
+    data = png_bytes(image)
+    mio.atomic_write(path, lambda tmp: tmp.write_bytes(data))
+
+
+Result = tuple[torch.Tensor, Image.Image, float, dict[str, Any]]
+"""One candidate's latents, image, MI and extras (see ``generate_batch``)."""
+
+
 def commit_prompt(
-    round_dir: Path, prompt: str, jobs: list[Job], results: dict[int, tuple[torch.Tensor, Image.Image, float]],
-    config: GenerationConfig,
+    round_dir: Path, prompt: str, jobs: list[Job], results: dict[int, Result], config: GenerationConfig,
 ) -> None:
     """Write one prompt's images and latents, then its rows (the commit marker)."""
     pid = jobs[0].prompt_id
     latents = torch.stack([results[j.candidate][0] for j in jobs])
     mi = torch.tensor([results[j.candidate][2] for j in jobs], dtype=torch.float32)
     generator = torch.Generator().manual_seed(mix_seed(config.seed, "select", prompt))
-    scores = selection_scores(config.selection, prompt, [results[j.candidate][1] for j in jobs], mi, generator)
+    phrase_mi = None
+    if config.selection == "phrase_mi":
+        phrase_mi = torch.tensor([results[j.candidate][3]["phrase_mi"] for j in jobs], dtype=torch.float64)
+    scores = selection_scores(config.selection, prompt, [results[j.candidate][1] for j in jobs], mi, generator,
+                              phrase_mi)
     ranks, selected = select_top_k(scores, config.top_k)
     latents_name = f"latents/{pid:06d}.safetensors"
-    mio.write_safetensors(round_dir / latents_name, {"latents": latents, "mi": mi}, {"prompt": prompt})
+    tensors = {"latents": latents, "mi": mi}
+    if config.save_mi_maps:
+        tensors["mi_maps"] = torch.stack([results[j.candidate][3]["mi_map"] for j in jobs])
+        for j in jobs:
+            _, image, _, extras = results[j.candidate]
+            write_png(round_dir / f"mi_maps/{pid:06d}_{j.candidate:03d}.png", overlay(image, extras["mi_map"]))
+    mio.write_safetensors(round_dir / latents_name, tensors, {"prompt": prompt})
     rows = []
     for j, score, rank, sel in zip(jobs, scores.tolist(), ranks.tolist(), selected.tolist()):
         file_name = f"images/{pid:06d}_{j.candidate:03d}.png"
-        data = png_bytes(results[j.candidate][1])
-        mio.atomic_write(round_dir / file_name, lambda tmp, data=data: tmp.write_bytes(data))
+        write_png(round_dir / file_name, results[j.candidate][1])
         rows.append({
             "file_name": file_name, "prompt": prompt, "prompt_id": pid, "candidate": j.candidate,
             "seed": j.seed, "mi": results[j.candidate][2], "score": score, "rank": rank, "selected": sel,
@@ -330,7 +358,7 @@ def run_round(
     batches = rank_batches(micro_batches(jobs, config.micro_batch), rank, world_size)
     mine = [j for batch in batches for j in batch]
     jobs_by_prompt = {pid: jobs[pid * config.num_candidates : (pid + 1) * config.num_candidates] for pid in range(len(prompts))}
-    pending: dict[int, dict[int, tuple[torch.Tensor, Image.Image, float]]] = {}
+    pending: dict[int, dict[int, Result]] = {}
     bar = tqdm(total=len(mine), initial=sum(j.prompt_id in done for j in mine), unit="img",
                desc=f"{round_dir.name} (rank {rank})" if world_size > 1 else round_dir.name,
                disable=not progress, dynamic_ncols=True)
@@ -339,13 +367,13 @@ def run_round(
             continue
         if stop is not None:
             stop()
-        latents, mi = generate_batch(pipe, prompts, batch, config)
+        latents, mi, extras = generate_batch(pipe, prompts, batch, config)
         images = decode_latents(pipe, latents)
-        for j, z0, image, score in zip(batch, latents.float().cpu(), images, mi.tolist()):
+        for j, z0, image, score, extra in zip(batch, latents.float().cpu(), images, mi.tolist(), extras):
             if j.prompt_id in done:
                 continue
             results = pending.setdefault(j.prompt_id, {})
-            results[j.candidate] = (z0, image, score)
+            results[j.candidate] = (z0, image, score, extra)
             bar.update()
             if len(results) == config.num_candidates:
                 commit_prompt(round_dir, prompts[j.prompt_id], jobs_by_prompt[j.prompt_id], results, config)

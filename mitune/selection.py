@@ -1,6 +1,8 @@
 """Top-k selection of a prompt's candidates (Algorithm 1, line 4).
 
-``mi`` is MI-TUNE. ``random`` and ``oracle`` are the controls of the toy experiment: the
+``mi`` is MI-TUNE. ``phrase_mi`` ranks by the smallest per-phrase conditional MI
+(``mitune.phrase_mi``): an image that neglects one phrase of the prompt ranks low even when the
+rest of it carries much MI. ``random`` and ``oracle`` are the controls of the toy experiment: the
 same pipeline with selection by chance, or by the toy world's exact judge (an upper bound,
 like the paper's HPS-selected row).
 """
@@ -13,7 +15,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-STRATEGIES = ("mi", "random", "oracle")
+STRATEGIES = ("mi", "random", "oracle", "phrase_mi")
 
 
 def check_top_k(num_candidates: int, k: int) -> None:
@@ -24,9 +26,15 @@ def check_top_k(num_candidates: int, k: int) -> None:
 
 
 def check_strategy(strategy: str, prompts: Sequence[str] = ()) -> None:
-    """Unknown strategies, and prompts the oracle cannot judge, fail before any generation."""
+    """Unknown strategies, prompts the oracle cannot judge and prompts without a phrase (for
+    ``phrase_mi``) fail before any generation."""
     if strategy not in STRATEGIES:
         raise ValueError(f"selection must be one of {STRATEGIES}, got {strategy!r}")
+    if strategy == "phrase_mi":
+        from mitune.phrase_mi import prompt_phrases
+
+        for prompt in prompts:
+            prompt_phrases(prompt)  # names the prompt that has no phrase to score
     if strategy == "oracle":
         from mitune.toy.world import parse
 
@@ -38,11 +46,16 @@ def check_strategy(strategy: str, prompts: Sequence[str] = ()) -> None:
 
 
 def selection_scores(strategy: str, prompt: str, images: Sequence[Image.Image], mi: torch.Tensor,
-                     generator: torch.Generator) -> torch.Tensor:
-    """The score a strategy ranks one prompt's candidates by (higher is better)."""
+                     generator: torch.Generator, phrase_mi: torch.Tensor | None = None) -> torch.Tensor:
+    """The score a strategy ranks one prompt's candidates by (higher is better); ``phrase_mi``
+    is each candidate's smallest per-phrase MI, needed by the ``phrase_mi`` strategy."""
     check_strategy(strategy)
     if strategy == "mi":
         return mi
+    if strategy == "phrase_mi":
+        if phrase_mi is None:
+            raise ValueError("selection=phrase_mi needs each candidate's phrase MI")
+        return phrase_mi
     if strategy == "random":
         return torch.rand(len(mi), generator=generator, dtype=torch.float64)
     from mitune.toy.oracle import score

@@ -58,6 +58,7 @@ def run_mitune(pipe, z_T):
             num_inference_steps=STEPS,
             guidance_scale=GUIDANCE,
             generator=generators(),
+            last_step_noise=True,  # diffusers' sampler adds noise at its last step (t=1 > 0)
         )
     return z, mi, decode_latents(pipe, z), calls
 

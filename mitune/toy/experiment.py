@@ -53,7 +53,7 @@ class ToyEval:
 
     out: Path
     seeds: tuple[int, ...] = (0, 1, 2)
-    strategies: tuple[str, ...] = STRATEGIES
+    strategies: tuple[str, ...] = ("mi", "random", "oracle")  # phrase_mi on request (--strategies)
     rounds: int = 3
     cfgs: tuple[float, ...] = (3.0, 7.5)
     test_per_category: int = 4
@@ -344,7 +344,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=Path("outputs/toy-eval"))
     parser.add_argument("--docs", type=Path, default=None, help="also copy the tables and plots here")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--strategies", nargs="+", default=list(STRATEGIES))
+    parser.add_argument("--strategies", nargs="+", default=list(ToyEval.strategies), choices=STRATEGIES)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--cfgs", type=float, nargs="+", default=[3.0, 7.5])
     parser.add_argument("--test-per-category", type=int, default=4)

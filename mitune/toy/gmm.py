@@ -91,3 +91,61 @@ class GaussianMixture:
         """Monte-Carlo ``I(Z0; K)`` in nats (at most log K, reached for well-separated means)."""
         z0, labels = self.sample(n_samples, generator)
         return self.log_density_ratio(z0, labels).mean().item()
+
+
+@dataclass
+class TwoFactorMixture:
+    """Two independent uniform factors, ``z0 | a, b ~ N(mu_a[a] + mu_b[b], std^2 I)``: a prompt
+    of two phrases whose conditional information ``I(Z0; B | A)`` is known.
+
+    The embedding is ``[B, 2]`` (a, b), ``NULL_CLASS`` for a factor the "prompt" leaves out:
+    ``(a, b)`` is the full prompt, ``(a, NULL)`` the prompt without phrase b, ``(NULL, NULL)``
+    the null prompt.
+    """
+
+    mu_a: torch.Tensor  # [Ka, d]
+    mu_b: torch.Tensor  # [Kb, d]
+    std: float
+
+    @property
+    def joint(self) -> GaussianMixture:
+        """The Ka * Kb pair classes, pair (a, b) at index a * Kb + b."""
+        return GaussianMixture(means=(self.mu_a[:, None] + self.mu_b[None]).flatten(0, 1), std=self.std)
+
+    def sample(self, n: int, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``n`` draws of (z0 [n, d], factors [n, 2] long)."""
+        z0, pair = self.joint.sample(n, generator)
+        kb = self.mu_b.shape[0]
+        return z0, torch.stack([pair // kb, pair % kb], dim=1)
+
+    def _allowed(self, emb: torch.Tensor) -> torch.Tensor:
+        """[B, Ka * Kb] mask of the pairs consistent with the factors the embedding names."""
+        ka, kb = self.mu_a.shape[0], self.mu_b.shape[0]
+        a = torch.arange(ka, device=emb.device).repeat_interleave(kb)
+        b = torch.arange(kb, device=emb.device).repeat(ka)
+        ok_a = (emb[:, :1] == NULL_CLASS) | (emb[:, :1] == a)
+        ok_b = (emb[:, 1:] == NULL_CLASS) | (emb[:, 1:] == b)
+        return ok_a & ok_b
+
+    def eps_fn(self, alphas_cumprod: torch.Tensor) -> ClassEpsFn:
+        """Exact ``E[eps | z_t, named factors]``: the joint mixture's posterior restricted to the
+        pairs the embedding allows."""
+        joint, alphas_cumprod = self.joint, alphas_cumprod.float()
+
+        def eps(z_t: torch.Tensor, t: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+            z = z_t.flatten(1).float()
+            alphabar = alphas_cumprod.to(z.device)[t].unsqueeze(1)
+            logits = joint._class_logits(z, alphabar).masked_fill(~self._allowed(emb), -math.inf)
+            mean = logits.softmax(dim=1) @ joint.means.to(z.device, torch.float32)
+            var = alphabar * self.std**2 + 1.0 - alphabar
+            return ((1.0 - alphabar).sqrt() * (z - alphabar.sqrt() * mean) / var).view_as(z_t).to(z_t.dtype)
+
+        return eps
+
+    def true_conditional_mi(self, n_samples: int, generator: torch.Generator | None = None) -> float:
+        """Monte-Carlo ``I(Z0; B | A) = E[log p(z0 | a, b) - log p(z0 | a)]`` in nats."""
+        z0, factors = self.sample(n_samples, generator)
+        log_lik = self.joint._clean_logits(z0).view(n_samples, *self.mu_a.shape[:1], self.mu_b.shape[0])
+        own = log_lik[torch.arange(n_samples), factors[:, 0]]  # [n, Kb]: log p(z0 | a, b') for the true a
+        log_given_a = own.logsumexp(dim=1) - math.log(self.mu_b.shape[0])
+        return (own.gather(1, factors[:, 1:]).squeeze(1) - log_given_a).mean().item()

@@ -1,0 +1,155 @@
+"""MI best-of-N at inference: sample N candidates, keep them ranked by the model's own MI.
+
+No fine-tuning: the candidates come from any supported diffusers pipeline (SD 1.x/2.x, SDXL)
+through the fused sampler, so ranking by MI costs no UNet call beyond CFG's. Ranking by
+phrase MI (the minimum over the prompt's phrases of ``I(z; phrase | rest)``) penalises an
+image that neglects one phrase, at P more UNet rows per candidate per step for P phrases.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import torch
+from diffusers import DiffusionPipeline
+from diffusers.utils.torch_utils import randn_tensor
+from PIL import Image
+from tqdm.auto import tqdm
+
+from mitune import io as mio
+from mitune.generation import candidate_seed, write_png
+from mitune.mi import PAPER, MIConfig, sample_with_mi
+from mitune.models import (
+    ddpm_scheduler,
+    decode_latents,
+    encode_prompts,
+    index_embedding,
+    latent_shape,
+    null_embedding,
+    unet_eps_fn,
+)
+from mitune.phrase_mi import check_prompt, phrase_embeddings, prompt_phrases, sample_with_phrase_mi
+from mitune.selection import rank_by_score
+from mitune.summary import csv_text
+
+Score = Literal["mi", "phrase-mi"]
+SCORES = ("mi", "phrase-mi")
+TABLE = "ranking.csv"
+
+
+@dataclass
+class Candidate:
+    """One sample, its MI (and phrase MI) and where it ranked (1 = best)."""
+
+    index: int
+    seed: int
+    mi: float
+    score: float
+    rank: int
+    image: Image.Image = field(repr=False)
+    phrase_mi: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class RerankConfig:
+    """What to sample and how to rank it; the sampler defaults are the paper's."""
+
+    n: int = 16
+    score: Score = "mi"
+    phrases: tuple[str, ...] | None = None
+    guidance_scale: float = 7.5
+    num_inference_steps: int = 50
+    seed: int = 0
+    batch_size: int = 8
+    mi: MIConfig = PAPER
+
+    def __post_init__(self) -> None:
+        if self.n < 1:
+            raise ValueError(f"n (the number of candidates) must be >= 1, got {self.n}")
+        if self.score not in SCORES:
+            raise ValueError(f"score must be one of {SCORES}, got {self.score!r}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.phrases is not None and self.score != "phrase-mi":
+            raise ValueError("phrases are only used with score='phrase-mi'")
+
+
+def check_request(prompt: str, config: RerankConfig) -> tuple[str, list[str]]:
+    """The cleaned prompt and the phrases to score; fails on bad input before any model work."""
+    prompt = check_prompt(prompt)
+    phrases = []
+    if config.score == "phrase-mi":
+        phrases = prompt_phrases(prompt, list(config.phrases) if config.phrases is not None else None)
+    return prompt, phrases
+
+
+@torch.no_grad()
+def sample_batch(pipe: DiffusionPipeline, prompt: str, phrases: list[str], seeds: list[int], config: RerankConfig
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Latents, MI and (with phrases) phrase MI [B, P] of one batch of seeds."""
+    device, batch = pipe.unet.device, len(seeds)
+    generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
+    z_T = randn_tensor(latent_shape(pipe, batch), generator=generators, device=device, dtype=torch.float32)
+    null = index_embedding(null_embedding(pipe), torch.zeros(batch, dtype=torch.long, device=device))
+    common = dict(num_inference_steps=config.num_inference_steps, guidance_scale=config.guidance_scale,
+                  generator=generators, config=config.mi)
+    if not phrases:
+        emb = index_embedding(encode_prompts(pipe, [prompt]), torch.zeros(batch, dtype=torch.long, device=device))
+        return (*sample_with_mi(unet_eps_fn(pipe), z_T, emb, null, ddpm_scheduler(pipe), **common), None)
+    emb, rests = phrase_embeddings(pipe, prompt, phrases, batch)
+    return sample_with_phrase_mi(unet_eps_fn(pipe), z_T, emb, null, rests, ddpm_scheduler(pipe), **common)
+
+
+def rerank(pipe: DiffusionPipeline, prompt: str, config: RerankConfig = RerankConfig(), *,
+           progress: bool = True) -> list[Candidate]:
+    """Sample ``config.n`` candidates of ``prompt`` and return them best first.
+
+    Each candidate has its own seed (``candidate_seed``), so a candidate does not depend on N
+    or the batch size, and best-of-4 is the best of the first 4 of best-of-16.
+    """
+    prompt, phrases = check_request(prompt, config)
+    seeds = [candidate_seed(config.seed, prompt, c) for c in range(config.n)]
+    images, mi, per_phrase = [], [], []
+    bar = tqdm(total=config.n, unit="img", desc="rerank", disable=not progress, dynamic_ncols=True)
+    for start in range(0, config.n, config.batch_size):
+        latents, batch_mi, batch_phrase = sample_batch(pipe, prompt, phrases, seeds[start : start + config.batch_size],
+                                                       config)
+        images += decode_latents(pipe, latents)
+        mi.append(batch_mi.cpu())
+        if batch_phrase is not None:
+            per_phrase.append(batch_phrase.cpu())
+        bar.update(len(latents))
+    bar.close()
+    mi_all = torch.cat(mi)
+    phrase_all = torch.cat(per_phrase) if per_phrase else torch.zeros(config.n, 0)
+    scores = phrase_all.min(dim=1).values if phrases else mi_all
+    ranks = rank_by_score(scores)
+    candidates = [
+        Candidate(index=c, seed=seeds[c], mi=mi_all[c].item(), score=scores[c].item(), rank=int(ranks[c]),
+                  image=images[c], phrase_mi=dict(zip(phrases, phrase_all[c].tolist())))
+        for c in range(config.n)
+    ]
+    return sorted(candidates, key=lambda cand: cand.rank)
+
+
+def image_name(candidate: Candidate) -> str:
+    return f"rank{candidate.rank:03d}_candidate{candidate.index:03d}.png"
+
+
+def write_ranking(candidates: list[Candidate], out_dir: str | Path) -> Path:
+    """Every image, named by rank and candidate, and ``ranking.csv`` (one row per image, best
+    first, a ``phrase_mi[<phrase>]`` column per phrase); returns the table's path."""
+    out_dir = mio.check_writable(out_dir)
+    rows = []
+    for cand in candidates:
+        write_png(out_dir / image_name(cand), cand.image)
+        row = {"rank": cand.rank, "candidate": cand.index, "seed": cand.seed, "mi": cand.mi, "score": cand.score,
+               "file_name": image_name(cand)}
+        row.update({f"phrase_mi[{p}]": v for p, v in cand.phrase_mi.items()})
+        rows.append(row)
+    phrase_columns = [f"phrase_mi[{p}]" for p in candidates[0].phrase_mi] if candidates else []
+    columns = ["rank", "candidate", "seed", "mi", "score", *phrase_columns, "file_name"]
+    mio.write_text(out_dir / TABLE, csv_text(rows, columns))
+    return out_dir / TABLE
