@@ -31,6 +31,7 @@ from hydra.utils import instantiate
 from lightning.pytorch.loggers import WandbLogger
 from omegaconf import DictConfig, OmegaConf
 
+from mitune.console import quiet_libraries  # first: quiets library loggers before the imports below load them
 from mitune.adapters import META_NAME, WEIGHTS_NAME, load_fused
 from mitune.generation import METADATA, GenerationConfig, run_round
 from mitune.io import check_writable, read_jsonl, write_jsonl, write_text
@@ -289,6 +290,7 @@ def evaluate(cfg: DictConfig) -> list[dict[str, Any]]:
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="evaluate")
 def main(cfg: DictConfig) -> float:
+    quiet_libraries()
     rows = evaluate(cfg)
     return float(rows[0]["value"])
 
