@@ -123,12 +123,19 @@ class RoundProgressBar(TQDMProgressBar):
     Each round's bar is made when the round's training starts, after its generation bar has closed.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, images_per_batch: int = 1) -> None:
         super().__init__(leave=True)
+        self.images_per_batch = images_per_batch
 
     @property
     def train_description(self) -> str:
         return f"round_{self.trainer.current_epoch + 1} train"
+
+    def init_train_tqdm(self):
+        """Counted in images, as the generation bar is."""
+        bar = super().init_train_tqdm()
+        bar.unit, bar.unit_scale = "img", self.images_per_batch
+        return bar
 
     def on_train_start(self, *_) -> None:
         """No bar before the first round is generated."""

@@ -49,6 +49,7 @@ from mitune.models import compile_unet
 from mitune.prompts import read_prompt_file
 from mitune.run import finish_wandb, make_loggers
 from mitune.summary import COLUMNS, RESULTS, csv_text
+from mitune.tracking import run_config
 
 log = logging.getLogger(__name__)
 
@@ -240,7 +241,7 @@ def log_results(cfg: DictConfig, point: EvalPoint, rows: list[dict[str, Any]]) -
     loggers = make_loggers(cfg, None)
     try:
         for logger in loggers:
-            logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+            logger.log_hyperparams(run_config(cfg))
             logger.log_metrics({f"eval/{row['metric']}": row["value"] for row in rows}, step=0)
             if isinstance(logger, WandbLogger):
                 logger.log_table("eval/results", columns=COLUMNS, data=[[row[c] for c in COLUMNS] for row in rows])

@@ -130,5 +130,6 @@ def run_config(cfg: Any, **derived: Any) -> dict[str, Any]:
     if hydra is not None:
         logged["hydra"] = {"overrides": list(hydra.overrides.task), "job_dir": hydra.runtime.output_dir,
                            "sweep_dir": hydra.sweep.dir if in_sweep(hydra) else None}
-    logged["derived"] = derived
+    if derived:
+        logged["derived"] = derived
     return logged
