@@ -17,6 +17,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint, ThroughputMonitor, TQDM
 from lightning.pytorch.callbacks.progress.tqdm_progress import convert_inf
 from lightning.pytorch.loggers import WandbLogger
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 from mitune.adapters import merged_adapters, save_adapters
 from mitune.data import FinetuneSet, ResumableLoader, load_latents, selected_rows
@@ -221,6 +222,7 @@ def plot_mi(mi: torch.Tensor, prompt_ids: torch.Tensor, chosen: torch.Tensor, ti
     raw.scatter(prompt_ids[~chosen].tolist(), mi[~chosen].tolist(), s=6, color="0.6", label="not selected")
     raw.scatter(prompt_ids[chosen].tolist(), mi[chosen].tolist(), s=14, color="C1", label="selected (top-k)")
     raw.set(xlabel="prompt", ylabel="point-wise MI (nats)")
+    raw.xaxis.set_major_locator(MaxNLocator(integer=True))
     raw.legend(fontsize=8)
     figure.suptitle(title)
     return figure

@@ -1,10 +1,10 @@
-"""The round plot reads right: MI relative to each prompt, the round's settings in the title."""
+"""The round plot reads right (MI relative to each prompt, the round's settings in the title); device figures."""
 
 from __future__ import annotations
 
 import torch
 
-from mitune.callbacks import describe, per_prompt_z, plot_mi
+from mitune.callbacks import describe, device_stats, per_prompt_z, plot_mi
 from mitune.generation import GenerationConfig
 
 
@@ -32,3 +32,10 @@ def test_plot_title_names_m_k_and_cfg():
     assert figure.get_suptitle() == title
     relative, raw = figure.axes
     assert relative.get_xlabel() == "MI relative to its prompt (z-score)" and raw.get_xlabel() == "prompt"
+
+
+def test_device_stats_keep_memory_and_load_out_of_the_accelerators_many_figures():
+    cuda = {"allocated_bytes.all.current": 2e9, "allocated_bytes.all.peak": 3e9, "active.all.freed": 7, "num_ooms": 0}
+    assert device_stats(cuda) == {"device/memory_gb": 2.0, "device/peak_memory_gb": 3.0}
+    cpu = {"cpu_percent": 0.0, "cpu_vm_percent": 41.5, "cpu_swap_percent": 0.0}
+    assert device_stats(cpu) == {"device/cpu_percent": 0.0, "device/ram_percent": 41.5}
