@@ -49,10 +49,10 @@ class KendallResult:
 
     metric: str
     ranks: list[int]
-    mean_tau: float  # mean over prompts with a defined tau
+    mean_tau: float  # mean over the num_prompts - num_undefined prompts with a defined tau
     std_tau: float
-    num_prompts: int  # prompts with a defined tau
-    num_undefined: int  # prompts where tau is undefined (the metric or MI is constant over the ranks)
+    num_prompts: int  # prompts analysed
+    num_undefined: int  # of those, prompts where tau is undefined (the metric or MI is constant over the ranks)
     pooled_tau: float  # one tau over all chosen images of all prompts
 
 
@@ -104,7 +104,7 @@ def kendall_by_rank(rows: Sequence[dict[str, Any]], scores: Sequence[float], ran
         metric=metric, ranks=list(ranks),
         mean_tau=float(defined.mean()) if len(defined) else math.nan,
         std_tau=float(defined.std()) if len(defined) else math.nan,
-        num_prompts=len(defined), num_undefined=len(taus) - len(defined), pooled_tau=float(pooled_tau),
+        num_prompts=len(taus), num_undefined=len(taus) - len(defined), pooled_tau=float(pooled_tau),
     )
 
 

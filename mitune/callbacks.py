@@ -13,26 +13,18 @@ from collections.abc import Callable
 from pathlib import Path
 
 import lightning as L
-import matplotlib
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint, ThroughputMonitor, TQDMProgressBar
+from lightning.pytorch.callbacks.progress.tqdm_progress import convert_inf
+from lightning.pytorch.loggers import WandbLogger
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
-from lightning.pytorch.callbacks import ModelCheckpoint, ThroughputMonitor  # noqa: E402
-from lightning.pytorch.loggers import WandbLogger  # noqa: E402
-
-from mitune.adapters import merged_adapters, save_adapters  # noqa: E402
-from mitune.data import FinetuneSet, ResumableLoader, load_latents, selected_rows  # noqa: E402
-from mitune.generation import (  # noqa: E402
-    GenerationConfig,
-    RoundSummary,
-    finish_round,
-    round_settings,
-    run_round,
-    verify_round,
-)
-from mitune.io import atomic_write, read_jsonl, write_json  # noqa: E402
-from mitune.training import MITuneModule, TrainConfig  # noqa: E402
+from mitune.adapters import merged_adapters, save_adapters
+from mitune.data import FinetuneSet, ResumableLoader, load_latents, selected_rows
+from mitune.generation import GenerationConfig, RoundSummary, finish_round, round_settings, run_round, verify_round
+from mitune.io import atomic_write, read_jsonl, write_json
+from mitune.training import MITuneModule, TrainConfig
 
 log = logging.getLogger(__name__)
 
@@ -68,12 +60,12 @@ class MIRounds(L.Callback):
             training = module.unet.training
             module.unet.eval()
             with merged_adapters(module.pipe):  # base-model speed; the weights come back bit-exact
-                run_round(module.pipe, self.prompts, self.generation, out, progress=trainer.is_global_zero,
-                          rank=trainer.global_rank, world_size=trainer.world_size, stop=self.stop)
+                summary = run_round(module.pipe, self.prompts, self.generation, out, progress=trainer.is_global_zero,
+                                    rank=trainer.global_rank, world_size=trainer.world_size, stop=self.stop)
             module.unet.train(training)
             trainer.strategy.barrier("mitune-round")
-            if trainer.is_global_zero:
-                self.log_round(trainer, r, finish_round(out, len(self.prompts)))
+            if trainer.is_global_zero:  # one process: run_round has finished the round; DDP: all ranks' parts are in
+                self.log_round(trainer, r, summary or finish_round(out, len(self.prompts)))
             trainer.strategy.barrier("mitune-round-done")
         return out
 
@@ -83,6 +75,7 @@ class MIRounds(L.Callback):
         rows = read_jsonl(out / "metadata.jsonl")
         mi = torch.tensor([row["mi"] for row in rows])
         chosen = torch.tensor([row["selected"] for row in rows])
+        prompt_ids = torch.tensor([row["prompt_id"] for row in rows])
         stats = {
             "round/index": r,
             "round/mean_mi": summary.mean_mi,
@@ -90,9 +83,8 @@ class MIRounds(L.Callback):
             "round/topk_mi": summary.mean_selected_mi,
             "round/selection_margin": summary.selection_margin,
         }
-        figure = plot_mi(mi, chosen, r)
+        figure = plot_mi(mi, prompt_ids, chosen, f"round {r}: {describe(self.generation)}")
         atomic_write(out / HISTOGRAM, lambda tmp: figure.savefig(tmp, dpi=100, format="png"))
-        plt.close(figure)
         for logger in trainer.loggers:
             logger.log_metrics(stats, step=trainer.global_step)
             if isinstance(logger, WandbLogger):
@@ -104,7 +96,6 @@ class MIRounds(L.Callback):
                           for row in rows[: self.log_images]],
                     step=trainer.global_step,
                 )
-        log.info("round %d: %s", r, {k: round(v, 4) for k, v in stats.items()})
 
     def on_train_epoch_end(self, trainer: L.Trainer, module: MITuneModule) -> None:
         """Keep the adapter of the round just trained (and the latest one as the run's result)."""
@@ -134,20 +125,113 @@ def samples_per_second(window_size: int = 10) -> ThroughputMonitor:
     return ThroughputMonitor(batch_size_fn=lambda batch: batch["latents"].shape[0], window_size=window_size)
 
 
+class RoundProgressBar(TQDMProgressBar):
+    """Lightning's training bar, one per round (an epoch is a round) and named by it, without the logger version.
+
+    Each round's bar is made when the round's training starts, after its generation bar has closed.
+    """
+
+    def __init__(self, images_per_batch: int = 1) -> None:
+        super().__init__(leave=True)
+        self.images_per_batch = images_per_batch
+
+    @property
+    def train_description(self) -> str:
+        return f"round_{self.trainer.current_epoch + 1} train"
+
+    def init_train_tqdm(self):
+        """Counted in images, as the generation bar is."""
+        bar = super().init_train_tqdm()
+        bar.unit, bar.unit_scale = "img", self.images_per_batch
+        return bar
+
+    def on_train_start(self, *_) -> None:
+        """No bar before the first round is generated."""
+
+    def on_train_epoch_start(self, trainer: L.Trainer, *_) -> None:
+        self.train_progress_bar = self.init_train_tqdm()
+        self.train_progress_bar.reset(total=convert_inf(self.total_train_batches))
+
+    def get_metrics(self, trainer: L.Trainer, module: L.LightningModule) -> dict:
+        metrics = super().get_metrics(trainer, module)
+        metrics.pop("v_num", None)
+        return metrics
+
+
+class LearningRate(L.Callback):
+    """``train/lr`` at every optimizer step (Lightning's LearningRateMonitor names it after the optimizer class)."""
+
+    def on_before_optimizer_step(self, trainer: L.Trainer, module: L.LightningModule, optimizer) -> None:
+        module.log("train/lr", optimizer.param_groups[0]["lr"])
+
+
+class DeviceStats(L.Callback):
+    """Memory (and CPU load) once per optimizer step under ``device/``.
+
+    Lightning's DeviceStatsMonitor logs every statistic the accelerator has (dozens on a GPU) before
+    and after every batch; W&B records the machine's metrics itself, so the loggers get only these.
+    """
+
+    def on_train_batch_end(self, trainer: L.Trainer, module: L.LightningModule, outputs, batch, batch_idx: int) -> None:
+        if (batch_idx + 1) % trainer.accumulate_grad_batches == 0:
+            module.log_dict(device_stats(trainer.accelerator.get_device_stats(module.device)))
+
+
+# Accelerator statistic -> (logged name, scale): CUDA's torch.cuda.memory_stats, the CPU's psutil figures.
+DEVICE_STATS = {
+    "allocated_bytes.all.current": ("device/memory_gb", 1e-9),
+    "allocated_bytes.all.peak": ("device/peak_memory_gb", 1e-9),
+    "cpu_percent": ("device/cpu_percent", 1.0),
+    "cpu_vm_percent": ("device/ram_percent", 1.0),
+}
+
+
+def device_stats(stats: dict[str, float]) -> dict[str, float]:
+    """The figures worth a plot out of an accelerator's statistics."""
+    return {name: float(stats[key]) * scale for key, (name, scale) in DEVICE_STATS.items() if key in stats}
+
+
 def wandb_image(path: Path):
     import wandb
 
     return wandb.Image(str(path))
 
 
-def plot_mi(mi: torch.Tensor, chosen: torch.Tensor, r: int) -> plt.Figure:
-    figure, ax = plt.subplots(figsize=(5, 3))
-    bins = torch.linspace(mi.min().item(), mi.max().item(), 30).tolist() if len(mi) > 1 else 10
-    ax.hist(mi[~chosen].tolist(), bins=bins, alpha=0.6, label="not selected")
-    ax.hist(mi[chosen].tolist(), bins=bins, alpha=0.8, label="selected (top-k)")
-    ax.set(xlabel="point-wise MI (nats)", ylabel="candidates", title=f"round {r}")
-    ax.legend()
-    figure.tight_layout()
+def describe(generation: GenerationConfig) -> str:
+    return f"M={generation.num_candidates}, k={generation.top_k}, CFG {generation.guidance_scale:g}"
+
+
+def per_prompt_z(mi: torch.Tensor, prompt_ids: torch.Tensor) -> torch.Tensor:
+    """MI relative to the other candidates of its prompt: (MI - prompt mean) / prompt std (0 where constant).
+
+    Selection is per prompt, and MI levels differ between prompts, so pooled raw MI would show
+    selected images below unselected ones of other prompts.
+    """
+    z = torch.zeros(len(mi), dtype=torch.float64)
+    for pid in prompt_ids.unique():
+        mine = prompt_ids == pid
+        values = mi[mine].double()
+        std = values.std() if len(values) > 1 else torch.tensor(0.0)
+        z[mine] = (values - values.mean()) / std if std > 0 else 0.0
+    return z
+
+
+def plot_mi(mi: torch.Tensor, prompt_ids: torch.Tensor, chosen: torch.Tensor, title: str) -> Figure:
+    """Left: MI relative to each prompt, selected vs not; right: raw MI per prompt, selected highlighted."""
+    figure = Figure(figsize=(10, 3.6), layout="constrained")
+    relative, raw = figure.subplots(1, 2)
+    z = per_prompt_z(mi, prompt_ids)
+    bins = torch.linspace(z.min().item(), z.max().item(), 30).tolist() if z.max() > z.min() else 10
+    relative.hist(z[~chosen].tolist(), bins=bins, alpha=0.6, label="not selected")
+    relative.hist(z[chosen].tolist(), bins=bins, alpha=0.8, label="selected (top-k)")
+    relative.set(xlabel="MI relative to its prompt (z-score)", ylabel="candidates")
+    relative.legend(fontsize=8)
+    raw.scatter(prompt_ids[~chosen].tolist(), mi[~chosen].tolist(), s=6, color="0.6", label="not selected")
+    raw.scatter(prompt_ids[chosen].tolist(), mi[chosen].tolist(), s=14, color="C1", label="selected (top-k)")
+    raw.set(xlabel="prompt", ylabel="point-wise MI (nats)")
+    raw.xaxis.set_major_locator(MaxNLocator(integer=True))
+    raw.legend(fontsize=8)
+    figure.suptitle(title)
     return figure
 
 

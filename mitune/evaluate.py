@@ -31,6 +31,7 @@ from hydra.utils import instantiate
 from lightning.pytorch.loggers import WandbLogger
 from omegaconf import DictConfig, OmegaConf
 
+from mitune.console import quiet_libraries  # first: quiets library loggers before the imports below load them
 from mitune.adapters import META_NAME, WEIGHTS_NAME, load_fused
 from mitune.generation import METADATA, GenerationConfig, run_round
 from mitune.io import check_writable, read_jsonl, write_jsonl, write_text
@@ -48,6 +49,7 @@ from mitune.models import compile_unet
 from mitune.prompts import read_prompt_file
 from mitune.run import finish_wandb, make_loggers
 from mitune.summary import COLUMNS, RESULTS, csv_text
+from mitune.tracking import run_config
 
 log = logging.getLogger(__name__)
 
@@ -239,7 +241,7 @@ def log_results(cfg: DictConfig, point: EvalPoint, rows: list[dict[str, Any]]) -
     loggers = make_loggers(cfg, None)
     try:
         for logger in loggers:
-            logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+            logger.log_hyperparams(run_config(cfg))
             logger.log_metrics({f"eval/{row['metric']}": row["value"] for row in rows}, step=0)
             if isinstance(logger, WandbLogger):
                 logger.log_table("eval/results", columns=COLUMNS, data=[[row[c] for c in COLUMNS] for row in rows])
@@ -289,6 +291,7 @@ def evaluate(cfg: DictConfig) -> list[dict[str, Any]]:
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="evaluate")
 def main(cfg: DictConfig) -> float:
+    quiet_libraries()
     rows = evaluate(cfg)
     return float(rows[0]["value"])
 

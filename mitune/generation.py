@@ -359,8 +359,9 @@ def run_round(
     mine = [j for batch in batches for j in batch]
     jobs_by_prompt = {pid: jobs[pid * config.num_candidates : (pid + 1) * config.num_candidates] for pid in range(len(prompts))}
     pending: dict[int, dict[int, Result]] = {}
-    bar = tqdm(total=len(mine), initial=sum(j.prompt_id in done for j in mine), unit="img",
-               desc=f"{round_dir.name} (rank {rank})" if world_size > 1 else round_dir.name,
+    # One tick per micro-batch, rate averaged over the whole round (smoothing=0): a true ETA from the first tick.
+    bar = tqdm(total=len(mine), initial=sum(j.prompt_id in done for j in mine), unit="img", smoothing=0,
+               desc=f"{round_dir.name} generate" + (f" (rank {rank})" if world_size > 1 else ""),
                disable=not progress, dynamic_ncols=True)
     for batch in batches:
         if all(j.prompt_id in done for j in batch):
@@ -369,12 +370,12 @@ def run_round(
             stop()
         latents, mi, extras = generate_batch(pipe, prompts, batch, config)
         images = decode_latents(pipe, latents)
+        bar.update(sum(j.prompt_id not in done for j in batch))
         for j, z0, image, score, extra in zip(batch, latents.float().cpu(), images, mi.tolist(), extras):
             if j.prompt_id in done:
                 continue
             results = pending.setdefault(j.prompt_id, {})
             results[j.candidate] = (z0, image, score, extra)
-            bar.update()
             if len(results) == config.num_candidates:
                 commit_prompt(round_dir, prompts[j.prompt_id], jobs_by_prompt[j.prompt_id], results, config)
                 done.add(j.prompt_id)

@@ -17,6 +17,7 @@ from hydra.utils import instantiate
 from lightning.pytorch.loggers import WandbLogger
 from omegaconf import DictConfig, OmegaConf
 
+from mitune.console import quiet_libraries  # first: quiets library loggers before the imports below load them
 from mitune.adapters import AdapterConfig
 from mitune.callbacks import FinetuneData, MIRounds
 from mitune.checkpoint import SafetensorsCheckpointIO, latest_checkpoint, read_state
@@ -26,7 +27,7 @@ from mitune.io import check_writable
 from mitune.preemption import EXIT_STATUS, Preempted, SigtermStop
 from mitune.prompts import over_length
 from mitune.rundir import check_config, exclusive, remove_temporaries
-from mitune.tracking import wandb_offline_without_key
+from mitune.tracking import run_config, setup_wandb, wandb_summary
 from mitune.training import MITuneModule, TrainConfig, accumulation_steps
 
 log = logging.getLogger(__name__)
@@ -63,7 +64,7 @@ def precision(value: str) -> str:
 def make_loggers(cfg: DictConfig, ckpt: Path | None) -> list:
     """W&B runs offline without credentials, and a resumed run continues its W&B run."""
     if "wandb" in cfg.logger:
-        wandb_offline_without_key()
+        setup_wandb()
     run_id = read_state(ckpt).get("wandb_run_id") if ckpt else None
     loggers = []
     for name, spec in cfg.logger.items():
@@ -77,6 +78,8 @@ def finish_wandb(loggers: list) -> None:
     if any(isinstance(lg, WandbLogger) for lg in loggers):
         import wandb
 
+        if wandb.run is not None:
+            log.info(wandb_summary(wandb.run))
         wandb.finish()
 
 
@@ -121,8 +124,9 @@ def fit(cfg: DictConfig, prompts: list[str], generation: GenerationConfig, adapt
                               plugins=[SafetensorsCheckpointIO(root=out_dir)], precision=precision(cfg.trainer.precision))
         trainer.accumulate_grad_batches = accumulation_steps(
             train_config.effective_batch, train_config.micro_batch, trainer.world_size)
+        config = run_config(cfg, accumulate_grad_batches=trainer.accumulate_grad_batches, world_size=trainer.world_size)
         for lg in loggers:
-            lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+            lg.log_hyperparams(config)
         pipe = instantiate(cfg.model)
         over_length(pipe.tokenizer, prompts)
         module = MITuneModule(pipe, adapter, train_config)
@@ -137,6 +141,7 @@ def fit(cfg: DictConfig, prompts: list[str], generation: GenerationConfig, adapt
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 def main(cfg: DictConfig) -> float:
+    quiet_libraries()
     return train(cfg)
 
 

@@ -4,11 +4,12 @@ Collects every ``results.csv`` that ``mitune.evaluate`` wrote under the given di
 categories, runs and sweeps) and writes:
 
 * ``table1.md`` / ``table1.csv``: alignment per category (columns) for the base model and each
-  method/round (rows) at one CFG (Table 1 style);
+  method/round (rows) at one CFG (Table 1 style), as mean ± std over the images, with their number n;
 * ``table2.md`` / ``table2.csv``: quality metrics (FID, FD-DINO, CMMD) per method/round, category
   and CFG (Table 2 style);
-* ``tradeoff.png``: alignment (y) against FID (x), one line per round across the CFG values, the
-  base model as its own line, one panel per category (Figure 2 style);
+* ``tradeoff.png``: alignment (y, ± its standard error) against FID (x), one line per round across
+  the CFG values (one marker per CFG), the base model as its own line, one panel per category
+  (Figure 2 style);
 * ``all_results.csv``: all rows collected (not named results.csv, so a later summary over a
   parent dir does not collect it again);
 
@@ -29,13 +30,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import matplotlib
+from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-
-from mitune.io import atomic_write, write_text  # noqa: E402
-from mitune.tracking import wandb_offline_without_key  # noqa: E402
+from mitune.io import atomic_write, write_text
+from mitune.tracking import setup_wandb
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +63,7 @@ def csv_text(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> str:
 
 def parse_row(row: dict[str, str]) -> Row:
     return {**row, "round": int(row["round"]), "cfg": float(row["cfg"]), "value": float(row["value"]),
-            "n": int(row["n"])}
+            "std": float(row["std"]) if row.get("std") else None, "n": int(row["n"])}
 
 
 def collect(dirs: Sequence[str | os.PathLike]) -> list[Row]:
@@ -126,18 +125,47 @@ def column_name(category: str, metric: str, columns: Sequence[tuple[str, str]]) 
     return category if sum(c == category for c, _ in columns) == 1 else f"{category}/{metric}"
 
 
+STATS = ("", "_std", "_n")  # each Table 1 column: the mean, its std over images and their number
+
+
 def table1(rows: Sequence[Row], cfg: float) -> tuple[list[str], list[list[Any]]]:
-    """Alignment per category at one CFG: header and body (None where a point was not evaluated)."""
+    """Alignment per category at one CFG: header and body, each column as (mean, std, n) over the images
+    (None where a point was not evaluated)."""
     at_cfg = [row for row in rows if row["kind"] == "alignment" and math.isclose(row["cfg"], cfg)]
     if not at_cfg:
         found = sorted({row["cfg"] for row in rows if row["kind"] == "alignment"})
         raise SummaryError(f"no alignment results at CFG {cfg:g}; evaluated CFGs: {found}")
     columns = alignment_columns(at_cfg)
-    value = {(model_key(row), row["category"], row["metric"]): row["value"] for row in at_cfg}
-    header = ["model", "method", "round"] + [column_name(c, m, columns) for c, m in columns]
-    body = [[label(m, r), m or "base", r] + [value.get(((m, r), c, metric)) for c, metric in columns]
+    point = {(model_key(row), row["category"], row["metric"]): row for row in at_cfg}
+    header = ["model", "method", "round"] + [column_name(c, m, columns) + s for c, m in columns for s in STATS]
+    body = [[label(m, r), m or "base", r] + [stat for c, metric in columns for stat in stats(point.get(((m, r), c, metric)))]
             for m, r in model_order(at_cfg)]
     return header, body
+
+
+def stats(row: Row | None) -> tuple[Any, Any, Any]:
+    return (row["value"], row["std"], row["n"]) if row else (None, None, None)
+
+
+def mean_pm_std(header: Sequence[str], body: Sequence[Sequence[Any]]) -> tuple[str, list[str], list[list[Any]]]:
+    """Table 1 for reading: "mean ± std" cells, and a note giving n when every cell has the same (else each cell does)."""
+    first = 3  # model, method, round; then a (mean, std, n) triple per column
+
+    def triples(row: Sequence[Any]) -> list[Sequence[Any]]:
+        return [row[i:i + 3] for i in range(first, len(header), 3)]
+
+    counts = {n for row in body for mean, _, n in triples(row) if mean is not None}
+    same_n = len(counts) == 1
+
+    def cell(mean: Any, std: Any, n: Any) -> str:
+        if mean is None:
+            return "-"
+        text = fmt(mean) + (f" ± {std:.2g}" if std is not None else "")
+        return text if same_n else f"{text} (n={n})"
+
+    note = f"n = {next(iter(counts))} images per cell" if same_n else "n images per cell"
+    return note, list(header[:first]) + list(header[first::3]), [list(row[:first]) + [cell(*t) for t in triples(row)]
+                                                                 for row in body]
 
 
 def table2(rows: Sequence[Row]) -> tuple[list[str], list[list[Any]]]:
@@ -174,8 +202,12 @@ def table_csv(header: Sequence[str], body: Sequence[Sequence[Any]]) -> str:
 # ----------------------------------------------------------------------------- trade-off plot
 
 
-def tradeoff_series(rows: Sequence[Row], quality: str) -> dict[str, dict[tuple[str, int], list[tuple[float, float, float]]]]:
-    """Per category: per (method, round), the (cfg, FID, alignment) points that have both metrics."""
+Point = tuple[float, float, float, float]  # (cfg, quality, alignment mean, its standard error)
+MARKERS = "osD^vP*Xhp"
+
+
+def tradeoff_series(rows: Sequence[Row], quality: str) -> dict[str, dict[tuple[str, int], list[Point]]]:
+    """Per category: per (method, round), the points that have both metrics."""
     first_metric = plotted_metric(rows)
     fid, align = {}, {}
     for row in rows:
@@ -183,32 +215,37 @@ def tradeoff_series(rows: Sequence[Row], quality: str) -> dict[str, dict[tuple[s
         if row["metric"] == quality:
             fid[key] = row["value"]
         elif row["kind"] == "alignment" and row["metric"] == first_metric.get(row["category"]):
-            align[key] = row["value"]
-    series: dict[str, dict[tuple[str, int], list[tuple[float, float, float]]]] = defaultdict(lambda: defaultdict(list))
+            align[key] = (row["value"], (row["std"] or 0.0) / math.sqrt(row["n"]))
+    series: dict[str, dict[tuple[str, int], list[Point]]] = defaultdict(lambda: defaultdict(list))
     for key in sorted(fid.keys() & align.keys()):
         category, model, cfg = key
-        series[category][model].append((cfg, fid[key], align[key]))
+        series[category][model].append((cfg, fid[key], *align[key]))
     return {c: dict(s) for c, s in series.items()}
 
 
-def plot_tradeoff(rows: Sequence[Row], quality: str) -> plt.Figure:
+def plot_tradeoff(rows: Sequence[Row], quality: str) -> Figure:
+    """One panel per category: a line per model (colour) across CFG (marker), alignment ± 1 standard error."""
     series = tradeoff_series(rows, quality)
     if not series:
         raise SummaryError(f"no category has both an alignment metric and {quality} at the same points; "
                            f"evaluate with eval.quality=[{quality}] eval.reference=<folder>")
-    figure, axes = plt.subplots(1, len(series), figsize=(4.5 * len(series), 3.8), squeeze=False)
+    figure = Figure(figsize=(4.8 * len(series), 4.2), layout="constrained")
+    axes = figure.subplots(1, len(series), squeeze=False)[0]
     metric_of = plotted_metric(rows)
-    for ax, (category, lines) in zip(axes[0], sorted(series.items())):
-        for (method, r), points in sorted(lines.items()):
-            cfgs, xs, ys = zip(*points)
-            style = dict(color="black", linestyle="--", marker="s") if r == 0 else dict(marker="o")
-            ax.plot(xs, ys, label=label(method, r), **style)
-            for g, x, y in points:
-                ax.annotate(f"{g:g}", (x, y), textcoords="offset points", xytext=(3, 3), fontsize=7)
-        ax.set(xlabel=f"{quality} (lower is better)", ylabel=f"{metric_of[category]} (higher is better)",
+    cfgs = sorted({cfg for lines in series.values() for points in lines.values() for cfg, *_ in points})
+    marker = {cfg: MARKERS[i % len(MARKERS)] for i, cfg in enumerate(cfgs)}
+    for ax, (category, lines) in zip(axes, sorted(series.items())):
+        for i, ((method, r), points) in enumerate(sorted(lines.items())):
+            color = "black" if r == 0 else f"C{i}"
+            _, xs, ys, errors = zip(*points)
+            ax.plot(xs, ys, color=color, linestyle="--" if r == 0 else "-", label=label(method, r))
+            for cfg, x, y, error in points:
+                ax.errorbar(x, y, yerr=error, color=color, marker=marker[cfg], capsize=3)
+        ax.set(xlabel=f"{quality} (lower is better)", ylabel=f"{metric_of[category]} (higher is better, ± s.e.)",
                title=f"{category}: alignment vs {quality} over CFG")
-        ax.legend(fontsize=8)
-    figure.tight_layout()
+        ax.legend(fontsize=8, loc="best")
+    handles = [Line2D([], [], color="0.4", marker=marker[cfg], linestyle="", label=f"CFG {cfg:g}") for cfg in cfgs]
+    figure.legend(handles=handles, loc="outside lower center", ncols=len(cfgs), fontsize=8)
     return figure
 
 
@@ -232,8 +269,9 @@ def summarize(dirs: Sequence[str | os.PathLike], out: str | os.PathLike, *, cfg:
     written = {"results": out / "all_results.csv"}
     write_text(written["results"], csv_text(sorted(rows, key=lambda r: tuple(str(r[c]) for c in COLUMNS)), COLUMNS))
     header, body = table1(rows, cfg)
-    title = f"Table 1 style: alignment at CFG {cfg:g} (mean over images; T2I-CompBench metric per category)"
-    write_text(out / "table1.md", markdown(title, header, body))
+    note, md_header, md_body = mean_pm_std(header, body)
+    title = f"Table 1 style: alignment at CFG {cfg:g} (mean ± std over images, {note}; T2I-CompBench metric per category)"
+    write_text(out / "table1.md", markdown(title, md_header, md_body))
     write_text(out / "table1.csv", table_csv(header, body))
     written.update(table1_md=out / "table1.md", table1_csv=out / "table1.csv")
     try:
@@ -245,7 +283,6 @@ def summarize(dirs: Sequence[str | os.PathLike], out: str | os.PathLike, *, cfg:
     write_text(out / "table2.csv", table_csv(header, body))
     figure = plot_tradeoff(rows, default_quality(rows, quality))
     atomic_write(out / "tradeoff.png", lambda tmp: figure.savefig(tmp, dpi=120, format="png"))
-    plt.close(figure)
     written.update(table2_md=out / "table2.md", table2_csv=out / "table2.csv", tradeoff=out / "tradeoff.png")
     return written
 
@@ -254,7 +291,7 @@ def log_to_wandb(written: dict[str, Path], out: Path, project: str) -> None:
     """The tables as W&B tables and the plot as an image, in a "summary" run."""
     import wandb
 
-    wandb_offline_without_key()
+    setup_wandb()
     run = wandb.init(project=project, job_type="summary", name=f"summary-{out.name}", dir=str(out))
     try:
         for name in ("table1_csv", "table2_csv"):

@@ -64,6 +64,9 @@ def accumulation_steps(effective_batch: int, micro_batch: int, world_size: int =
 class MITuneModule(L.LightningModule):
     """The pipeline's UNet (and optionally its text encoder) with trainable adapters."""
 
+    # Not counted (benchmarks/ measure MFU): Lightning's ThroughputMonitor then logs samples/s alone.
+    flops_per_batch = None
+
     def __init__(self, pipe: DiffusionPipeline, adapter: AdapterConfig, train: TrainConfig) -> None:
         super().__init__()
         if train.t_max > pipe.scheduler.config.num_train_timesteps:

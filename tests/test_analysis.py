@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 
 import pytest
 from PIL import Image
@@ -43,7 +44,7 @@ def test_constant_scores_leave_tau_undefined_not_zero():
     rows = synthetic_round(num_prompts=3, m=3)
     scores = [1.0 if row["prompt"] == "p0" else row["mi"] for row in rows]
     result = analysis.kendall_by_rank(rows, scores, [1, 2, 3])
-    assert (result.num_prompts, result.num_undefined, result.mean_tau) == (2, 1, pytest.approx(1.0))
+    assert (result.num_prompts, result.num_undefined, result.mean_tau) == (3, 1, pytest.approx(1.0))
 
 
 @pytest.mark.parametrize("m,expected", [(50, [1, 25, 50]), (3, [1, 2, 3]), (10, [1, 5, 10]), (2, [1, 2])])
@@ -115,7 +116,7 @@ def test_real_round_scored_by_a_metric(tiny_round, tmp_path):
     code = analysis.main([str(tiny_round), "--metric", "toy_oracle", "--ranks", "1", "50", "--out", str(tmp_path)])
     assert code == 0
     result = json.loads((tmp_path / "kendall_toy_oracle.json").read_text())
-    assert result["ranks"] == [1, 4] and result["num_prompts"] + result["num_undefined"] == 3
+    assert result["ranks"] == [1, 4] and result["num_prompts"] == 3
     assert math.isnan(result["mean_tau"]) or -1 <= result["mean_tau"] <= 1
     assert (tmp_path / "cdf_toy_oracle.png").stat().st_size > 1000
 
@@ -124,3 +125,12 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     (tmp_path / "images").mkdir()
     assert analysis.main([str(tmp_path), "--metric", "toy_oracle", "--out", str(tmp_path / "out")]) == 1
     assert "is not a finished round: it has no metadata.jsonl" in capsys.readouterr().err
+
+
+def test_missing_evaluation_model_is_one_line_without_waiting_for_the_hub(tiny_round, tmp_path, capsys):
+    start = time.monotonic()
+    assert analysis.main([str(tiny_round), "--metric", "blip_vqa", "--out", str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert time.monotonic() - start < 20
+    assert err.count("\n") == 1 and "blip_vqa needs the model 'Salesforce/blip-vqa-base'" in err
+    assert "hf download Salesforce/blip-vqa-base" in err

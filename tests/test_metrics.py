@@ -14,6 +14,7 @@ from mitune.metrics import (
     QUALITY_METRICS,
     AlignmentMetric,
     MetricInputError,
+    MissingModelError,
     build_alignment_metric,
     build_quality_metric,
     load_image_folder,
@@ -281,6 +282,24 @@ def test_fid_without_clean_fid_names_the_install_command(monkeypatch):
     monkeypatch.setitem(sys.modules, "cleanfid.inception_torchscript", None)
     with pytest.raises(ImportError, match=r"pip install -e '\.\[eval\]'"):
         FID()
+
+
+def test_fid_weights_missing_offline_is_one_line_naming_file_and_setting(tmp_path, monkeypatch):
+    pytest.importorskip("cleanfid", reason="clean-fid is in the eval extra")
+    import urllib.error
+    import urllib.request
+
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("[Errno -2] Name or service not known")
+
+    monkeypatch.setattr(urllib.request, "urlopen", offline)
+    with pytest.raises(MissingModelError) as caught:
+        FID(weights_dir=tmp_path)
+    message = str(caught.value)
+    assert "\n" not in message and caught.value.__suppress_context__
+    assert f"{tmp_path}/inception-2015-12-05.pt is missing" in message and "Name or service not known" in message
+    assert "eval.metric_kwargs.fid.weights_dir=<folder>" in message
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_clean_fid_extractor_resizes_to_299_and_feeds_the_inception_its_0_255_range(tmp_path):

@@ -8,6 +8,7 @@ import json
 import random
 import re
 import signal
+import struct
 import subprocess
 import sys
 import time
@@ -103,18 +104,70 @@ def test_two_rounds_end_to_end_with_logs(tiny_sd_path, tmp_path):
     with open(out / "csv" / "metrics.csv") as f:
         rows = list(csv.DictReader(f))
     logged = {k for row in rows for k, v in row.items() if v}
-    wanted = {"train/loss", "train/grad_norm", "train/t_mean", "lr-AdamW", "train/device/samples_per_sec",
+    wanted = {"train/loss", "train/grad_norm", "train/t_mean", "train/lr", "train/device/samples_per_sec",
+              "device/cpu_percent", "device/ram_percent",
               "round/mean_mi", "round/median_mi", "round/topk_mi", "round/selection_margin"}
     assert wanted <= logged, wanted - logged
-    assert any(k.startswith("DeviceStatsMonitor") and "cpu_vm_percent" in k for k in logged)
-    # round 2 is generated after round 1's 3 optimizer steps
+    assert not any(k.startswith(("DeviceStatsMonitor", "lr-")) for k in logged)
+    # round 2 is generated after round 1's 3 optimizer steps; the loss is logged at every step
     assert [int(row["step"]) for row in rows if row["round/index"]] == [0, 3]
+    assert sorted(int(row["step"]) for row in rows if row["train/loss"]) == list(range(6))
     # W&B ran offline (no account): its run file holds the same keys and the round images/table.
     [wandb_file] = (out / "wandb").glob("offline-run-*/run-*.wandb")
     blob = wandb_file.read_bytes()
     assert all(key.encode() in blob for key in wanted)
     assert list((out / "wandb").glob("offline-run-*/files/media/table/round/images_*.table.json"))
     assert (out / "csv" / "hparams.yaml").read_text().count("effective_batch: 4") == 1
+    assert "accumulate_grad_batches: 2" in (out / "csv" / "hparams.yaml").read_text()
+    # A quiet console: mitune's own lines, each once; no library banners, tips or known warnings.
+    console = result.stdout + result.stderr
+    assert console.count("round done:") == 2 and console.count("W&B: offline run toy in") == 1
+    for noise in ("wandb:", "GPU available", "Tip:", "LeafSpec", "eval mode", "flops_per_batch", "torchvision",
+                  "Loading pipeline components", "Epoch "):
+        assert noise not in console, noise
+
+
+def wandb_records(run_dir: Path) -> list:
+    """The protobuf records of a job's offline W&B run file (a LevelDB-style log of 32 KiB blocks)."""
+    from wandb.proto import wandb_internal_pb2
+
+    [path] = run_dir.glob("wandb/offline-run-*/run-*.wandb")
+    data, pos, records, part = path.read_bytes(), 7, [], b""  # 7 bytes: the ":W&B" header
+    while pos + 7 <= len(data):
+        if 32768 - pos % 32768 < 7:  # a block's tail too short for a record header is padding
+            pos += 32768 - pos % 32768
+            continue
+        _, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        part, pos = part + data[pos + 7:pos + 7 + length], pos + 7 + length
+        if kind in (1, 4):  # a full record, or the last piece of one
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(part)
+            records.append(record)
+            part = b""
+    return records
+
+
+def test_cfg_sweep_has_one_root_named_jobs_and_grouped_wandb_runs(tiny_sd_path, tmp_path):
+    sweep = tmp_path / "sweep"
+    result = cli("-m", "generation.guidance_scale=2.5,7.5", *SMALL, "data.limit=1", "rounds=2",
+                 f"hydra.sweep.dir={sweep}", tiny=tiny_sd_path, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert sorted(p.name for p in sweep.iterdir()) == [
+        "generation.guidance_scale=2.5", "generation.guidance_scale=7.5", "multirun.yaml"]
+    for cfg in ("2.5", "7.5"):
+        job = sweep / f"generation.guidance_scale={cfg}"
+        records = wandb_records(job)
+        [run] = [r.run for r in records if r.WhichOneof("record_type") == "run"]
+        assert (run.display_name, run.run_group) == (f"toy-cfg{cfg}", str(sweep))
+        config = {item.key: json.loads(item.value_json) for r in records if r.WhichOneof("record_type") == "config"
+                  for item in r.config.update}
+        assert config["generation"]["guidance_scale"] == float(cfg)
+        assert f"generation.guidance_scale={cfg}" in config["hydra"]["overrides"]
+        assert config["derived"] == {"accumulate_grad_batches": 2, "world_size": 1}
+        losses = [r for r in records if r.WhichOneof("record_type") == "history"
+                  and any("train/loss" in (item.key, *item.nested_key) for item in r.history.item)]
+        assert len(losses) == 6  # every optimizer step of both rounds
+    assert f"toy-cfg2.5, group {sweep}" in result.stdout + result.stderr
 
 
 def test_multirun_over_all_exps_and_cfg(tiny_sd_path, tmp_path):
@@ -122,7 +175,9 @@ def test_multirun_over_all_exps_and_cfg(tiny_sd_path, tmp_path):
                  "logger=csv", *SMALL, f"hydra.sweep.dir={tmp_path}", tiny=tiny_sd_path, timeout=900,
                  MITUNE_COMPBENCH_DIR=str(FIXTURES / "compbench"))
     assert result.returncode == 0, result.stderr[-3000:]
-    assert len(sorted(tmp_path.glob("*/adapter/pytorch_lora_weights.safetensors"))) == 2 * len(EXPS)
+    jobs = sorted(p.parent.parent.name for p in tmp_path.glob("*/adapter/pytorch_lora_weights.safetensors"))
+    assert jobs == sorted(f"+exp={e},generation.guidance_scale={g}" for e in EXPS for g in ("2.5", "7.5"))
+    assert sorted(p.name for p in tmp_path.iterdir() if p.is_file()) == ["multirun.yaml"]  # one root for the sweep
 
 
 @pytest.mark.parametrize(

@@ -58,14 +58,16 @@ def test_tables_from_two_categories(tmp_path):
 
     table1 = read_csv(written["table1_csv"])
     assert [r["model"] for r in table1] == ["base", "mitune R=1", "mitune R=2"]
-    assert list(table1[0]) == ["model", "method", "round", "color", "spatial"]
+    assert list(table1[0]) == ["model", "method", "round", "color", "color_std", "color_n",
+                               "spatial", "spatial_std", "spatial_n"]
     for r, row in enumerate(table1):
         assert float(row["color"]) == pytest.approx(0.1 * r + 0.075)
         assert float(row["spatial"]) == pytest.approx(1 + 0.1 * r + 0.075)
+        assert (row["color_std"], row["color_n"]) == ("0.1", "20")
     md = written["table1_md"].read_text().splitlines()
-    assert "CFG 7.5" in md[0]
+    assert "CFG 7.5 (mean ± std over images, n = 20 images per cell;" in md[0]
     assert md[2:4] == ["| model | method | round | color | spatial |", "|---|---|---|---|---|"]
-    assert md[5] == "| mitune R=1 | mitune | 1 | 0.175 | 1.175 |"
+    assert md[5] == "| mitune R=1 | mitune | 1 | 0.175 ± 0.1 | 1.175 ± 0.1 |"
 
     table2 = read_csv(written["table2_csv"])
     assert list(table2[0]) == ["model", "method", "round", "category", "cfg", "cmmd", "fid"]
@@ -85,7 +87,8 @@ def test_series_of_the_tradeoff_plot():
                                       for row in grid(categories=("color",))], "fid")
     assert set(series) == {"color"}
     assert sorted(series["color"]) == [("", 0), ("mitune", 1), ("mitune", 2)]  # the base model is its own line
-    assert series["color"][("mitune", 1)] == [(2.5, 23.5, pytest.approx(0.125)), (7.5, 28.5, pytest.approx(0.175))]
+    sem = pytest.approx(0.1 / 20 ** 0.5)  # std 0.1 over n = 20 images
+    assert series["color"][("mitune", 1)] == [(2.5, 23.5, pytest.approx(0.125), sem), (7.5, 28.5, pytest.approx(0.175), sem)]
 
 
 def test_newest_result_wins_and_other_cfg(tmp_path):
@@ -96,7 +99,7 @@ def test_newest_result_wins_and_other_cfg(tmp_path):
     rows = summary.collect([tmp_path])
     assert sorted(r["value"] for r in rows if r["metric"] == "blip_vqa") == [pytest.approx(100.025)]
     header, body = summary.table1(rows, 2.5)
-    assert body == [["base", "base", 0, pytest.approx(100.025)]]
+    assert body == [["base", "base", 0, pytest.approx(100.025), 0.1, 20]]
     with pytest.raises(summary.SummaryError, match=r"no alignment results at CFG 7.5; evaluated CFGs: \[2.5\]"):
         summary.table1(rows, 7.5)
 
@@ -163,6 +166,7 @@ def test_train_once_evaluate_the_grid_and_summarise(tiny_sd_path, tmp_path):
     assert [(r["model"], r["round"]) for r in table1] == [("base", "0"), ("mitune R=1", "1"), ("mitune R=2", "2")]
     assert [float(r["toy"]) for r in table1] == pytest.approx([mean_score(f"round_{r}-cfg_7.5") for r in (0, 1, 2)])
     assert (out / "table1.md").read_text().splitlines()[2] == "| model | method | round | toy |"
+    assert [int(r["toy_n"]) for r in table1] == [2 * 2] * 3  # 2 prompts x eval.num_images=2
     table2 = read_csv(out / "table2.csv")
     assert [(r["model"], r["cfg"]) for r in table2] == [(m, g) for m in ("base", "mitune R=1", "mitune R=2")
                                                        for g in ("2.5", "7.5")]
@@ -175,3 +179,12 @@ def test_train_once_evaluate_the_grid_and_summarise(tiny_sd_path, tmp_path):
     # Logged to W&B (offline): every job's table and the summary's plot.
     assert len(list(sweep.glob("*/wandb/offline-run-*/files/media/table/eval/results_*.table.json"))) == 6
     assert list(out.glob("wandb/offline-run-*/files/media/images/summary/tradeoff_*.png"))
+
+
+def test_table1_cells_give_n_when_it_differs():
+    rows = [summary.parse_row({k: str(v) if v is not None else "" for k, v in row.items()})
+            for row in grid(categories=("color",), rounds=(0, 1), cfgs=(7.5,))]
+    rows = [dict(row, n=10) if row["round"] == 1 else row for row in rows]
+    note, header, body = summary.mean_pm_std(*summary.table1(rows, 7.5))
+    assert note == "n images per cell" and header == ["model", "method", "round", "color"]
+    assert body == [["base", "base", 0, "0.075 ± 0.1 (n=20)"], ["mitune R=1", "mitune", 1, "0.175 ± 0.1 (n=10)"]]

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from mitune.tracking import wandb_offline_without_key
+from mitune.tracking import name_part, run_name, sweep_group, wandb_offline_without_key
 
 
 def test_wandb_goes_offline_without_mode_or_key(monkeypatch):
@@ -32,3 +32,13 @@ def test_summary_does_not_import_lightning_or_hydra():
     code = "import sys, mitune.summary; print(sorted({m.split('.')[0] for m in sys.modules} & {'lightning', 'hydra', 'wandb'}))"
     found = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert found.strip() == "[]"
+
+
+def test_outside_a_sweep_a_run_is_named_by_its_task_and_has_no_group():
+    assert (run_name("color"), sweep_group()) == ("color", None)
+
+
+def test_swept_values_are_named_shortly():
+    assert name_part("generation.guidance_scale", "2.5") == "cfg2.5"
+    assert name_part("generation.num_candidates", "16") == "M16"
+    assert name_part("train.lr", "0.001") == "lr=0.001"

@@ -24,6 +24,7 @@ from mitune.metrics.base import (
     load_image_folder,
     load_images,
 )
+from mitune.metrics.hub import MissingModelError
 
 _ALIGNMENT = {
     "mi": "mitune.metrics.mi:MIMetric",
@@ -90,6 +91,7 @@ __all__ = [
     "FeatureExtractor",
     "ImageFiles",
     "MetricInputError",
+    "MissingModelError",
     "QualityMetric",
     "build_alignment_metric",
     "build_quality_metric",

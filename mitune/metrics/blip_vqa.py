@@ -18,6 +18,7 @@ import torch
 from PIL import Image
 
 from mitune.metrics.base import AlignmentMetric, MetricInputError
+from mitune.metrics.hub import local_model
 from mitune.metrics.phrases import noun_chunks
 
 QUESTION_MAX_TOKENS = 35  # BLIP's VQA question length (T2I-CompBench truncates to it too)
@@ -52,6 +53,7 @@ class BlipVQAMetric(AlignmentMetric):
         if max_phrases < 1:
             raise ValueError(f"max_phrases must be >= 1, got {max_phrases}")
         self.device = torch.device(device)
+        model_name_or_path = local_model(model_name_or_path, self.name)
         self.processor = BlipProcessor.from_pretrained(model_name_or_path)
         self.model = BlipForQuestionAnswering.from_pretrained(model_name_or_path).to(self.device).eval()
         tokenizer = self.processor.tokenizer

@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from PIL import Image
 
+from mitune.metrics.hub import local_model
+
 
 def image_features(model, pixel_values: torch.Tensor) -> torch.Tensor:
     """Projected CLIP image embeddings (transformers 5 returns an output object, 4.x a tensor)."""
@@ -25,6 +27,7 @@ class CLIPEmbedder:
         from transformers import CLIPModel, CLIPProcessor
 
         self.device = torch.device(device)
+        model_name_or_path = local_model(model_name_or_path, "CLIP")
         self.processor = CLIPProcessor.from_pretrained(model_name_or_path)
         self.model = CLIPModel.from_pretrained(model_name_or_path).to(self.device).eval()
         self.max_length = self.model.config.text_config.max_position_embeddings

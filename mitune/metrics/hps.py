@@ -16,6 +16,7 @@ from PIL import Image
 
 from mitune.metrics.base import AlignmentMetric
 from mitune.metrics.clip import CLIPEmbedder
+from mitune.metrics.hub import local_model
 
 HPS_REPO, HPS_FILE = "xswu/HPSv2", "HPS_v2.1_compressed.pt"
 
@@ -34,6 +35,7 @@ class OpenCLIPEmbedder:
         if checkpoint is None:
             from huggingface_hub import hf_hub_download
 
+            local_model(HPS_REPO, "hps")  # one line instead of the hub's retries when it is unreachable
             checkpoint = hf_hub_download(HPS_REPO, HPS_FILE)
         self.device = torch.device(device)
         model, _, self.preprocess = open_clip.create_model_and_transforms("ViT-H-14", pretrained=None)

@@ -25,6 +25,7 @@ from scipy import linalg
 
 from mitune.metrics.base import FeatureExtractor, QualityMetric
 from mitune.metrics.clip import image_features
+from mitune.metrics.hub import MissingModelError, local_model
 
 CMMD_SIGMA = 10.0
 CMMD_SCALE = 1000.0
@@ -146,6 +147,7 @@ class CleanFIDInception:
 
     def __init__(self, device: str = "cpu", weights_dir: str | os.PathLike | None = None) -> None:
         try:
+            from cleanfid.downloads_helper import check_download_inception, inception_url
             from cleanfid.inception_torchscript import InceptionV3W
             from cleanfid.resize import build_resizer
         except ImportError as err:
@@ -154,7 +156,17 @@ class CleanFIDInception:
                 "use `pip install clean-fid --no-deps`), or pass your own `extractor`"
             ) from err
         self.device = torch.device(device)
-        self.model = InceptionV3W(_weights_dir(weights_dir), download=True, resize_inside=False).to(self.device).eval()
+        folder = _weights_dir(weights_dir)
+        try:
+            check_download_inception(fpath=folder)
+        except OSError as err:  # urllib's URLError and HTTPError are OSErrors
+            raise MissingModelError(
+                f"fid needs clean-fid's Inception weights: {folder}/inception-2015-12-05.pt is missing and "
+                f"downloading {inception_url} failed ({getattr(err, 'reason', err)}); download that file into "
+                f"{folder}, or point the FID metric's weights_dir at a folder holding it "
+                "(mitune.evaluate: eval.metric_kwargs.fid.weights_dir=<folder>)"
+            ) from None
+        self.model = InceptionV3W(folder, download=False, resize_inside=False).to(self.device).eval()
         self.resize = build_resizer("clean")
 
     @torch.no_grad()
@@ -178,6 +190,7 @@ class DinoV2Features:
         from transformers import AutoImageProcessor, Dinov2Model
 
         self.device = torch.device(device)
+        model_name_or_path = local_model(model_name_or_path, "fd_dino")
         self.processor = AutoImageProcessor.from_pretrained(model_name_or_path)
         self.model = Dinov2Model.from_pretrained(model_name_or_path).to(self.device).eval()
 
@@ -194,6 +207,7 @@ class CLIPImageFeatures:
         from transformers import CLIPImageProcessor, CLIPModel
 
         self.device = torch.device(device)
+        model_name_or_path = local_model(model_name_or_path, "cmmd")
         self.processor = CLIPImageProcessor.from_pretrained(model_name_or_path)
         self.model = CLIPModel.from_pretrained(model_name_or_path).to(self.device).eval()
 

@@ -27,6 +27,7 @@ import torch
 from PIL import Image
 
 from mitune.metrics.base import AlignmentMetric, MetricInputError
+from mitune.metrics.hub import local_model
 from mitune.metrics.phrases import SpatialPrompt, parse_spatial
 
 Box = tuple[float, float, float, float]  # x_min, y_min, x_max, y_max in pixels
@@ -101,6 +102,7 @@ class SpatialMetric(AlignmentMetric):
 
         super().__init__(batch_size=batch_size, progress=progress)
         self.device = torch.device(device)
+        model_name_or_path = local_model(model_name_or_path, self.name)
         self.processor = AutoProcessor.from_pretrained(model_name_or_path)
         self.model = AutoModelForZeroShotObjectDetection.from_pretrained(model_name_or_path).to(self.device).eval()
         self.threshold = threshold

@@ -40,7 +40,7 @@ from mitune.summary import csv_text  # noqa: E402
 from mitune.toy.base_model import MODEL_DIR  # noqa: E402
 from mitune.toy.oracle import detect, score, score_image  # noqa: E402
 from mitune.toy.world import CATEGORIES, category_of, parse  # noqa: E402
-from mitune.tracking import wandb_offline_without_key  # noqa: E402
+from mitune.tracking import setup_wandb  # noqa: E402
 
 log = logging.getLogger(__name__)
 REPO = Path(__file__).resolve().parents[2]
@@ -298,7 +298,7 @@ def log_wandb(config: ToyEval, summary: list[dict], files: list[Path]) -> None:
     """The summary table and plots as one W&B run (offline without credentials)."""
     import wandb
 
-    wandb_offline_without_key()
+    setup_wandb()
     run = wandb.init(project="mitune", name="toy-eval", dir=str(config.out), config={"seeds": list(config.seeds)})
     try:
         run.log({"toy/summary": wandb.Table(columns=list(summary[0]), data=[list(s.values()) for s in summary]),

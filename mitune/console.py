@@ -1,0 +1,49 @@
+"""A quiet console for mitune's entry points: mitune's own messages, library chatter off at its source.
+
+Importing this module sets the levels of a few library loggers (stdlib only, so an entry point can
+import it before the libraries that would print while being imported); ``quiet_libraries`` also
+turns off the libraries' own progress bars and silences two known, harmless library warnings by
+their exact text. Library users who import ``mitune`` alone keep the libraries' defaults.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+
+LIBRARY_LOGGERS = {
+    # transformers' notice, on importing diffusers, that image processors fall back to PIL without
+    # torchvision (mitune never uses torchvision).
+    "transformers.utils.import_utils": logging.ERROR,
+    # Lightning's accelerator inventory, product tips and "`Trainer.fit` stopped": the run says what it did.
+    "lightning.pytorch.utilities.rank_zero": logging.WARNING,
+    "lightning.fabric.utilities.rank_zero": logging.WARNING,
+}
+
+HARMLESS_WARNINGS = [
+    # torch deprecates `isinstance(x, LeafSpec)`, which Lightning's own pytree helper still uses.
+    (r"`isinstance\(treespec, LeafSpec\)` is deprecated", r"lightning\.pytorch\.utilities\._pytree"),
+    # The frozen base model stays in eval mode on purpose (it has no dropout or batch statistics);
+    # only the adapter layers train.
+    (r"Found \d+ module\(s\) in eval mode at the start of training", r"lightning\.pytorch\.loops\.fit_loop"),
+]
+
+
+def quiet_library_loggers() -> None:
+    for name, level in LIBRARY_LOGGERS.items():
+        logging.getLogger(name).setLevel(level)
+
+
+def quiet_libraries() -> None:
+    """Loggers as above, no model-loading progress bars, and the known harmless warnings filtered."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    quiet_library_loggers()
+    diffusers_logging.disable_progress_bar()
+    transformers_logging.disable_progress_bar()
+    for message, module in HARMLESS_WARNINGS:
+        warnings.filterwarnings("ignore", message=message, module=module)
+
+
+quiet_library_loggers()
