@@ -73,14 +73,22 @@ def roc_auc(scores: np.ndarray, labels: np.ndarray) -> float:
     return float((ranks[labels].sum() - positives * (positives + 1) / 2) / (positives * negatives))
 
 
-def best_of_n(rows: list[dict], n: int, key) -> float:
-    """Mean over prompts of the oracle score of the first-n candidate that ``key`` ranks highest
-    (ties to the lower candidate index)."""
-    picks = []
+def picks(rows: list[dict], n: int, key) -> np.ndarray:
+    """Per prompt, the oracle score of the first-n candidate that ``key`` ranks highest (ties to
+    the lower candidate index); ``key=None`` is a random pick's expected score (the mean)."""
+    out = []
     for text in dict.fromkeys(r["prompt"] for r in rows):
         pool = [r for r in rows if r["prompt"] == text and r["candidate"] < n]
-        picks.append(max(pool, key=lambda r: (key(r), -r["candidate"]))["oracle"])
-    return float(np.mean(picks))
+        if key is None:
+            out.append(np.mean([r["oracle"] for r in pool]))
+        else:
+            out.append(max(pool, key=lambda r: (key(r), -r["candidate"]))["oracle"])
+    return np.array(out)
+
+
+def best_of_n(rows: list[dict], n: int, key) -> float:
+    """Mean over prompts of ``picks``."""
+    return float(picks(rows, n, key).mean())
 
 
 def min_phrase_mi(row: dict) -> float:
@@ -112,12 +120,20 @@ def best_of_n_table(rows: list[dict], cfg: float) -> str:
     }
     lines = ["| pick | " + " | ".join(f"N={n}" for n in NS) + " |", "|---|" + "---|" * len(NS)]
     for name, key in rules.items():
-        if key is None:
-            values = [np.mean([r["oracle"] for r in rows if r["candidate"] < n]) for n in NS]
-        else:
-            values = [best_of_n(rows, n, key) for n in NS]
-        lines.append(f"| {name} | " + " | ".join(f"{v:.3f}" for v in values) + " |")
-    return "\n".join(lines + fine_tuned_rows(cfg))
+        lines.append(f"| {name} | " + " | ".join(f"{best_of_n(rows, n, key):.3f}" for n in NS) + " |")
+    lines += fine_tuned_rows(cfg)
+    lines += ["", "Paired differences over prompts (mean ± standard error):", "",
+              "| difference | " + " | ".join(f"N={n}" for n in NS) + " |", "|---|" + "---|" * len(NS)]
+    pairs = {"MI - random": ("MI", "random pick (mean of all candidates)"),
+             "phrase MI - random": ("phrase MI (min over phrases)", "random pick (mean of all candidates)"),
+             "phrase MI - MI": ("phrase MI (min over phrases)", "MI")}
+    for name, (a, b) in pairs.items():
+        cells = []
+        for n in NS:
+            diff = picks(rows, n, rules[a]) - picks(rows, n, rules[b])
+            cells.append(f"{diff.mean():+.3f} ± {diff.std(ddof=1) / np.sqrt(len(diff)):.3f}")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def within_phrase_auc(rows: list[dict], key: str) -> tuple[float, int]:
