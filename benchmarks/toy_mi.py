@@ -20,6 +20,7 @@ Rows are written per prompt and reused, so a rerun resumes.
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import shlex
 import sys
@@ -38,6 +39,7 @@ from mitune.toy.oracle import detect, phrase_score, score_image
 from mitune.toy.world import CATEGORIES, Scene, category_of, parse, prompt as scene_prompt
 
 NS = (4, 16)
+TOY_SUMMARY = Path(__file__).resolve().parents[1] / "docs" / "toy" / "summary.csv"
 
 
 def object_phrases(text: str) -> list[tuple[str, object]]:
@@ -71,21 +73,45 @@ def roc_auc(scores: np.ndarray, labels: np.ndarray) -> float:
     return float((ranks[labels].sum() - positives * (positives + 1) / 2) / (positives * negatives))
 
 
-def best_of_n(rows: list[dict], n: int, key) -> float:
-    """Mean over prompts of the oracle score of the first-n candidate that ``key`` ranks highest
-    (ties to the lower candidate index)."""
-    picks = []
+def picks(rows: list[dict], n: int, key) -> np.ndarray:
+    """Per prompt, the oracle score of the first-n candidate that ``key`` ranks highest (ties to
+    the lower candidate index); ``key=None`` is a random pick's expected score (the mean)."""
+    out = []
     for text in dict.fromkeys(r["prompt"] for r in rows):
         pool = [r for r in rows if r["prompt"] == text and r["candidate"] < n]
-        picks.append(max(pool, key=lambda r: (key(r), -r["candidate"]))["oracle"])
-    return float(np.mean(picks))
+        if key is None:
+            out.append(np.mean([r["oracle"] for r in pool]))
+        else:
+            out.append(max(pool, key=lambda r: (key(r), -r["candidate"]))["oracle"])
+    return np.array(out)
+
+
+def best_of_n(rows: list[dict], n: int, key) -> float:
+    """Mean over prompts of ``picks``."""
+    return float(picks(rows, n, key).mean())
 
 
 def min_phrase_mi(row: dict) -> float:
     return min(p["phrase_mi"] for p in row["phrases"])
 
 
-def best_of_n_table(rows: list[dict]) -> str:
+def fine_tuned_rows(cfg: float) -> list[str]:
+    """The toy experiment's base and MI-TUNE models on the same prompts (docs/toy/summary.csv)."""
+    if not TOY_SUMMARY.exists():
+        return []
+    found = {(r["method"], r["round"]): r for r in csv.DictReader(TOY_SUMMARY.open())
+             if r["category"] == "all" and float(r["cfg"]) == cfg}
+    out = []
+    for (method, r), name in {("base", "0"): "base model, one sample", ("mi", "1"): "MI-TUNE round 1, one sample",
+                              ("mi", "2"): "MI-TUNE round 2, one sample"}.items():
+        if (method, r) in found:
+            row = found[(method, r)]
+            value = f"{float(row['mean']):.3f} ± {float(row['std']):.3f}"
+            out.append(f"| {name} (docs/toy, {row['seeds']} seeds) | {value} | {value} |")
+    return out
+
+
+def best_of_n_table(rows: list[dict], cfg: float) -> str:
     rules = {
         "random pick (mean of all candidates)": None,
         "MI": lambda r: r["mi"],
@@ -94,23 +120,48 @@ def best_of_n_table(rows: list[dict]) -> str:
     }
     lines = ["| pick | " + " | ".join(f"N={n}" for n in NS) + " |", "|---|" + "---|" * len(NS)]
     for name, key in rules.items():
-        if key is None:
-            values = [np.mean([r["oracle"] for r in rows if r["candidate"] < n]) for n in NS]
-        else:
-            values = [best_of_n(rows, n, key) for n in NS]
-        lines.append(f"| {name} | " + " | ".join(f"{v:.3f}" for v in values) + " |")
+        lines.append(f"| {name} | " + " | ".join(f"{best_of_n(rows, n, key):.3f}" for n in NS) + " |")
+    lines += fine_tuned_rows(cfg)
+    lines += ["", "Paired differences over prompts (mean ± standard error):", "",
+              "| difference | " + " | ".join(f"N={n}" for n in NS) + " |", "|---|" + "---|" * len(NS)]
+    pairs = {"MI - random": ("MI", "random pick (mean of all candidates)"),
+             "phrase MI - random": ("phrase MI (min over phrases)", "random pick (mean of all candidates)"),
+             "phrase MI - MI": ("phrase MI (min over phrases)", "MI")}
+    for name, (a, b) in pairs.items():
+        cells = []
+        for n in NS:
+            diff = picks(rows, n, rules[a]) - picks(rows, n, rules[b])
+            cells.append(f"{diff.mean():+.3f} ± {diff.std(ddof=1) / np.sqrt(len(diff)):.3f}")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
+def within_phrase_auc(rows: list[dict], key: str) -> tuple[float, int]:
+    """Mean AUC over (prompt, phrase) pairs, each across that prompt's images (pairs where the
+    object is found in some images and missed in others), and the number of such pairs: how
+    well the score ranks one prompt's candidates, as selection uses it."""
+    aucs = []
+    for text in dict.fromkeys(r["prompt"] for r in rows):
+        mine = [r for r in rows if r["prompt"] == text]
+        for k in range(len(mine[0]["phrases"])):
+            found = np.array([r["phrases"][k]["found"] for r in mine])
+            scores = np.array([r["phrases"][k]["phrase_mi"] if key == "phrase_mi" else r["mi"] for r in mine])
+            if 0 < found.sum() < len(found):
+                aucs.append(roc_auc(scores, found))
+    return (float(np.mean(aucs)) if aucs else float("nan")), len(aucs)
+
+
 def auc_table(rows: list[dict]) -> str:
-    lines = ["| category | phrases | found | AUC phrase MI | AUC plain MI |", "|---|---|---|---|---|"]
+    lines = ["| category | phrases | found | AUC phrase MI | AUC plain MI | within-prompt AUC phrase MI | "
+             "within-prompt AUC plain MI | (prompt, phrase) pairs |", "|---|---|---|---|---|---|---|---|"]
     for category in (*CATEGORIES, "all"):
-        items = [(p["phrase_mi"], r["mi"], p["found"]) for r in rows for p in r["phrases"]
-                 if category in ("all", r["category"])]
+        mine = [r for r in rows if category in ("all", r["category"])]
+        items = [(p["phrase_mi"], r["mi"], p["found"]) for r in mine for p in r["phrases"]]
         phrase, plain, found = (np.array(x) for x in zip(*items))
         found = found.astype(bool)
+        (within_phrase, pairs), (within_plain, _) = within_phrase_auc(mine, "phrase_mi"), within_phrase_auc(mine, "mi")
         lines.append(f"| {category} | {len(found)} | {found.mean():.2f} | {roc_auc(phrase, found):.3f} | "
-                     f"{roc_auc(plain, found):.3f} |")
+                     f"{roc_auc(plain, found):.3f} | {within_phrase:.3f} | {within_plain:.3f} | {pairs} |")
     return "\n".join(lines)
 
 
@@ -142,10 +193,12 @@ def main(argv: list[str] | None = None) -> None:
         "the paper's MI (fused, sum over steps) and per-phrase conditional MI (fused, rest prompt = the prompt "
         "without the phrase); oracle score in [0, 1].\n\n"
         "## Best-of-N: oracle score of the picked image (mean over prompts)\n\n"
-        f"{best_of_n_table(rows)}\n\n"
+        f"{best_of_n_table(rows, args.guidance)}\n\n"
         "## Neglect: does a phrase's conditional MI predict that the oracle finds its object?\n\n"
         "One row per (image, phrase); found = an object with all of the phrase's attributes was drawn. "
-        "AUC 0.5 is chance; plain MI (the same for every phrase of an image) is the baseline.\n\n"
+        "AUC 0.5 is chance; plain MI (the same for every phrase of an image) is the baseline. The pooled AUC "
+        "compares phrases of different prompts; the within-prompt AUC ranks one prompt's candidates (as "
+        "selection does), averaged over the (prompt, phrase) pairs found in some images and missed in others.\n\n"
         f"{auc_table(rows)}\n"
     )
     mio.write_text(mio.check_writable(args.out) / "toy.md", report)

@@ -1,7 +1,7 @@
 """MI-scored generation round (Algorithm 1's inner loop), resumable and reproducible.
 
 For every prompt, M candidates are sampled with ``sample_with_mi`` and the top-k by MI (or by
-the ``selection`` control: random, oracle) are marked as the fine-tuning set. The round directory is a Hugging Face ``imagefolder``::
+the ``selection`` control: phrase MI, random, oracle) are marked as the fine-tuning set. The round directory is a Hugging Face ``imagefolder``::
 
     round_dir/
       round.json                 settings of the round (a resume must match them)
@@ -40,7 +40,6 @@ from tqdm.auto import tqdm
 from mitune import io as mio
 from mitune.mi import MIConfig, sample_with_mi
 from mitune.mi_maps import overlay
-from mitune.phrase_mi import min_phrase_mi, rest_embeddings, sample_with_phrase_mi
 from mitune.models import (
     ddpm_scheduler,
     decode_latents,
@@ -50,6 +49,7 @@ from mitune.models import (
     null_embedding,
     unet_eps_fn,
 )
+from mitune.phrase_mi import min_phrase_mi, rest_embeddings, sample_with_phrase_mi
 from mitune.selection import check_strategy, check_top_k, select_top_k, selection_scores
 
 log = logging.getLogger(__name__)

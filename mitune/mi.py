@@ -147,6 +147,14 @@ def _draw(proposal: torch.Tensor, n: int, generator: Generator, device: torch.de
     return torch.multinomial(proposal.to(gen_device), n, replacement=True, generator=generator).to(device)
 
 
+def noised_gap(eps_fn: EpsFn, z0: torch.Tensor, t: torch.Tensor, emb: Embedding, null_emb: Embedding,
+               scheduler: DDPMScheduler, generator: Generator) -> torch.Tensor:
+    """Per-element squared eps gap at ``z0`` noised forward to timesteps ``t`` (one draw)."""
+    z_t = scheduler.add_noise(z0, _randn(z0.shape, generator, z0), t)
+    eps_uncond, eps_cond = paired_eps(eps_fn, z_t, t, emb, null_emb)
+    return gap_map(eps_cond, eps_uncond)
+
+
 TimestepSampling = Literal["uniform", "importance"]
 TIMESTEP_SAMPLING = ("uniform", "importance")
 # The default importance proposal: logistic in log-SNR (as Info-Decomp), mixed with uniform.
@@ -215,9 +223,8 @@ def calibrated_proposal(
     power, count = torch.zeros(bins, dtype=torch.float64), torch.zeros(bins, dtype=torch.float64)
     for _ in range(n_draws):
         t = _randint(config.min_timestep, num_t, z0.shape[0], generator, z0.device)
-        z_t = scheduler.add_noise(z0, _randn(z0.shape, generator, z0), t)
-        eps_uncond, eps_cond = paired_eps(eps_fn, z_t, t, emb, null_emb)
-        term = kappa(betas[t], alphas_cumprod[t], config.include_alpha) * squared_gap(eps_cond, eps_uncond)
+        gap = noised_gap(eps_fn, z0, t, emb, null_emb, scheduler, generator).flatten(1).sum(1)
+        term = kappa(betas[t], alphas_cumprod[t], config.include_alpha) * gap
         power.index_add_(0, (t // width).cpu(), term.double().pow(2).cpu())
         count.index_add_(0, (t // width).cpu(), torch.ones(len(t), dtype=torch.float64))
     rms = (power / count.clamp(min=1)).sqrt()
@@ -286,13 +293,11 @@ def pointwise_mi(
         else:
             t = _draw(proposal, z0.shape[0], generator, z0.device)
             weight = kappa(betas[t], alphas_cumprod[t], config.include_alpha) / proposal[t]
-        noise = _randn(z0.shape, generator, z0)
-        z_t = scheduler.add_noise(z0, noise, t)
-        eps_uncond, eps_cond = paired_eps(eps_fn, z_t, t, emb, null_emb)
+        gap = noised_gap(eps_fn, z0, t, emb, null_emb, scheduler, generator)
         if return_map:
-            total += per_sample(weight, total) * gap_map(eps_cond, eps_uncond)
+            total += per_sample(weight, total) * gap
         else:
-            total += weight * squared_gap(eps_cond, eps_uncond)
+            total += weight * gap.flatten(1).sum(1)
     if not return_map:
         return check_finite(scale * total / n_draws)
     mi_map = scale * total / n_draws

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-OVERLAY_ALPHA = 0.55
+OVERLAY_ALPHA = 0.7
 
 
 def heat(mi_map: torch.Tensor, size: tuple[int, int]) -> np.ndarray:

@@ -6,6 +6,7 @@ import csv
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 from diffusers.utils.torch_utils import randn_tensor
@@ -83,3 +84,17 @@ def test_cli_bad_input_fails_before_loading_the_model(args, message, tmp_path):
     assert done.returncode == 1
     assert done.stderr.splitlines()[-1].startswith(f"mitune rerank: error: {message}")
     assert "Traceback" not in done.stderr
+
+
+def test_toy_benchmark_auc_and_best_of_n(load_benchmark):
+    """The helpers behind docs/mi/toy.md, on hand-made rows."""
+    toy = load_benchmark("toy_mi")
+    labels = np.array([True, False, True, False])
+    assert toy.roc_auc(np.array([0.9, 0.1, 0.8, 0.2]), labels) == 1.0
+    assert toy.roc_auc(np.array([0.1, 0.9, 0.2, 0.8]), labels) == 0.0
+    assert toy.roc_auc(np.array([0.5, 0.5, 0.9, 0.1]), labels) == 0.875  # one tie counts half
+    assert np.isnan(toy.roc_auc(np.array([1.0, 2.0]), np.array([True, True])))
+    rows = [{"prompt": "p", "candidate": c, "mi": mi, "oracle": oracle}
+            for c, (mi, oracle) in enumerate([(1.0, 0.2), (3.0, 0.5), (2.0, 1.0), (9.0, 0.0)])]
+    assert toy.best_of_n(rows, 3, lambda r: r["mi"]) == 0.5  # candidate 3 is outside the first 3
+    assert toy.best_of_n(rows, 4, lambda r: r["mi"]) == 0.0

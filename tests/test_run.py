@@ -90,6 +90,7 @@ def test_authors_code_settings():
     g = instantiate(cfg.generation)
     assert (g.num_inference_steps, g.seed_mode, g.mi.include_alpha, g.mi.reduction, g.mi.min_timestep) == (
         100, "shared", False, "mean", 51)
+    assert (g.variance_type, g.last_step_noise, g.mi.step_beta) == ("fixed_small", True, "train")
 
 
 def test_two_rounds_end_to_end_with_logs(tiny_sd_path, tmp_path):
