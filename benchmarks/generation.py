@@ -67,7 +67,7 @@ def seeds(batch: int) -> list[int]:
 
 def run_mitune(pipe, prompts: list[str], config: GenerationConfig) -> None:
     jobs = [Job(i, 0, s) for i, s in enumerate(seeds(len(prompts)))]
-    latents, _ = generate_batch(pipe, prompts, jobs, config)
+    latents = generate_batch(pipe, prompts, jobs, config)[0]
     decode_latents(pipe, latents)
 
 

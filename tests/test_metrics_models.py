@@ -239,9 +239,15 @@ def test_mi_metric_is_zero_without_a_prompt_and_independent_of_batch_and_order(t
     torch.testing.assert_close(other.score(images[::-1], prompts[::-1]), scores.flip(0), rtol=1e-5, atol=0)
     reseeded = build_alignment_metric("mi", pipeline=metric.pipe, n_draws=3, seed=1, progress=False)
     assert not torch.equal(reseeded.score(images, prompts), scores)
-    # The "mean" reduction (as a config dict, as Hydra passes it) drops the sum's factor T = 1000.
-    mean = build_alignment_metric("mi", pipeline=tiny_sd_path, n_draws=3, config={"reduction": "mean"}, progress=False)
-    torch.testing.assert_close(mean.score(images, prompts) * 1000, scores, rtol=1e-5, atol=0)
+    # The "mean" reduction (as a config dict, as Hydra passes it) is T x the mean over the kept t:
+    # the sum when every t is kept, twice the sum over t >= 500 when half of them are.
+    def with_config(config: dict) -> torch.Tensor:
+        return build_alignment_metric("mi", pipeline=metric.pipe, n_draws=3, config=config, progress=False).score(
+            images, prompts)
+
+    torch.testing.assert_close(with_config({"reduction": "mean"}), scores, rtol=1e-5, atol=0)
+    late = with_config({"min_timestep": 500})
+    torch.testing.assert_close(with_config({"reduction": "mean", "min_timestep": 500}), 2 * late, rtol=1e-5, atol=0)
 
 
 def test_mi_of_latents_uses_the_vae_latents_of_the_pipeline_size(tiny_sd_path):

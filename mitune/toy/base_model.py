@@ -267,7 +267,7 @@ def oracle_scores(pipe: StableDiffusionPipeline, per_category: int = 4, images: 
         prompts = load_toy(which, per_category, SPLIT_SEED).prompts
         per_category_scores: dict[str, list[float]] = {}
         for batch in micro_batches(make_jobs(prompts, config), config.micro_batch):
-            latents, _ = generate_batch(pipe, prompts, batch, config)
+            latents = generate_batch(pipe, prompts, batch, config)[0]
             for job, image in zip(batch, decode_latents(pipe, latents)):
                 text = prompts[job.prompt_id]
                 per_category_scores.setdefault(category_of(text), []).append(score_image(text, image))
