@@ -128,12 +128,14 @@ def samples_per_second(window_size: int = 10) -> ThroughputMonitor:
 class RoundProgressBar(TQDMProgressBar):
     """Lightning's training bar, one per round (an epoch is a round) and named by it, without the logger version.
 
-    Each round's bar is made when the round's training starts, after its generation bar has closed.
+    Each round's bar is made when the round's training starts, after its generation bar has closed, and
+    closed when it ends.
     """
 
     def __init__(self, images_per_batch: int = 1) -> None:
         super().__init__(leave=True)
         self.images_per_batch = images_per_batch
+        self.bar_round = -1
 
     @property
     def train_description(self) -> str:
@@ -145,12 +147,18 @@ class RoundProgressBar(TQDMProgressBar):
         bar.unit, bar.unit_scale = "img", self.images_per_batch
         return bar
 
-    def on_train_start(self, *_) -> None:
-        """No bar before the first round is generated."""
+    def on_train_start(self, trainer: L.Trainer, *_) -> None:
+        """The bar of the round about to train; made here too, as a run resumed mid-round gets no epoch start."""
+        self.round_bar(trainer)
 
     def on_train_epoch_start(self, trainer: L.Trainer, *_) -> None:
+        if self.bar_round != trainer.current_epoch:
+            self.round_bar(trainer)
+
+    def round_bar(self, trainer: L.Trainer) -> None:
         self.train_progress_bar = self.init_train_tqdm()
         self.train_progress_bar.reset(total=convert_inf(self.total_train_batches))
+        self.bar_round = trainer.current_epoch
 
     def get_metrics(self, trainer: L.Trainer, module: L.LightningModule) -> dict:
         metrics = super().get_metrics(trainer, module)

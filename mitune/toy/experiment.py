@@ -92,7 +92,7 @@ def train(config: ToyEval, strategy: str, seed: int) -> Path:
     command = [sys.executable, "-m", "mitune.run", "+experiment=toy", f"generation.selection={strategy}",
                f"seed={seed}", f"rounds={config.rounds}", f"model.path_or_id={config.model}",
                f"hydra.run.dir={run_dir}", "resume=true", f"task_name=toy-{strategy}",
-               "+trainer.enable_progress_bar=false", *config.overrides]
+               "~callbacks.progress_bar", "+trainer.enable_progress_bar=false", *config.overrides]
     log.info("training %s", " ".join(command[1:]))
     with open(run_dir / "train.log", "a") as logfile:
         result = subprocess.run(command, cwd=REPO, stdout=logfile, stderr=subprocess.STDOUT)
