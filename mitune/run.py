@@ -105,9 +105,10 @@ def train(cfg: DictConfig) -> float:
         try:
             return fit(cfg, prompts, generation, adapter, train_config, out_dir)
         except Preempted as stop:
-            command = " ".join(a for a in sys.argv[1:] if not a.startswith(("resume=", "hydra.run.dir=")))
+            kept = [a for a in sys.argv[1:] if not a.startswith(("resume=", "hydra.run.dir="))]
+            command = " ".join(["python -m mitune.run", *kept, f"hydra.run.dir={out_dir}", "resume=true"])
             print(f"mitune: {stop}; newest checkpoint: {stop.checkpoint or latest_checkpoint(out_dir / 'checkpoints')}. "
-                  f"Resume with: python -m mitune.run {command} hydra.run.dir={out_dir} resume=true", file=sys.stderr)
+                  f"Resume with: {command}", file=sys.stderr)
             raise SystemExit(EXIT_STATUS) from None
 
 
