@@ -49,6 +49,14 @@ data: $(STAMP)
 toy-model: $(STAMP)
 	$(PY) -m mitune.toy.base_model
 
-# The toy experiment: base vs MI-TUNE vs random vs oracle selection, 3 seeds (CPU, < 60 min).
+# The toy benchmark (docs/toy/): 3 seeds x {mi, random, toy_oracle} selection trained R=3 rounds, each round
+# evaluated at CFG 3 and 7.5, then the tables and plots (CPU, about 60 min on 2 cores). Every stage resumes.
+TOY := outputs/toy-eval
+TOY_SWEEP := generation.selection=mi,random,toy_oracle seed=0,1,2
 toy-eval: $(STAMP)
-	$(PY) -m mitune.toy.experiment --out outputs/toy-eval --docs docs/toy
+	$(PY) -m mitune.run -m +experiment=toy $(TOY_SWEEP) resume=true hydra.sweep.dir=$(TOY)/train \
+		'hydra.sweep.subdir=$${generation.selection}-seed$${seed}'
+	$(PY) -m mitune.evaluate -m +experiment=toy_eval $(TOY_SWEEP) eval.round=0,1,2,3 generation.guidance_scale=3.0,7.5 \
+		toy_dir=$(TOY)
+	$(PY) -m mitune.analysis $(TOY)/train --metric toy_oracle --out $(TOY)/summary
+	$(PY) -m mitune.summary $(TOY)/eval --out $(TOY)/summary --cfg 3.0 7.5

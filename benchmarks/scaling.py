@@ -36,7 +36,8 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, LogLocator
 from scipy.optimize import nnls
 
-from mitune.generation import METADATA, GenerationConfig, Job, finish_round, micro_batches, rank_batches, run_round
+from mitune.artifacts import RoundDir
+from mitune.generation import GenerationConfig, Job, finish_round, micro_batches, rank_batches, run_round
 from mitune.models import build_tiny_pipeline, load_pipeline
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -112,7 +113,7 @@ def time_rounds(p: Point, repeats: int, tmp: Path, run: Callable[[Path], list[fl
         cpu = run(round_dir)
         p.times.append(time.perf_counter() - start)
         p.cpu.append(statistics.mean(cpu) / p.times[-1])
-        p.rows = len((round_dir / METADATA).read_text().splitlines())
+        p.rows = len(RoundDir(round_dir).rows())
         if p.rows != p.prompts * p.candidates:
             raise RuntimeError(f"{round_dir} has {p.rows} rows, expected {p.prompts} x {p.candidates}")
     p.times, p.cpu = p.times[1:], p.cpu[1:]

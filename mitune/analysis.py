@@ -13,6 +13,10 @@ Ranks are 1-based (1 = highest MI, recomputed from ``metadata.jsonl``'s ``mi``) 
 ``python -m mitune.analysis <round dir> --metric clip_score --out <dir>`` scores the round's
 images itself; ``--scores <eval job>/scores.jsonl --score-key blip_vqa`` reuses the per-image
 scores ``mitune.evaluate`` wrote for an evaluation folder (also a round dir).
+
+Given training runs instead (run dirs or a sweep dir holding them), it writes ``rounds.csv``: per
+run and round, the metric's mean over the candidates the run selected and over all of them (what
+selection gained), and Kendall tau between MI and the metric.
 """
 
 from __future__ import annotations
@@ -27,17 +31,15 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import matplotlib
+import numpy as np
+import torch
+import yaml
+from matplotlib.figure import Figure
+from scipy.stats import kendalltau
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from scipy.stats import kendalltau  # noqa: E402
-
-import torch  # noqa: E402
-
-from mitune.io import atomic_write, read_jsonl, write_json  # noqa: E402
-from mitune.selection import rank_by_score  # noqa: E402
+from mitune.artifacts import RoundDir, RunDir
+from mitune.io import csv_text, read_jsonl, save_figure, write_json, write_text
+from mitune.selection import rank_by_score
 
 PAPER_RANKS = (1, 25, 50)
 PAPER_M = 50
@@ -118,13 +120,13 @@ def score_cdfs(rows: Sequence[dict[str, Any]], scores: Sequence[float], ranks: S
     return cdfs
 
 
-def plot_cdfs(cdfs: dict[int, tuple[np.ndarray, np.ndarray]], metric: str, m: int) -> plt.Figure:
-    figure, ax = plt.subplots(figsize=(5, 3.5))
+def plot_cdfs(cdfs: dict[int, tuple[np.ndarray, np.ndarray]], metric: str, m: int) -> Figure:
+    figure = Figure(figsize=(5, 3.5), layout="tight")
+    ax = figure.subplots()
     for r, (values, cdf) in sorted(cdfs.items()):
         ax.step(values, cdf, where="post", label=f"MI rank {r} of {m}")
     ax.set(xlabel=f"{metric} score", ylabel="fraction of prompts", title=f"{metric} by MI rank", ylim=(0, 1.02))
     ax.legend()
-    figure.tight_layout()
     return figure
 
 
@@ -132,10 +134,7 @@ def plot_cdfs(cdfs: dict[int, tuple[np.ndarray, np.ndarray]], metric: str, m: in
 
 
 def round_rows(round_dir: Path) -> list[dict[str, Any]]:
-    path = round_dir / "metadata.jsonl"
-    if not path.is_file():
-        raise FileNotFoundError(f"{round_dir} is not a finished round: it has no metadata.jsonl")
-    return read_jsonl(path)
+    return RoundDir(round_dir).rows()
 
 
 def scores_from_file(rows: Sequence[dict[str, Any]], path: Path, key: str) -> list[float]:
@@ -162,15 +161,46 @@ def analyse(round_dir: Path, scores: Sequence[float], metric: str, ranks: Sequen
     scaled = scale_ranks(ranks, m, reference_m)
     result = kendall_by_rank(rows, scores, scaled, metric)
     write_json(out / f"kendall_{metric}.json", {**asdict(result), "round_dir": str(round_dir), "num_candidates": m})
-    figure = plot_cdfs(score_cdfs(rows, scores, scaled), metric, m)
-    atomic_write(out / f"cdf_{metric}.png", lambda tmp: figure.savefig(tmp, dpi=120, format="png"))
-    plt.close(figure)
+    save_figure(out / f"cdf_{metric}.png", plot_cdfs(score_cdfs(rows, scores, scaled), metric, m), dpi=120)
     return result
+
+
+def training_runs(path: Path) -> list[RunDir]:
+    """``path`` itself when it is a training run, else the runs under it (a sweep dir)."""
+    found = [RunDir(path)] if RunDir(path).rounds_dir.is_dir() else [
+        RunDir(p.parent) for p in sorted(path.rglob("rounds")) if p.is_dir() and RunDir(p.parent).config_record.is_file()]
+    if not found:
+        raise FileNotFoundError(f"{path} holds no training run (a dir with rounds/ and a config record)")
+    return found
+
+
+def selection_table(path: Path, metric: str, kwargs: dict[str, Any], reference_m: int = PAPER_M) -> list[dict[str, Any]]:
+    """Per run and round: the metric over the selected candidates vs all, and tau(MI, metric)."""
+    table = []
+    for run in training_runs(path):
+        config = yaml.safe_load(run.config_record.read_text(encoding="utf-8"))
+        r = 1
+        while run.round(r).is_complete():
+            round_dir = run.round(r)
+            rows = round_dir.rows()
+            scores = scores_from_metric(round_dir.path, metric, kwargs)
+            m = min(Counter(row["prompt"] for row in rows).values())
+            chosen = [s for row, s in zip(rows, scores) if row["selected"]]
+            table.append({
+                "run": str(run.path), "selection": config["generation"]["selection"], "seed": config["seed"],
+                "round": r, "metric": metric, "selected": float(np.mean(chosen)), "all": float(np.mean(scores)),
+                "tau_mi": kendall_by_rank(rows, scores, range(1, m + 1), metric).mean_tau,
+                "tau_mi_paper_ranks": kendall_by_rank(rows, scores, scale_ranks(PAPER_RANKS, m, reference_m),
+                                                      metric).mean_tau,
+            })
+            r += 1
+    return table
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m mitune.analysis", description=__doc__.splitlines()[0])
-    parser.add_argument("round_dir", type=Path, help="a generation round (rounds/round_<r>) or evaluation image folder")
+    parser.add_argument("round_dir", type=Path, help="a generation round (rounds/round_<r>) or evaluation image "
+                        "folder; or training runs (a run dir or a sweep dir) for rounds.csv")
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--metric", help="alignment metric to score the images with (mitune.metrics name)")
     source.add_argument("--scores", type=Path, help="JSONL of per-image scores (file_name + --score-key)")
@@ -181,6 +211,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
     try:
+        if not RoundDir(args.round_dir).metadata.is_file():
+            if not args.metric:
+                raise ValueError("training runs are scored with --metric")
+            table = selection_table(args.round_dir, args.metric, args.metric_kwargs, args.reference_m)
+            write_text(args.out / "rounds.csv", csv_text(table, list(table[0])))
+            print(args.out / "rounds.csv")
+            return 0
         rows = round_rows(args.round_dir)
         if args.scores is not None:
             if not args.score_key:

@@ -1,9 +1,10 @@
 """MI-scored generation rounds between fine-tuning epochs (Algorithm 1's outer loop).
 
-One Lightning epoch is one round's fine-tuning. Round r's set is generated with the
-model as it stands after round r-1 (the base model for r=1) when epoch r's data is first
-needed, after epoch r-1's checkpoint is written: a kill during a 24-hour round resumes
-that round, not the training before it.
+One Lightning epoch is one round's fine-tuning. The ``MIRounds`` callback generates round r's
+set with the model as it stands after round r-1 (the base model for r=1) when epoch r starts,
+after epoch r-1's checkpoint is written (a kill during a 24-hour round resumes that round, not
+the training before it), and loads it into ``FinetuneData``'s set, which Lightning sized
+before the round existed.
 """
 
 from __future__ import annotations
@@ -21,14 +22,13 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from mitune.adapters import merged_adapters, save_adapters
-from mitune.data import FinetuneSet, ResumableLoader, load_latents, selected_rows
+from mitune.artifacts import RoundDir, RunDir
+from mitune.data import FinetuneSet, ResumableLoader
 from mitune.generation import GenerationConfig, RoundSummary, finish_round, round_settings, run_round, verify_round
-from mitune.io import atomic_write, read_jsonl, write_json
+from mitune.io import save_figure
 from mitune.training import MITuneModule, TrainConfig
 
 log = logging.getLogger(__name__)
-
-HISTOGRAM = "mi_hist.png"
 
 
 class MIRounds(L.Callback):
@@ -38,23 +38,42 @@ class MIRounds(L.Callback):
                  log_images: int = 16, stop: Callable[[], None] | None = None) -> None:
         self.prompts = prompts
         self.generation = generation
-        self.run_dir = Path(run_dir)
+        self.run = RunDir(Path(run_dir))
         self.base_model = base_model
         self.log_images = log_images
         self.stop = stop  # raises between generation batches once a stop (SIGTERM) is requested
 
-    def round_dir(self, r: int) -> Path:
-        return self.run_dir / "rounds" / f"round_{r}"
+    def on_train_start(self, trainer: L.Trainer, module: MITuneModule) -> None:
+        """The round being trained; also here because a run resumed mid-round gets no epoch start."""
+        self.load_round(trainer, module)
 
-    def ensure_round(self, trainer: L.Trainer, module: MITuneModule, r: int) -> Path:
+    def on_train_epoch_start(self, trainer: L.Trainer, module: MITuneModule) -> None:
+        self.load_round(trainer, module)
+
+    def load_round(self, trainer: L.Trainer, module: MITuneModule) -> None:
+        """Generate (or reuse) the epoch's round and hand its selected set to the data module."""
+        data = trainer.datamodule
+        if not isinstance(data, FinetuneData):
+            raise TypeError(f"MIRounds trains on a FinetuneData data module, got {type(data).__name__}")
+        r = epoch_index(trainer) + 1
+        if data.dataset.round_index == r:
+            return
+        round_dir = self.ensure_round(trainer, module, r)
+        rows = round_dir.selected_rows()
+        prompts = list(dict.fromkeys(row["prompt"] for row in rows))
+        position = {p: i for i, p in enumerate(prompts)}
+        module.set_prompts(prompts)
+        data.dataset.load(r, round_dir.latents(rows), torch.tensor([position[row["prompt"]] for row in rows]))
+
+    def ensure_round(self, trainer: L.Trainer, module: MITuneModule, r: int) -> RoundDir:
         """Generate round r unless it is complete; every rank takes a share of the prompts."""
-        out = self.round_dir(r)
-        # The histogram is written atomically after the round is finished, so it marks a round as
-        # complete; a kill before it reruns the (then instant) round, its summary and the plot.
-        if (out / HISTOGRAM).is_file():
-            if trainer.is_global_zero:  # may rebuild the metadata: one writer
+        out = self.run.round(r)
+        if out.is_complete():
+            if trainer.is_global_zero:  # may rebuild the metadata and the plot: one writer
                 verify_round(out, round_settings(module.pipe, self.prompts, self.generation), len(self.prompts),
                              self.generation.num_candidates)
+                if not out.histogram.is_file():  # killed between the round's end and its plot
+                    save_figure(out.histogram, self.histogram(out.rows(), r), dpi=100)
             trainer.strategy.barrier("mitune-round-verified")
         else:
             training = module.unet.training
@@ -71,11 +90,8 @@ class MIRounds(L.Callback):
 
     def log_round(self, trainer: L.Trainer, r: int, summary: RoundSummary) -> None:
         """Per-round MI statistics, an MI histogram and an image table."""
-        out = summary.round_dir
-        rows = read_jsonl(out / "metadata.jsonl")
-        mi = torch.tensor([row["mi"] for row in rows])
-        chosen = torch.tensor([row["selected"] for row in rows])
-        prompt_ids = torch.tensor([row["prompt_id"] for row in rows])
+        out = RoundDir(summary.round_dir)
+        rows = out.rows()
         stats = {
             "round/index": r,
             "round/mean_mi": summary.mean_mi,
@@ -83,27 +99,32 @@ class MIRounds(L.Callback):
             "round/topk_mi": summary.mean_selected_mi,
             "round/selection_margin": summary.selection_margin,
         }
-        figure = plot_mi(mi, prompt_ids, chosen, f"round {r}: {describe(self.generation)}")
-        atomic_write(out / HISTOGRAM, lambda tmp: figure.savefig(tmp, dpi=100, format="png"))
+        save_figure(out.histogram, self.histogram(rows, r), dpi=100)
         for logger in trainer.loggers:
             logger.log_metrics(stats, step=trainer.global_step)
             if isinstance(logger, WandbLogger):
-                logger.log_image("round/mi_hist", [str(out / HISTOGRAM)], step=trainer.global_step)
+                logger.log_image("round/mi_hist", [str(out.histogram)], step=trainer.global_step)
                 logger.log_table(
                     "round/images",
                     columns=["round", "prompt", "image", "mi", "rank", "selected"],
-                    data=[[r, row["prompt"], wandb_image(out / row["file_name"]), row["mi"], row["rank"], row["selected"]]
-                          for row in rows[: self.log_images]],
+                    data=[[r, row["prompt"], wandb_image(out.path / row["file_name"]), row["mi"], row["rank"],
+                           row["selected"]] for row in rows[: self.log_images]],
                     step=trainer.global_step,
                 )
+
+    def histogram(self, rows: list[dict], r: int) -> Figure:
+        mi = torch.tensor([row["mi"] for row in rows])
+        chosen = torch.tensor([row["selected"] for row in rows])
+        prompt_ids = torch.tensor([row["prompt_id"] for row in rows])
+        return plot_mi(mi, prompt_ids, chosen, f"round {r}: {describe(self.generation)}")
 
     def on_train_epoch_end(self, trainer: L.Trainer, module: MITuneModule) -> None:
         """Keep the adapter of the round just trained (and the latest one as the run's result)."""
         if trainer.is_global_zero:
             r = trainer.current_epoch + 1
-            for target in (self.round_dir(r) / "adapter", self.run_dir / "adapter"):
+            for target in (self.run.round(r).adapter, self.run.adapter):
                 save_adapters(module.pipe, target, base_model=self.base_model, config=module.adapter_config)
-            write_json(self.run_dir / "rounds" / "progress.json", {"rounds_trained": r, "global_step": trainer.global_step})
+            self.run.write_progress(r, trainer.global_step)
 
 
 class StepCheckpoint(ModelCheckpoint):
@@ -244,30 +265,18 @@ def plot_mi(mi: torch.Tensor, prompt_ids: torch.Tensor, chosen: torch.Tensor, ti
 
 
 class FinetuneData(L.LightningDataModule):
-    """Serves the current round's set; a resumed epoch continues after its last completed batch."""
+    """Serves the current round's set (loaded by ``MIRounds``); a resumed epoch continues after its
+    last completed batch."""
 
-    def __init__(self, rounds: MIRounds, train: TrainConfig) -> None:
+    def __init__(self, train: TrainConfig) -> None:
         super().__init__()
-        self.rounds = rounds
         self.train = train
+        self.dataset = FinetuneSet(train.steps_per_round * train.effective_batch, seed=train.seed,
+                                   t_range=(train.t_min, train.t_max))
 
-    def train_dataloader(self):
-        trainer, module = self.trainer, self.trainer.lightning_module
-        r = epoch_index(trainer) + 1
-        out = self.rounds.ensure_round(trainer, module, r)
-        rows = selected_rows(out)
-        prompts = list(dict.fromkeys(row["prompt"] for row in rows))
-        position = {p: i for i, p in enumerate(prompts)}
-        module.set_prompts(prompts)
-        dataset = FinetuneSet(
-            load_latents(out, rows),
-            torch.tensor([position[row["prompt"]] for row in rows]),
-            self.train.steps_per_round * self.train.effective_batch,
-            seed=self.train.seed,
-            round_index=r,
-            t_range=(self.train.t_min, self.train.t_max),
-        )
-        return ResumableLoader(dataset, self.train.micro_batch, trainer.global_rank, trainer.world_size,
+    def train_dataloader(self) -> ResumableLoader:
+        trainer = self.trainer
+        return ResumableLoader(self.dataset, self.train.micro_batch, trainer.global_rank, trainer.world_size,
                                lambda: (epoch_index(trainer), trainer.fit_loop.epoch_loop.batch_progress.current.processed))
 
 

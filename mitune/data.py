@@ -8,73 +8,36 @@ devices, and a resumed run sees exactly the samples it would have seen.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Iterator
-from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from mitune.generation import METADATA, mix_seed
-from mitune.io import read_jsonl
-
-
-def selected_rows(round_dir: Path) -> list[dict]:
-    """Rows of the round's top-k candidates, with clear errors for a missing or broken set."""
-    path = Path(round_dir) / METADATA
-    if not path.is_file():
-        raise FileNotFoundError(f"fine-tuning set {round_dir} has no {METADATA}: its generation round did not finish")
-    try:
-        rows = read_jsonl(path)
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"fine-tuning set metadata {path} is corrupt: {err}") from err
-    chosen = [r for r in rows if r.get("selected")]
-    if not chosen:
-        raise ValueError(f"fine-tuning set {round_dir} has no selected candidates")
-    return chosen
-
-
-def load_latents(round_dir: Path, rows: list[dict]) -> torch.Tensor:
-    """Cached clean latents of the selected candidates (no VAE needed to train)."""
-    files: dict[str, torch.Tensor] = {}
-    latents = []
-    for row in rows:
-        name = row["latents"]
-        if name not in files:
-            try:
-                files[name] = load_file(str(Path(round_dir) / name))["latents"]
-            except (FileNotFoundError, SafetensorError, KeyError) as err:
-                raise ValueError(f"fine-tuning set latents {Path(round_dir) / name} are missing or corrupt: {err}") from err
-        latents.append(files[name][row["candidate"]])
-    return torch.stack(latents)
+from mitune.seeds import mix_seed
 
 
 class FinetuneSet(Dataset):
-    """``length`` samples drawn from a round's selected latents, each with its own t and noise.
+    """``length`` samples drawn from the current round's selected latents, each with its own t and noise.
 
-    Item ``i`` is latent ``perm_e[i % n]`` with ``e = i // n`` (a fresh shuffle every pass),
-    a timestep t ~ U{t_min..t_max-1} and noise from a generator seeded by (seed, round, i).
+    The set has a fixed length and is filled with each round's latents (``load``) when the round
+    starts, so Lightning can size the epoch before the round is generated. Item ``i`` is latent
+    ``perm_e[i % n]`` with ``e = i // n`` (a fresh shuffle every pass), a timestep
+    t ~ U{t_min..t_max-1} and noise from a generator seeded by (seed, round, i).
     """
 
-    def __init__(
-        self,
-        latents: torch.Tensor,
-        prompt_index: torch.Tensor,
-        length: int,
-        *,
-        seed: int,
-        round_index: int,
-        t_range: tuple[int, int],
-    ) -> None:
-        self.latents = latents
-        self.prompt_index = prompt_index
+    def __init__(self, length: int, *, seed: int, t_range: tuple[int, int]) -> None:
         self.length = length
         self.seed = seed
-        self.round_index = round_index
         self.t_range = t_range
+        self.round_index = 0
+        self.latents: torch.Tensor | None = None
+        self.prompt_index: torch.Tensor | None = None
         self._perms: dict[int, torch.Tensor] = {}
+
+    def load(self, round_index: int, latents: torch.Tensor, prompt_index: torch.Tensor) -> None:
+        """Serve round ``round_index``'s set: its latents and each one's index into the round's prompts."""
+        self.round_index, self.latents, self.prompt_index = round_index, latents, prompt_index
+        self._perms = {}
 
     def __len__(self) -> int:
         return self.length
@@ -86,6 +49,8 @@ class FinetuneSet(Dataset):
         return self._perms[epoch]
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        if self.latents is None:
+            raise RuntimeError("no round's set is loaded: the MIRounds callback loads each round before it trains")
         n = len(self.latents)
         j = self._perm(i // n)[i % n]
         g = torch.Generator().manual_seed(mix_seed(self.seed, self.round_index, i, 1))
@@ -109,7 +74,9 @@ class RankSampler(Sampler[int]):
         return range(self.rank + self.skip * self.world, self.length, self.world)
 
     def __iter__(self) -> Iterator[int]:
-        return iter(self._indices())
+        indices = self._indices()
+        self.skip = 0  # a restored position holds for the pass it was saved in only
+        return iter(indices)
 
     def __len__(self) -> int:
         """The whole epoch's count, skipped part included: Lightning counts a resumed epoch's

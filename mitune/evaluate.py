@@ -11,7 +11,8 @@ Generated images are cached under ``<run_dir>/eval/`` in a folder keyed by every
 decides them (round, CFG, N, seed, prompts, model and generation settings). They are written by
 ``mitune.generation.run_round``, so a killed job resumes per prompt and a complete folder is
 reused without loading the diffusion model. Every check on settings, paths, prompts, metrics
-and reference sets runs before the first image is generated.
+and reference sets runs before the first image is generated. A prompt source that gives each
+prompt a category (the toy world) gets one row per category and metric.
 """
 
 from __future__ import annotations
@@ -27,14 +28,15 @@ from typing import Any
 
 import hydra
 import torch
+import yaml
 from hydra.utils import instantiate
-from lightning.pytorch.loggers import WandbLogger
 from omegaconf import DictConfig, OmegaConf
 
 from mitune.console import quiet_libraries  # first: quiets library loggers before the imports below load them
 from mitune.adapters import META_NAME, WEIGHTS_NAME, load_fused
-from mitune.generation import METADATA, GenerationConfig, run_round
-from mitune.io import check_writable, read_jsonl, write_jsonl, write_text
+from mitune.artifacts import RESULT_COLUMNS, RESULTS, SCORES, RoundDir, RunDir
+from mitune.generation import GenerationConfig, run_round
+from mitune.io import check_writable, csv_text, write_jsonl, write_text
 from mitune.metrics import (
     AlignmentMetric,
     MetricInputError,
@@ -46,15 +48,11 @@ from mitune.metrics import (
     metric_for_category,
 )
 from mitune.models import compile_unet
-from mitune.prompts import read_prompt_file
-from mitune.run import finish_wandb, make_loggers
-from mitune.summary import COLUMNS, RESULTS, csv_text
-from mitune.tracking import run_config
+from mitune.prompts import PromptSet, read_prompt_file
+from mitune.tracking import finish_wandb, make_loggers, run_config
 
 log = logging.getLogger(__name__)
 
-SCORES = "scores.jsonl"
-COMPLETE = "summary.json"  # written last by generation.finish_round: the image folder is complete
 MI_SAMPLING = "mi_sampling"  # mean MI of the evaluated images, computed while sampling them (free)
 
 
@@ -68,6 +66,7 @@ class EvalPoint:
     seed: int
     method: str
     category: str
+    train_seed: int | None
 
 
 # ----------------------------------------------------------------------------- checks
@@ -82,37 +81,39 @@ def check_point(point: EvalPoint) -> None:
         raise ValueError(f"eval.num_images must be >= 1, got {point.num_images}")
 
 
-def rounds_trained(run_dir: Path) -> int | None:
-    """Rounds a training run has finished, from its progress file (None if it has none)."""
-    progress = run_dir / "rounds" / "progress.json"
-    return json.loads(progress.read_text())["rounds_trained"] if progress.is_file() else None
-
-
 def adapter_for_round(run_dir: str | None, r: int) -> Path | None:
     """The adapter saved after round r of ``run_dir`` (None for r=0, the base model), checked to exist."""
     if r == 0:
         return None
     if run_dir is None:
         raise ValueError(f"eval.round={r} needs run_dir=<a training run dir>; without one only round 0 (the base model)")
-    run = Path(run_dir).expanduser()
-    if not run.is_dir():
-        raise FileNotFoundError(f"run_dir {run} does not exist")
-    trained = rounds_trained(run)
+    run = RunDir(Path(run_dir))
+    if not run.path.is_dir():
+        raise FileNotFoundError(f"run_dir {run.path} does not exist")
+    trained = run.rounds_trained()
     if trained is not None and r > trained:
-        raise ValueError(f"eval.round={r} but run {run} has trained {trained} round(s)")
-    adapter = run / "rounds" / f"round_{r}" / "adapter"
+        raise ValueError(f"eval.round={r} but run {run.path} has trained {trained} round(s)")
+    adapter = run.round(r).adapter
     for name in (WEIGHTS_NAME, META_NAME):
         if not (adapter / name).is_file():
-            raise FileNotFoundError(f"run {run} has no adapter for round {r}: {adapter / name} is missing")
+            raise FileNotFoundError(f"run {run.path} has no adapter for round {r}: {adapter / name} is missing")
     return adapter
 
 
-def eval_prompts(cfg: DictConfig) -> list[str]:
+def train_seed(run_dir: str | None) -> int | None:
+    """The seed a training run was made with, from its config record (None without a run or a record)."""
+    record = RunDir(Path(run_dir)).config_record if run_dir else None
+    if record is None or not record.is_file():
+        return None
+    return (yaml.safe_load(record.read_text(encoding="utf-8")) or {}).get("seed")
+
+
+def eval_prompts(cfg: DictConfig) -> PromptSet:
     """``eval.prompt_file``, else the training prompt source's ``eval.split`` (T2I-CompBench: val) where it has splits."""
     if cfg.eval.prompt_file:
-        return read_prompt_file(cfg.eval.prompt_file, cfg.data.get("limit")).prompts
+        return read_prompt_file(cfg.eval.prompt_file, cfg.data.get("limit"))
     extra = {"split": cfg.eval.split} if "split" in cfg.data and cfg.eval.split else {}
-    return instantiate(cfg.data, **extra).prompts
+    return instantiate(cfg.data, **extra)
 
 
 # ----------------------------------------------------------------------------- metrics
@@ -177,15 +178,15 @@ def settings_key(prompts: list[str], generation: GenerationConfig, model: dict[s
     return hashlib.sha256(blob.encode()).hexdigest()[:10]
 
 
-def image_dir(root: Path, point: EvalPoint, key: str) -> Path:
-    return root / f"round_{point.round}" / f"cfg{point.cfg:g}_n{point.num_images}_seed{point.seed}_{key}"
+def image_dir(root: Path, point: EvalPoint, key: str) -> RoundDir:
+    return RoundDir(root / f"round_{point.round}" / f"cfg{point.cfg:g}_n{point.num_images}_seed{point.seed}_{key}")
 
 
-def ensure_images(cfg: DictConfig, folder: Path, prompts: list[str], generation: GenerationConfig,
-                  adapter: Path | None) -> Path:
+def ensure_images(cfg: DictConfig, folder: RoundDir, prompts: list[str], generation: GenerationConfig,
+                  adapter: Path | None) -> RoundDir:
     """Generate the job's images unless a complete folder is cached; resumes a partial one."""
-    if (folder / COMPLETE).is_file():
-        log.info("using cached images in %s", folder)
+    if folder.is_complete():
+        log.info("using cached images in %s", folder.path)
         return folder
     pipe = instantiate(cfg.model)
     if adapter is not None:
@@ -203,25 +204,30 @@ def ensure_images(cfg: DictConfig, folder: Path, prompts: list[str], generation:
 # ----------------------------------------------------------------------------- scoring and results
 
 
-def score(folder: Path, alignment: dict[str, AlignmentMetric], quality: dict[str, QualityMetric],
+def score(folder: RoundDir, alignment: dict[str, AlignmentMetric], quality: dict[str, QualityMetric],
           reference: str | None) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
-    images, prompts = load_image_folder(folder)
+    images, prompts = load_image_folder(folder.path)
     per_image = {name: metric.score(images, prompts) for name, metric in alignment.items()}
-    distances = {name: float(metric.distance(folder, reference)) for name, metric in quality.items()}
+    distances = {name: float(metric.distance(folder.path, reference)) for name, metric in quality.items()}
     return per_image, distances
 
 
 def result_rows(point: EvalPoint, per_image: dict[str, torch.Tensor], distances: dict[str, float],
-                mi: torch.Tensor, meta: dict[str, Any]) -> list[dict[str, Any]]:
-    """The tidy table: one row per metric. Alignment: mean over images, std across images."""
-    base = {"method": point.method, "category": point.category, "round": point.round, "cfg": point.cfg,
-            "images_per_prompt": point.num_images, "seed": point.seed, **meta}
-    rows = [{**base, "metric": name, "kind": "alignment", "value": s.mean().item(),
-             "std": s.std().item() if len(s) > 1 else 0.0, "n": len(s)} for name, s in per_image.items()]
-    rows.append({**base, "metric": MI_SAMPLING, "kind": "mi", "value": mi.mean().item(),
-                 "std": mi.std().item() if len(mi) > 1 else 0.0, "n": len(mi)})
-    rows += [{**base, "metric": name, "kind": "quality", "value": value, "std": None, "n": len(mi)}
-             for name, value in distances.items()]
+                mi: torch.Tensor, categories: list[str], meta: dict[str, Any]) -> list[dict[str, Any]]:
+    """The tidy table: one row per category and metric (alignment: mean over the category's images,
+    std across them); quality metrics compare the whole set, under the job's category."""
+    base = {"method": point.method, "round": point.round, "cfg": point.cfg, "images_per_prompt": point.num_images,
+            "seed": point.seed, "train_seed": point.train_seed, **meta}
+    rows = []
+    for category in dict.fromkeys(categories):
+        mine = torch.tensor([c == category for c in categories])
+        for name, kind, s in [*((n, "alignment", s) for n, s in per_image.items()), (MI_SAMPLING, "mi", mi)]:
+            s = s[mine]
+            rows.append({**base, "category": category, "metric": name, "kind": kind, "value": s.mean().item(),
+                         "std": s.std().item() if len(s) > 1 else 0.0, "n": len(s),
+                         "num_prompts": len(s) // point.num_images})
+    rows += [{**base, "category": point.category, "metric": name, "kind": "quality", "value": value, "std": None,
+              "n": len(mi)} for name, value in distances.items()]
     return rows
 
 
@@ -230,7 +236,7 @@ def write_results(out_dir: Path, rows: list[dict[str, Any]], metadata: list[dict
     """results.csv (the tidy table) and scores.jsonl (every image's metadata and scores), atomically."""
     scored = [{**row, **{name: s[i].item() for name, s in per_image.items()}} for i, row in enumerate(metadata)]
     write_jsonl(out_dir / SCORES, scored)
-    write_text(out_dir / RESULTS, csv_text(rows, COLUMNS))
+    write_text(out_dir / RESULTS, csv_text(rows, RESULT_COLUMNS))
     return out_dir / RESULTS
 
 
@@ -238,16 +244,17 @@ def log_results(cfg: DictConfig, point: EvalPoint, rows: list[dict[str, Any]]) -
     """Each metric as a scalar and the rows as a W&B table (offline without an API key)."""
     if "wandb" in cfg.logger:
         OmegaConf.update(cfg, "logger.wandb.name", f"{cfg.task_name}-eval-r{point.round}-cfg{point.cfg:g}")
-    loggers = make_loggers(cfg, None)
+    loggers = make_loggers(cfg)
     try:
         for logger in loggers:
             logger.log_hyperparams(run_config(cfg))
-            logger.log_metrics({f"eval/{row['metric']}": row["value"] for row in rows}, step=0)
-            if isinstance(logger, WandbLogger):
-                logger.log_table("eval/results", columns=COLUMNS, data=[[row[c] for c in COLUMNS] for row in rows])
+            logger.log_metrics({f"eval/{row['category']}/{row['metric']}": row["value"] for row in rows}, step=0)
+            if hasattr(logger, "log_table"):  # W&B
+                logger.log_table("eval/results", columns=RESULT_COLUMNS,
+                                 data=[[row[c] for c in RESULT_COLUMNS] for row in rows])
             logger.save()
     finally:
-        finish_wandb(loggers)
+        finish_wandb()
 
 
 def eval_point(cfg: DictConfig) -> EvalPoint:
@@ -255,7 +262,8 @@ def eval_point(cfg: DictConfig) -> EvalPoint:
     if not re.fullmatch(r"[\w.+-]+", method):
         raise ValueError(f"eval.method must be a plain name (letters, digits, _.+-), got {method!r}")
     return EvalPoint(round=cfg.eval.round, cfg=float(cfg.generation.guidance_scale), num_images=int(cfg.eval.num_images),
-                     seed=int(cfg.eval.seed), method=method, category=str(cfg.eval.category))
+                     seed=int(cfg.eval.seed), method=method, category=str(cfg.eval.category),
+                     train_seed=train_seed(cfg.run_dir))
 
 
 def evaluate(cfg: DictConfig) -> list[dict[str, Any]]:
@@ -263,7 +271,8 @@ def evaluate(cfg: DictConfig) -> list[dict[str, Any]]:
     point = eval_point(cfg)
     check_point(point)
     adapter = adapter_for_round(cfg.run_dir, point.round)
-    prompts = eval_prompts(cfg)
+    prompt_set = eval_prompts(cfg)
+    prompts = prompt_set.prompts
     generation = replace(instantiate(cfg.generation), num_candidates=point.num_images, top_k=1, seed=point.seed,
                          selection="mi")  # nothing is selected; MI ranks the images for the analyses
     out_dir = check_writable(Path(cfg.paths.output_dir))
@@ -274,18 +283,19 @@ def evaluate(cfg: DictConfig) -> list[dict[str, Any]]:
     model = OmegaConf.to_container(cfg.model, resolve=True)
     if cfg.eval.compile:  # compiled kernels round differently: keep their images apart
         model["compile"] = cfg.eval.compile
-    root = Path(cfg.eval.image_root or (Path(cfg.run_dir) / "eval" if cfg.run_dir else out_dir / "images")).expanduser()
+    root = Path(cfg.eval.image_root or (RunDir(Path(cfg.run_dir)).eval_root if cfg.run_dir else out_dir / "images")).expanduser()
     folder = ensure_images(cfg, image_dir(root, point, settings_key(prompts, generation, model, adapter)), prompts,
                            generation, adapter)
     per_image, distances = score(folder, alignment, quality, cfg.eval.reference)
-    metadata = read_jsonl(folder / METADATA)
+    metadata = folder.rows()
+    categories = [(prompt_set.categories or [point.category] * len(prompts))[row["prompt_id"]] for row in metadata]
     meta = {"num_prompts": len(prompts), "model": str(model.get("path_or_id", model.get("path"))),
-            "run_dir": str(cfg.run_dir or ""), "image_dir": str(folder)}
-    rows = result_rows(point, per_image, distances, torch.tensor([row["mi"] for row in metadata]), meta)
+            "run_dir": str(cfg.run_dir or ""), "image_dir": str(folder.path)}
+    rows = result_rows(point, per_image, distances, torch.tensor([row["mi"] for row in metadata]), categories, meta)
     path = write_results(out_dir, rows, metadata, per_image)
     log_results(cfg, point, rows)
     print(f"mitune.evaluate: round {point.round}, CFG {point.cfg:g}: "
-          + ", ".join(f"{row['metric']}={row['value']:.4g}" for row in rows) + f"; table in {path}")
+          + ", ".join(f"{row['category']}/{row['metric']}={row['value']:.4g}" for row in rows) + f"; table in {path}")
     return rows
 
 

@@ -1,18 +1,10 @@
 """MI-scored generation round (Algorithm 1's inner loop), resumable and reproducible.
 
 For every prompt, M candidates are sampled with ``sample_with_mi`` and the top-k by MI (or by
-the ``selection`` control: phrase MI, random, oracle) are marked as the fine-tuning set. The round directory is a Hugging Face ``imagefolder``::
-
-    round_dir/
-      round.json                 settings of the round (a resume must match them)
-      images/000012_003.png      every candidate
-      latents/000012.safetensors "latents" [M, C, h, w] and "mi" [M] of one prompt (and
-                                 "mi_maps" [M, C, h, w] with save_mi_maps)
-      mi_maps/000012_003.png     the MI map over the image (save_mi_maps)
-      parts/000012.jsonl         one prompt's rows; its presence marks the prompt as done
-      metadata.jsonl             all rows (file_name, prompt, prompt_id, candidate, seed, mi,
-                                 score (what selection ranked by), rank, selected, latents),
-                                 written when the round ends
+another ``selection`` score: phrase MI, chance, any alignment metric) are marked as the
+fine-tuning set. The round is written as a ``mitune.artifacts.RoundDir`` (a Hugging Face
+``imagefolder``); its rows hold file_name, prompt, prompt_id, candidate, seed, mi, score (what
+selection ranked by), rank, selected and latents.
 
 A prompt is committed only after its images and latents are on disk, so a round killed
 at any point resumes without losing or duplicating work. Each candidate has its own seed
@@ -38,6 +30,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from mitune import io as mio
+from mitune.artifacts import RoundDir, as_round_dir
 from mitune.mi import MIConfig, sample_with_mi
 from mitune.mi_maps import overlay
 from mitune.models import (
@@ -50,11 +43,10 @@ from mitune.models import (
     unet_eps_fn,
 )
 from mitune.phrase_mi import min_phrase_mi, rest_embeddings, sample_with_phrase_mi
+from mitune.seeds import mix_seed
 from mitune.selection import check_strategy, check_top_k, select_top_k, selection_scores
 
 log = logging.getLogger(__name__)
-
-METADATA = "metadata.jsonl"
 
 
 @dataclass(frozen=True)
@@ -71,7 +63,7 @@ class GenerationConfig:
     variance_type: str = "fixed_large"
     last_step_noise: bool = False
     save_mi_maps: bool = False
-    selection: str = "mi"  # or "random", "oracle", "phrase_mi"
+    selection: str = "mi"  # or "phrase_mi", "random", or an alignment metric's name (mitune.selection)
     mi: MIConfig = field(default_factory=MIConfig)
 
     def __post_init__(self) -> None:
@@ -89,12 +81,6 @@ class GenerationConfig:
             raise ValueError(f"variance_type must be 'fixed_large' or 'fixed_small', got {self.variance_type!r}")
         if self.save_mi_maps and self.selection == "phrase_mi":
             raise ValueError("save_mi_maps is not available with selection=phrase_mi")
-
-
-def mix_seed(*parts: int | str) -> int:
-    """A 63-bit seed from several values, so nearby inputs give unrelated streams."""
-    digest = hashlib.sha256("|".join(map(str, parts)).encode()).digest()
-    return int.from_bytes(digest[:8], "big") >> 1
 
 
 def candidate_seed(base_seed: int, prompt: str, candidate: int, mode: str = "per_prompt") -> int:
@@ -151,62 +137,64 @@ def round_settings(pipe: DiffusionPipeline, prompts: list[str], config: Generati
     }
 
 
-def check_settings(round_dir: Path, settings: dict[str, Any]) -> bool:
-    """Whether ``round.json`` exists; if it does, it must hold exactly ``settings``."""
-    settings_file = round_dir / "round.json"
+def check_settings(round_dir: RoundDir, settings: dict[str, Any]) -> bool:
+    """Whether the settings file exists; if it does, it must hold exactly ``settings``."""
+    settings_file = round_dir.settings_file
     if not settings_file.exists():
         return False
     try:
         previous = json.loads(settings_file.read_text(encoding="utf-8"))
     except ValueError as err:
-        raise ValueError(f"{settings_file} is corrupt ({err}); delete the round dir {round_dir} to regenerate it") from err
+        raise ValueError(f"{settings_file} is corrupt ({err}); delete the round dir {round_dir.path} to regenerate it") from err
     if previous != settings:
         changed = sorted(k for k in settings.keys() | previous.keys() if previous.get(k) != settings.get(k))
         raise ValueError(
-            f"{round_dir} holds a round made with different settings ({', '.join(changed)}); "
+            f"{round_dir.path} holds a round made with different settings ({', '.join(changed)}); "
             "resume with the same settings or choose a new output dir"
         )
     return True
 
 
-def prepare_round_dir(round_dir: Path, settings: dict[str, Any], write: bool = True) -> set[int]:
+def prepare_round_dir(round_dir: RoundDir, settings: dict[str, Any], write: bool = True) -> set[int]:
     """Create or reopen a round dir; returns the prompt ids already committed.
 
     Only one rank writes the settings file; the others check it when it is there.
     """
     if not check_settings(round_dir, settings) and write:
-        mio.write_json(round_dir / "round.json", settings)
-    return {int(p.stem) for p in (round_dir / "parts").glob("*.jsonl")}
+        mio.write_json(round_dir.settings_file, settings)
+    return round_dir.done_prompts()
 
 
-def verify_round(round_dir: Path, settings: dict[str, Any], num_prompts: int, num_candidates: int) -> None:
+def verify_round(round_dir: RoundDir | Path, settings: dict[str, Any], num_prompts: int, num_candidates: int) -> None:
     """Check a finished round before it is reused: its settings, every row, and the selected files.
 
     A ``metadata.jsonl`` that lost rows is rebuilt from the per-prompt ``parts/`` (what it was made
     from); a missing part, latents file or selected image is an error naming it.
     """
+    round_dir = as_round_dir(round_dir)
     if not check_settings(round_dir, settings):
-        raise FileNotFoundError(f"finished round {round_dir} has no round.json; delete the round dir to regenerate it")
+        raise FileNotFoundError(f"finished round {round_dir.path} has no {round_dir.settings_file.name}; delete the "
+                                "round dir to regenerate it")
     expected = num_prompts * num_candidates
     try:
-        rows = mio.read_jsonl(round_dir / METADATA)
+        rows = round_dir.rows()
     except (OSError, ValueError) as err:
         rows, reason = [], str(err)
     else:
         reason = f"{len(rows)} rows, expected {num_prompts} prompts x {num_candidates} = {expected}"
     if len(rows) != expected:
-        missing = [pid for pid in range(num_prompts) if not (round_dir / "parts" / f"{pid:06d}.jsonl").is_file()]
+        missing = [pid for pid in range(num_prompts) if not round_dir.part(pid).is_file()]
         if missing:
-            raise ValueError(f"{round_dir / METADATA} is damaged ({reason}) and parts/{missing[0]:06d}.jsonl is "
+            raise ValueError(f"{round_dir.metadata} is damaged ({reason}) and {round_dir.part(missing[0])} is "
                              "missing too; delete the round dir to regenerate the round")
-        log.warning("%s was damaged (%s); rebuilt it from parts/", round_dir / METADATA, reason)
+        log.warning("%s was damaged (%s); rebuilt it from its parts", round_dir.metadata, reason)
         finish_round(round_dir, num_prompts)
-        rows = mio.read_jsonl(round_dir / METADATA)
+        rows = round_dir.rows()
     for row in rows:
         for name in ([row["latents"], row["file_name"]] if row["selected"] else [row["latents"]]):
-            if not (round_dir / name).is_file():
-                raise FileNotFoundError(f"{round_dir / name} is missing; restore it, or delete the round dir "
-                                        f"{round_dir} to regenerate the round")
+            if not (round_dir.path / name).is_file():
+                raise FileNotFoundError(f"{round_dir.path / name} is missing; restore it, or delete the round dir "
+                                        f"{round_dir.path} to regenerate the round")
 
 
 @torch.no_grad()
@@ -254,7 +242,7 @@ Result = tuple[torch.Tensor, Image.Image, float, dict[str, Any]]
 
 
 def commit_prompt(
-    round_dir: Path, prompt: str, jobs: list[Job], results: dict[int, Result], config: GenerationConfig,
+    round_dir: RoundDir, prompt: str, jobs: list[Job], results: dict[int, Result], config: GenerationConfig,
 ) -> None:
     """Write one prompt's images and latents, then its rows (the commit marker)."""
     pid = jobs[0].prompt_id
@@ -267,35 +255,37 @@ def commit_prompt(
     scores = selection_scores(config.selection, prompt, [results[j.candidate][1] for j in jobs], mi, generator,
                               phrase_mi)
     ranks, selected = select_top_k(scores, config.top_k)
-    latents_name = f"latents/{pid:06d}.safetensors"
+    latents_name = round_dir.latents_name(pid)
     tensors = {"latents": latents, "mi": mi}
     if config.save_mi_maps:
         tensors["mi_maps"] = torch.stack([results[j.candidate][3]["mi_map"] for j in jobs])
         for j in jobs:
             _, image, _, extras = results[j.candidate]
-            write_png(round_dir / f"mi_maps/{pid:06d}_{j.candidate:03d}.png", overlay(image, extras["mi_map"]))
-    mio.write_safetensors(round_dir / latents_name, tensors, {"prompt": prompt})
+            write_png(round_dir.path / round_dir.mi_map_name(pid, j.candidate), overlay(image, extras["mi_map"]))
+    mio.write_safetensors(round_dir.path / latents_name, tensors, {"prompt": prompt})
     rows = []
     for j, score, rank, sel in zip(jobs, scores.tolist(), ranks.tolist(), selected.tolist()):
-        file_name = f"images/{pid:06d}_{j.candidate:03d}.png"
-        write_png(round_dir / file_name, results[j.candidate][1])
+        file_name = round_dir.image_name(pid, j.candidate)
+        write_png(round_dir.path / file_name, results[j.candidate][1])
         rows.append({
             "file_name": file_name, "prompt": prompt, "prompt_id": pid, "candidate": j.candidate,
             "seed": j.seed, "mi": results[j.candidate][2], "score": score, "rank": rank, "selected": sel,
             "latents": latents_name,
         })
-    mio.write_jsonl(round_dir / "parts" / f"{pid:06d}.jsonl", rows)
+    mio.write_jsonl(round_dir.part(pid), rows)
 
 
-def finish_round(round_dir: Path, num_prompts: int) -> RoundSummary:
-    """Merge per-prompt rows into the imagefolder metadata and summarise MI."""
-    rows = [row for pid in range(num_prompts) for row in mio.read_jsonl(round_dir / "parts" / f"{pid:06d}.jsonl")]
-    mio.write_jsonl(round_dir / METADATA, rows)
+def finish_round(round_dir: RoundDir | Path, num_prompts: int) -> RoundSummary:
+    """Merge per-prompt rows into the imagefolder metadata and summarise MI; the summary, written
+    last, marks the folder complete."""
+    round_dir = as_round_dir(round_dir)
+    rows = [row for pid in range(num_prompts) for row in mio.read_jsonl(round_dir.part(pid))]
+    mio.write_jsonl(round_dir.metadata, rows)
     mi = torch.tensor([r["mi"] for r in rows], dtype=torch.float64)
     selected = torch.tensor([r["selected"] for r in rows])
     rest = mi[~selected]
     summary = RoundSummary(
-        round_dir=round_dir,
+        round_dir=round_dir.path,
         num_prompts=num_prompts,
         num_images=len(rows),
         mean_mi=mi.mean().item(),
@@ -303,9 +293,9 @@ def finish_round(round_dir: Path, num_prompts: int) -> RoundSummary:
         mean_selected_mi=mi[selected].mean().item(),
         selection_margin=(mi[selected].mean() - rest.mean()).item() if len(rest) else 0.0,
     )
-    mio.write_json(round_dir / "summary.json", summary.stats())
+    mio.write_json(round_dir.summary_file, summary.stats())
     log.info("round done: %d prompts, %d images, mean MI %.4g, selected %.4g -> %s",
-             summary.num_prompts, summary.num_images, summary.mean_mi, summary.mean_selected_mi, round_dir)
+             summary.num_prompts, summary.num_images, summary.mean_mi, summary.mean_selected_mi, round_dir.path)
     return summary
 
 
@@ -337,7 +327,7 @@ def run_round(
     pipe: DiffusionPipeline,
     prompts: list[str],
     config: GenerationConfig,
-    round_dir: str | Path,
+    round_dir: RoundDir | str | Path,
     *,
     progress: bool = True,
     rank: int = 0,
@@ -352,7 +342,7 @@ def run_round(
     before each micro-batch and may raise to end the round early (finished prompts are kept).
     """
     check_strategy(config.selection, prompts)
-    round_dir = mio.check_writable(round_dir)
+    round_dir = as_round_dir(mio.check_writable(as_round_dir(round_dir).path))
     done = prepare_round_dir(round_dir, round_settings(pipe, prompts, config), write=rank == 0)
     jobs = make_jobs(prompts, config)
     batches = rank_batches(micro_batches(jobs, config.micro_batch), rank, world_size)

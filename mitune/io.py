@@ -2,18 +2,23 @@
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import os
 import shutil
 import tempfile
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors.torch import save_file
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 
 def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
@@ -39,6 +44,20 @@ def write_json(path: Path, obj: Any) -> None:
 
 def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
     write_text(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
+
+
+def save_figure(path: Path, figure: Figure, dpi: int = 110) -> None:
+    """A matplotlib ``Figure`` (no pyplot, so no global backend) as a PNG, atomically."""
+    atomic_write(path, lambda tmp: figure.savefig(tmp, dpi=dpi, format="png"))
+
+
+def csv_text(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> str:
+    """Rows as CSV under ``columns``: the one dialect of every table mitune writes."""
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(columns), lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return buffer.getvalue()
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:

@@ -10,7 +10,7 @@ import logging
 import os
 import unicodedata
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -32,6 +32,9 @@ class PromptSet:
     source: str
     duplicates: dict[str, int] = field(default_factory=dict)
     blank_lines: int = 0
+    categories: list[str] | None = None
+    """Each prompt's category where the source mixes categories (the toy world); evaluation
+    reports each category apart."""
 
 
 def check_characters(lines: list[str], source: str) -> None:
@@ -157,9 +160,10 @@ TOY_SPLITS = {"train": "train", "val": "test"}
 
 def load_toy(split: str = "train", per_category: int = 8, split_seed: int = 0, limit: int | None = None) -> PromptSet:
     """Toy-world prompts (``mitune.toy.world``), the same number from each category."""
-    from mitune.toy.world import balanced_prompts
+    from mitune.toy.world import balanced_prompts, category_of
 
     if split not in TOY_SPLITS:
         raise ValueError(f"unknown toy split {split!r}; expected one of {tuple(TOY_SPLITS)}")
     prompts = balanced_prompts(TOY_SPLITS[split], per_category, split_seed)
-    return clean_prompts(prompts, f"toy world {split} (split seed {split_seed})", limit)
+    cleaned = clean_prompts(prompts, f"toy world {split} (split seed {split_seed})", limit)
+    return replace(cleaned, categories=[category_of(p) for p in cleaned.prompts])

@@ -32,7 +32,7 @@ from mitune.models import (
 )
 from mitune.phrase_mi import check_prompt, phrase_embeddings, prompt_phrases, sample_with_phrase_mi
 from mitune.selection import rank_by_score
-from mitune.summary import csv_text
+
 
 Score = Literal["mi", "phrase-mi"]
 SCORES = ("mi", "phrase-mi")
@@ -151,5 +151,5 @@ def write_ranking(candidates: list[Candidate], out_dir: str | Path) -> Path:
         rows.append(row)
     phrase_columns = [f"phrase_mi[{p}]" for p in candidates[0].phrase_mi] if candidates else []
     columns = ["rank", "candidate", "seed", "mi", "score", *phrase_columns, "file_name"]
-    mio.write_text(out_dir / TABLE, csv_text(rows, columns))
+    mio.write_text(out_dir / TABLE, mio.csv_text(rows, columns))
     return out_dir / TABLE

@@ -14,11 +14,11 @@ from pathlib import Path
 import hydra
 import torch
 from hydra.utils import instantiate
-from lightning.pytorch.loggers import WandbLogger
 from omegaconf import DictConfig, OmegaConf
 
 from mitune.console import quiet_libraries  # first: quiets library loggers before the imports below load them
 from mitune.adapters import AdapterConfig
+from mitune.artifacts import RunDir
 from mitune.callbacks import FinetuneData, MIRounds
 from mitune.checkpoint import SafetensorsCheckpointIO, latest_checkpoint, read_state
 from mitune.config import RunSettings, typed
@@ -27,7 +27,7 @@ from mitune.io import check_writable
 from mitune.preemption import EXIT_STATUS, Preempted, SigtermStop
 from mitune.prompts import over_length
 from mitune.rundir import check_config, exclusive, remove_temporaries
-from mitune.tracking import run_config, setup_wandb, wandb_summary
+from mitune.tracking import finish_wandb, make_loggers, run_config
 from mitune.training import MITuneModule, TrainConfig, accumulation_steps
 
 log = logging.getLogger(__name__)
@@ -38,7 +38,7 @@ def resolve_resume(resume: bool | str, out_dir: Path) -> Path | None:
     if resume is False or resume is None:
         return None
     if resume is True:
-        found = latest_checkpoint(out_dir / "checkpoints")
+        found = latest_checkpoint(RunDir(out_dir).checkpoints)
         log.info("resuming from %s", found) if found else log.info("resume=true but no checkpoint yet: starting fresh")
         return found
     path = Path(str(resume)).expanduser()
@@ -61,26 +61,27 @@ def precision(value: str) -> str:
     return "bf16-mixed" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "32-true"
 
 
-def make_loggers(cfg: DictConfig, ckpt: Path | None) -> list:
-    """W&B runs offline without credentials, and a resumed run continues its W&B run."""
-    if "wandb" in cfg.logger:
-        setup_wandb()
-    run_id = read_state(ckpt).get("wandb_run_id") if ckpt else None
-    loggers = []
-    for name, spec in cfg.logger.items():
-        extra = {"id": run_id} if name == "wandb" and run_id else {}
-        loggers.append(instantiate(spec, **extra))
-    return loggers
+# Trainer settings that would break rounds: key -> (the values that work, why).
+ROUND_SAFE = {
+    "max_epochs": (None, "one epoch is one round: it follows `rounds`"),
+    "max_steps": ((-1, None), "a round trains train.steps_per_round optimizer steps; stop early with SIGTERM"),
+    "limit_train_batches": ((None, 1, 1.0), "a round's length is train.steps_per_round"),
+    "accumulate_grad_batches": ((None,), "mitune derives it from train.effective_batch and train.micro_batch"),
+    "use_distributed_sampler": ((False, None), "mitune's sampler deals each step's samples to the ranks "
+                                               "(Lightning's would change the samples and break resume)"),
+    "fast_dev_run": ((False, 0, None), "it skips checkpoints and rounds; use rounds=1 train.steps_per_round=1"),
+    "overfit_batches": ((0, 0.0, None), "a round's set is its own training data"),
+}
 
 
-def finish_wandb(loggers: list) -> None:
-    """Close W&B even after a failure, so a failed multirun job does not break the sweep."""
-    if any(isinstance(lg, WandbLogger) for lg in loggers):
-        import wandb
-
-        if wandb.run is not None:
-            log.info(wandb_summary(wandb.run))
-        wandb.finish()
+def check_trainer(trainer: DictConfig, rounds: int) -> None:
+    """Refuse trainer settings under which the rounds would not run as configured, before the model loads."""
+    for key, (allowed, why) in ROUND_SAFE.items():
+        value = trainer.get(key)
+        ok = value == rounds if key == "max_epochs" else value in allowed
+        if not ok:
+            want = f"= rounds ({rounds})" if key == "max_epochs" else " or ".join(map(str, allowed))
+            raise ValueError(f"trainer.{key}={value} would break the rounds: {why}; it must be {want}")
 
 
 def launching_process() -> bool:
@@ -95,6 +96,7 @@ def train(cfg: DictConfig) -> float:
     generation = typed(cfg.generation, GenerationConfig, "generation")
     adapter = typed(cfg.adapter, AdapterConfig, "adapter")
     train_config = typed(cfg.train, TrainConfig, "train")
+    check_trainer(cfg.trainer, cfg.rounds)
     prompts = instantiate(cfg.data).prompts
     out_dir = check_writable(Path(cfg.paths.output_dir))
     if not launching_process():
@@ -107,7 +109,7 @@ def train(cfg: DictConfig) -> float:
         except Preempted as stop:
             kept = [a for a in sys.argv[1:] if not a.startswith(("resume=", "hydra.run.dir="))]
             command = " ".join(["python -m mitune.run", *kept, f"hydra.run.dir={out_dir}", "resume=true"])
-            print(f"mitune: {stop}; newest checkpoint: {stop.checkpoint or latest_checkpoint(out_dir / 'checkpoints')}. "
+            print(f"mitune: {stop}; newest checkpoint: {stop.checkpoint or latest_checkpoint(RunDir(out_dir).checkpoints)}. "
                   f"Resume with: {command}", file=sys.stderr)
             raise SystemExit(EXIT_STATUS) from None
 
@@ -116,10 +118,11 @@ def fit(cfg: DictConfig, prompts: list[str], generation: GenerationConfig, adapt
         train_config: TrainConfig, out_dir: Path) -> float:
     ckpt = resolve_resume(cfg.resume, out_dir)
     base_model = str(cfg.model.get("path_or_id", cfg.model.get("path")))
-    stop = SigtermStop(out_dir / "checkpoints")
+    stop = SigtermStop(RunDir(out_dir).checkpoints)
     rounds = MIRounds(prompts, generation, out_dir, base_model=base_model, stop=stop.check)
-    callbacks = [instantiate(spec) for spec in cfg.callbacks.values()] + [rounds, stop]
-    loggers = make_loggers(cfg, ckpt)
+    # The rounds first: a round is generated before the other callbacks' epoch-start hooks (its training bar) run.
+    callbacks = [rounds, stop] + [instantiate(spec) for spec in cfg.callbacks.values()]
+    loggers = make_loggers(cfg, read_state(ckpt).get("wandb_run_id") if ckpt else None)
     try:
         trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers,
                               plugins=[SafetensorsCheckpointIO(root=out_dir)], precision=precision(cfg.trainer.precision))
@@ -131,12 +134,13 @@ def fit(cfg: DictConfig, prompts: list[str], generation: GenerationConfig, adapt
         pipe = instantiate(cfg.model)
         over_length(pipe.tokenizer, prompts)
         module = MITuneModule(pipe, adapter, train_config)
-        trainer.fit(module, datamodule=FinetuneData(rounds, train_config), ckpt_path=ckpt)
+        trainer.fit(module, datamodule=FinetuneData(train_config), ckpt_path=ckpt)
     finally:
-        finish_wandb(loggers)
+        finish_wandb()
     if trainer.is_global_zero:
-        print(f"mitune: {cfg.rounds} round(s) done; adapter in {out_dir / 'adapter'}, "
-              f"rounds (images, MI, adapters) in {out_dir / 'rounds'}; outputs in {out_dir}")
+        run = RunDir(out_dir)
+        print(f"mitune: {cfg.rounds} round(s) done; adapter in {run.adapter}, "
+              f"rounds (images, MI, adapters) in {run.rounds_dir}; outputs in {out_dir}")
     return float(trainer.callback_metrics.get("train/loss", float("nan")))
 
 

@@ -23,11 +23,9 @@ from typing import Any
 import yaml
 from filelock import FileLock, Timeout
 
+from mitune.artifacts import RunDir
 from mitune.io import write_text
 
-RECORD = "run_config.yaml"
-LOCK, OWNER = ".mitune.lock", ".mitune.lock.json"
-WORK = ("rounds", "checkpoints", "adapter")
 # Keys (and their sub-keys) that may differ on a resume: how many rounds, where and how it runs,
 # what it logs and how often it checkpoints. Numerics on another device count or accelerator
 # match to float rounding, not bit for bit (README, "Resume").
@@ -64,7 +62,7 @@ def differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
 
 
 def has_work(run_dir: Path) -> bool:
-    return any((run_dir / name).exists() and any((run_dir / name).iterdir()) for name in WORK)
+    return any(path.exists() and any(path.iterdir()) for path in RunDir(run_dir).work())
 
 
 def check_config(run_dir: Path, config: dict[str, Any], resume: bool) -> None:
@@ -73,12 +71,12 @@ def check_config(run_dir: Path, config: dict[str, Any], resume: bool) -> None:
     The record is (re)written while the dir holds no work yet, so a start that failed before
     generating anything does not tie the dir to its config.
     """
-    record = run_dir / RECORD
+    record = RunDir(run_dir).config_record
     if not has_work(run_dir):
         write_text(record, yaml.safe_dump(config, sort_keys=True))
         return
     if not record.is_file():
-        raise RunDirError(f"run dir {run_dir} holds run outputs but no {RECORD}, so its config is unknown; "
+        raise RunDirError(f"run dir {run_dir} holds run outputs but no {record.name}, so its config is unknown; "
                           "start a new run dir")
     try:
         old = yaml.safe_load(record.read_text(encoding="utf-8"))
@@ -101,7 +99,7 @@ def check_config(run_dir: Path, config: dict[str, Any], resume: bool) -> None:
 def exclusive(run_dir: Path) -> Iterator[None]:
     """Hold the run dir's lock (filelock: released by the OS if the process dies); a second run
     on the same dir fails at once, naming the holder."""
-    lock = FileLock(str(run_dir / LOCK), timeout=0)
+    lock = FileLock(str(RunDir(run_dir).lock), timeout=0)
     try:
         lock.acquire()
     except Timeout:
@@ -110,16 +108,16 @@ def exclusive(run_dir: Path) -> Iterator[None]:
     try:
         owner = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%d %H:%M:%S"),
                  "command": " ".join(sys.argv)}
-        write_text(run_dir / OWNER, json.dumps(owner))
+        write_text(RunDir(run_dir).lock_owner, json.dumps(owner))
         yield
     finally:
-        (run_dir / OWNER).unlink(missing_ok=True)
+        RunDir(run_dir).lock_owner.unlink(missing_ok=True)
         lock.release()
 
 
 def holder(run_dir: Path) -> str:
     try:
-        owner = json.loads((run_dir / OWNER).read_text(encoding="utf-8"))
+        owner = json.loads(RunDir(run_dir).lock_owner.read_text(encoding="utf-8"))
         return f"pid {owner['pid']} on {owner['host']} since {owner['since']}: {owner['command']}"
     except (OSError, ValueError, KeyError):
         return "holder unknown"

@@ -1,21 +1,25 @@
-"""Top-k selection of a prompt's candidates (Algorithm 1, line 4).
+"""Top-k selection of a prompt's candidates (Algorithm 1, line 4), by any score.
 
-``mi`` is MI-TUNE. ``phrase_mi`` ranks by the smallest per-phrase conditional MI
-(``mitune.phrase_mi``): an image that neglects one phrase of the prompt ranks low even when the
-rest of it carries much MI. ``random`` and ``oracle`` are the controls of the toy experiment: the
-same pipeline with selection by chance, or by the toy world's exact judge (an upper bound,
-like the paper's HPS-selected row).
+``mi`` is MI-TUNE: the point-wise MI accumulated while sampling (free). ``phrase_mi`` ranks by
+the smallest per-phrase conditional MI (``mitune.phrase_mi``), also from sampling: an image that
+neglects one phrase of the prompt ranks low even when the rest of it carries much MI. ``random``
+selects by chance (the control). Any other name is an alignment metric of the registry
+(``mitune.metrics``) scoring the decoded candidates, e.g. ``toy_oracle``, the toy world's exact
+judge (an upper bound, like the paper's HPS-selected row), or ``clip_score``.
 """
 
 from __future__ import annotations
 
+from functools import cache
 from typing import Sequence
 
-import numpy as np
 import torch
 from PIL import Image
 
-STRATEGIES = ("mi", "random", "oracle", "phrase_mi")
+from mitune.metrics import ALIGNMENT_METRICS, AlignmentMetric, build_alignment_metric
+
+SAMPLED = ("mi", "phrase_mi", "random")
+STRATEGIES = SAMPLED + tuple(name for name in ALIGNMENT_METRICS if name not in SAMPLED)
 
 
 def check_top_k(num_candidates: int, k: int) -> None:
@@ -25,24 +29,29 @@ def check_top_k(num_candidates: int, k: int) -> None:
         raise ValueError(f"top_k must be in [1, M={num_candidates}], got {k}")
 
 
+@cache
+def selection_metric(name: str) -> AlignmentMetric:
+    """The registry metric a strategy ranks by, built once per process."""
+    return build_alignment_metric(name, progress=False)
+
+
 def check_strategy(strategy: str, prompts: Sequence[str] = ()) -> None:
-    """Unknown strategies, prompts the oracle cannot judge and prompts without a phrase (for
-    ``phrase_mi``) fail before any generation."""
+    """Unknown strategies, prompts without a phrase (``phrase_mi``) and prompts the selecting metric
+    cannot score fail before any generation."""
     if strategy not in STRATEGIES:
         raise ValueError(f"selection must be one of {STRATEGIES}, got {strategy!r}")
+    if not prompts:
+        return
     if strategy == "phrase_mi":
         from mitune.phrase_mi import prompt_phrases
 
         for prompt in prompts:
             prompt_phrases(prompt)  # names the prompt that has no phrase to score
-    if strategy == "oracle":
-        from mitune.toy.world import parse
-
-        for prompt in prompts:
-            try:
-                parse(prompt)
-            except ValueError as err:
-                raise ValueError(f"selection=oracle judges toy-world prompts only: {err}") from None
+    elif strategy not in SAMPLED:
+        try:
+            selection_metric(strategy).check_prompts(list(prompts))
+        except ValueError as err:
+            raise ValueError(f"selection={strategy}: {err}") from None
 
 
 def selection_scores(strategy: str, prompt: str, images: Sequence[Image.Image], mi: torch.Tensor,
@@ -58,9 +67,7 @@ def selection_scores(strategy: str, prompt: str, images: Sequence[Image.Image], 
         return phrase_mi
     if strategy == "random":
         return torch.rand(len(mi), generator=generator, dtype=torch.float64)
-    from mitune.toy.oracle import score
-
-    return torch.tensor([score(prompt, np.asarray(image.convert("RGB"))) for image in images], dtype=torch.float64)
+    return selection_metric(strategy).score(list(images), [prompt] * len(images)).double()
 
 
 def rank_by_score(scores: torch.Tensor) -> torch.Tensor:

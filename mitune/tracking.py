@@ -1,7 +1,8 @@
-"""Experiment-tracking setup shared by training, evaluation and the summaries.
+"""Experiment tracking shared by training, evaluation and the summaries: loggers, W&B, run names.
 
-Imports nothing heavy at module level (Hydra and W&B only inside the functions that need them), so
-light entry points (``mitune.summary``) can use it without pulling in Lightning or Hydra.
+Imports nothing heavy at module level (Hydra, W&B and the configured loggers only inside the
+functions that need them), so light entry points (``mitune.summary``, ``mitune.evaluate``) can use
+it without pulling in the training stack.
 
 A sweep's W&B runs are grouped by the sweep dir and named by the task and the values the sweep
 varies (``color-cfg2.5``), so a grid can be found and compared in the W&B UI; the configs use
@@ -12,9 +13,13 @@ job's overrides, too long for a file name once a command has a dozen.
 
 from __future__ import annotations
 
+import logging
 import os
+import sys
 from pathlib import Path
 from typing import Any
+
+log = logging.getLogger(__name__)
 
 # Short names of commonly swept keys in W&B run names; other keys appear as `<last part>=<value>`.
 SHORT_KEYS = {
@@ -51,6 +56,29 @@ def wandb_summary(run: Any) -> str:
     if run.offline:
         return f"W&B: offline run {run.name}{group} in {where}; upload with `wandb sync {where}`"
     return f"W&B: run {run.name}{group} at {run.url}"
+
+
+def make_loggers(cfg: Any, wandb_run_id: str | None = None) -> list[Any]:
+    """The loggers of ``cfg.logger``; W&B runs offline without credentials, and a resumed run
+    continues its W&B run (``wandb_run_id``, saved in the checkpoint)."""
+    from hydra.utils import instantiate
+
+    if "wandb" in cfg.logger:
+        setup_wandb()
+    loggers = []
+    for name, spec in cfg.logger.items():
+        extra = {"id": wandb_run_id} if name == "wandb" and wandb_run_id else {}
+        loggers.append(instantiate(spec, **extra))
+    return loggers
+
+
+def finish_wandb() -> None:
+    """Close the W&B run, if one is open, even after a failure, so a failed multirun job does not
+    break the sweep; says where the run is."""
+    wandb = sys.modules.get("wandb")
+    if wandb is not None and wandb.run is not None:
+        log.info(wandb_summary(wandb.run))
+        wandb.finish()
 
 
 # ----------------------------------------------------------------------------- sweeps

@@ -34,7 +34,7 @@ _ALIGNMENT = {
     "hps": "mitune.metrics.hps:HPSMetric",
     "spatial": "mitune.metrics.spatial:SpatialMetric",
     "three_in_one": "mitune.metrics.three_in_one:ThreeInOneMetric",
-    "toy_oracle": "mitune.metrics.toy:ToyOracleMetric",
+    "toy_oracle": "mitune.toy.metric:ToyOracleMetric",  # the toy world owns its judge
 }
 _QUALITY = {
     "fid": "mitune.metrics.quality:FID",

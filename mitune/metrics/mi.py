@@ -17,7 +17,7 @@ from diffusers import DiffusionPipeline
 from PIL import Image
 from tqdm.auto import tqdm
 
-from mitune.generation import mix_seed
+from mitune.seeds import mix_seed
 from mitune.metrics.base import AlignmentMetric, MetricInputError, batches
 from mitune.mi import PAPER, MIConfig, pointwise_mi
 from mitune.models import (

@@ -1,0 +1,196 @@
+"""The on-disk contract between stages: every file name of a run dir and of an image folder.
+
+Stages hand each other folders, not objects: ``generate`` writes an image folder (``RoundDir``:
+a training round or an evaluation point), ``finetune`` writes a run's adapters (``RunDir``),
+``evaluate`` writes results tables, ``summary`` reads them. This module is the one place that
+spells those names, knows when a folder is complete and reads its rows, so the stages agree by
+construction::
+
+    <run dir>/                        RunDir
+      run_config.yaml                 the resolved config the dir is tied to (mitune.rundir)
+      .mitune.lock                    one writer at a time (mitune.rundir)
+      checkpoints/                    Lightning checkpoints (mitune.checkpoint)
+      adapter/                        the newest round's adapter (diffusers' LoRA layout)
+      rounds/progress.json            rounds trained and the global step at the last round's end
+      rounds/round_<r>/               RoundDir of round r, with adapter/ (the model after round r)
+      eval/round_<r>/<point>/         RoundDir of an evaluation point (mitune.evaluate)
+
+    <image folder>/                   RoundDir, a Hugging Face imagefolder
+      round.json                      settings that decide the images (a resume must match them)
+      images/000012_003.png           every candidate (prompt 12, candidate 3)
+      latents/000012.safetensors      "latents" [M, C, h, w] and "mi" [M] of one prompt
+      mi_maps/000012_003.png          the MI map over the image (generation.save_mi_maps)
+      parts/000012.jsonl              one prompt's rows; its presence marks the prompt as done
+      metadata.jsonl                  all rows, merged from parts/ when the folder is finished
+      summary.json                    MI statistics, written last: the folder is complete
+      mi_hist.png                     training rounds: the MI histogram
+
+    <evaluation job dir>/results.csv  the tidy results table (RESULT_COLUMNS), scores.jsonl per image
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+
+from mitune.io import read_jsonl, write_json
+
+METADATA = "metadata.jsonl"
+RESULTS = "results.csv"
+SCORES = "scores.jsonl"
+# The tidy table mitune.evaluate writes and mitune.summary reads: one row per (method, category,
+# round, cfg, seed, metric). ``seed`` is the evaluation seed; ``train_seed`` the training run's.
+RESULT_COLUMNS = ["method", "category", "round", "cfg", "metric", "kind", "value", "std", "n", "num_prompts",
+                  "images_per_prompt", "seed", "train_seed", "model", "run_dir", "image_dir"]
+
+
+@dataclass(frozen=True)
+class RoundDir:
+    """An image folder written by ``mitune.generation.run_round``: a training round or an evaluation point."""
+
+    path: Path
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    @property
+    def settings_file(self) -> Path:
+        return self.path / "round.json"
+
+    @property
+    def metadata(self) -> Path:
+        return self.path / METADATA
+
+    @property
+    def summary_file(self) -> Path:
+        return self.path / "summary.json"
+
+    @property
+    def histogram(self) -> Path:
+        return self.path / "mi_hist.png"
+
+    @property
+    def adapter(self) -> Path:
+        return self.path / "adapter"
+
+    def part(self, prompt_id: int) -> Path:
+        return self.path / "parts" / f"{prompt_id:06d}.jsonl"
+
+    def done_prompts(self) -> set[int]:
+        return {int(p.stem) for p in (self.path / "parts").glob("*.jsonl")}
+
+    @staticmethod
+    def image_name(prompt_id: int, candidate: int) -> str:
+        return f"images/{prompt_id:06d}_{candidate:03d}.png"
+
+    @staticmethod
+    def latents_name(prompt_id: int) -> str:
+        return f"latents/{prompt_id:06d}.safetensors"
+
+    @staticmethod
+    def mi_map_name(prompt_id: int, candidate: int) -> str:
+        return f"mi_maps/{prompt_id:06d}_{candidate:03d}.png"
+
+    def is_complete(self) -> bool:
+        """The one completion marker: ``summary.json`` is written after every other file of the folder."""
+        return self.summary_file.is_file()
+
+    def rows(self) -> list[dict[str, Any]]:
+        """Every candidate's row, with clear errors for a missing or broken folder."""
+        if not self.metadata.is_file():
+            raise FileNotFoundError(f"{self.path} has no {METADATA}: its generation did not finish")
+        try:
+            return read_jsonl(self.metadata)
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise ValueError(f"metadata {self.metadata} is corrupt: {err}") from err
+
+    def selected_rows(self) -> list[dict[str, Any]]:
+        """Rows of the top-k candidates: the fine-tuning set."""
+        chosen = [row for row in self.rows() if row.get("selected")]
+        if not chosen:
+            raise ValueError(f"fine-tuning set {self.path} has no selected candidates")
+        return chosen
+
+    def latents(self, rows: list[dict[str, Any]]) -> torch.Tensor:
+        """The cached clean latents of ``rows`` (no VAE needed to train)."""
+        files: dict[str, torch.Tensor] = {}
+        latents = []
+        for row in rows:
+            name = row["latents"]
+            if name not in files:
+                try:
+                    files[name] = load_file(str(self.path / name))["latents"]
+                except (FileNotFoundError, SafetensorError, KeyError) as err:
+                    raise ValueError(f"latents {self.path / name} are missing or corrupt: {err}") from err
+            latents.append(files[name][row["candidate"]])
+        return torch.stack(latents)
+
+
+def as_round_dir(folder: RoundDir | str | Path) -> RoundDir:
+    """Stages accept an image folder as a ``RoundDir`` or as its path."""
+    return folder if isinstance(folder, RoundDir) else RoundDir(Path(folder))
+
+
+@dataclass(frozen=True)
+class RunDir:
+    """A training run's dir (``paths.output_dir`` of ``mitune.run``)."""
+
+    path: Path
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "path", Path(self.path).expanduser())
+
+    @property
+    def config_record(self) -> Path:
+        return self.path / "run_config.yaml"
+
+    @property
+    def lock(self) -> Path:
+        return self.path / ".mitune.lock"
+
+    @property
+    def lock_owner(self) -> Path:
+        return self.path / ".mitune.lock.json"
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.path / "checkpoints"
+
+    @property
+    def adapter(self) -> Path:
+        return self.path / "adapter"
+
+    @property
+    def rounds_dir(self) -> Path:
+        return self.path / "rounds"
+
+    @property
+    def progress_file(self) -> Path:
+        return self.rounds_dir / "progress.json"
+
+    @property
+    def eval_root(self) -> Path:
+        return self.path / "eval"
+
+    def work(self) -> tuple[Path, ...]:
+        """What ties the dir to its config once it exists: generated rounds, checkpoints, adapters."""
+        return self.rounds_dir, self.checkpoints, self.adapter
+
+    def round(self, r: int) -> RoundDir:
+        return RoundDir(self.rounds_dir / f"round_{r}")
+
+    def rounds_trained(self) -> int | None:
+        """Rounds finished, from the progress file (None if the run has none)."""
+        if not self.progress_file.is_file():
+            return None
+        return json.loads(self.progress_file.read_text(encoding="utf-8"))["rounds_trained"]
+
+    def write_progress(self, rounds_trained: int, global_step: int) -> None:
+        write_json(self.progress_file, {"rounds_trained": rounds_trained, "global_step": global_step})
