@@ -170,7 +170,8 @@ def training_runs(path: Path) -> list[RunDir]:
     found = [RunDir(path)] if RunDir(path).rounds_dir.is_dir() else [
         RunDir(p.parent) for p in sorted(path.rglob("rounds")) if p.is_dir() and RunDir(p.parent).config_record.is_file()]
     if not found:
-        raise FileNotFoundError(f"{path} holds no training run (a dir with rounds/ and a config record)")
+        raise FileNotFoundError(f"{path} is not a finished round (it has no {RoundDir(path).metadata.name}) and holds "
+                                "no training run (a dir with rounds/ and a config record)")
     return found
 
 

@@ -4,12 +4,17 @@ Collects every ``results.csv`` that ``mitune.evaluate`` wrote under the given di
 categories, runs and sweeps) and writes:
 
 * ``table1.md`` / ``table1.csv``: alignment per category (columns) for the base model and each
-  method/round (rows) at one CFG (Table 1 style), as mean ± std over the images, with their number n;
+  method/round (rows) at each requested CFG (Table 1 style), as mean ± std over the images, with
+  their number n; where a point was evaluated for several seeds (training seed, evaluation seed),
+  the mean over seeds ± the std across them. A job whose prompts span categories (the toy world)
+  also gets an ``all`` column, pooled over its images;
 * ``table2.md`` / ``table2.csv``: quality metrics (FID, FD-DINO, CMMD) per method/round, category
   and CFG (Table 2 style);
 * ``tradeoff.png``: alignment (y, ± its standard error) against FID (x), one line per round across
   the CFG values (one marker per CFG), the base model as its own line, one panel per category
   (Figure 2 style);
+* ``rounds.png``: alignment against round (0 = base), one line per method, one panel per CFG,
+  ± the std across seeds (where there are several rounds);
 * ``all_results.csv``: all rows collected (not named results.csv, so a later summary over a
   parent dir does not collect it again);
 
@@ -20,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import io
 import logging
 import math
 import os
@@ -33,17 +37,13 @@ from typing import Any
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
-from mitune.io import atomic_write, write_text
+from mitune.artifacts import RESULT_COLUMNS, RESULTS
+from mitune.io import csv_text, save_figure, write_text
 from mitune.tracking import setup_wandb
 
 log = logging.getLogger(__name__)
 
 Row = dict[str, Any]
-Key = tuple[str, str, int, float, str]
-RESULTS = "results.csv"
-# The tidy table mitune.evaluate writes: one row per (method, category, round, cfg, metric).
-COLUMNS = ["method", "category", "round", "cfg", "metric", "kind", "value", "std", "n", "num_prompts",
-           "images_per_prompt", "seed", "model", "run_dir", "image_dir"]
 
 
 class SummaryError(ValueError):
@@ -53,17 +53,33 @@ class SummaryError(ValueError):
 # ----------------------------------------------------------------------------- collecting
 
 
-def csv_text(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> str:
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=list(columns), lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(rows)
-    return buffer.getvalue()
-
-
 def parse_row(row: dict[str, str]) -> Row:
     return {**row, "round": int(row["round"]), "cfg": float(row["cfg"]), "value": float(row["value"]),
-            "std": float(row["std"]) if row.get("std") else None, "n": int(row["n"])}
+            "std": float(row["std"]) if row.get("std") else None, "n": int(row["n"]),
+            "seed": row.get("seed", ""), "train_seed": row.get("train_seed") or ""}
+
+
+def point_key(row: Row) -> tuple:
+    """One measured point: round 0 is the base model whichever run it was evaluated from."""
+    return (*model_key(row), row["category"], row["cfg"], row["metric"], row["seed"], row["train_seed"])
+
+
+def pooled(rows: Sequence[Row]) -> Row:
+    """The ``all`` row of one job's per-category alignment rows: mean and std over all their images."""
+    n = sum(row["n"] for row in rows)
+    mean = sum(row["n"] * row["value"] for row in rows) / n
+    squares = sum((row["n"] - 1) * (row["std"] or 0.0) ** 2 + row["n"] * (row["value"] - mean) ** 2 for row in rows)
+    return {**rows[0], "category": "all", "value": mean, "std": math.sqrt(squares / (n - 1)) if n > 1 else 0.0, "n": n,
+            "num_prompts": sum(int(row["num_prompts"]) for row in rows)}
+
+
+def with_all(rows: list[Row]) -> list[Row]:
+    """``rows`` plus an ``all`` row per job and alignment metric whose rows span several categories."""
+    groups: dict[tuple[str, str], list[Row]] = defaultdict(list)
+    for row in rows:
+        if row["kind"] == "alignment":
+            groups[(row.get("image_dir", ""), row["metric"])].append(row)
+    return rows + [pooled(group) for group in groups.values() if len({row["category"] for row in group}) > 1]
 
 
 def collect(dirs: Sequence[str | os.PathLike]) -> list[Row]:
@@ -76,17 +92,33 @@ def collect(dirs: Sequence[str | os.PathLike]) -> list[Row]:
         files += [path] if path.is_file() else sorted(path.rglob(RESULTS))
     if not files:
         raise SummaryError(f"no {RESULTS} under {', '.join(map(str, dirs))}; run `python -m mitune.evaluate` first")
-    newest: dict[Key, tuple[float, Row]] = {}
+    newest: dict[tuple, tuple[float, Row]] = {}
     for file in files:
         mtime = file.stat().st_mtime
         with open(file, newline="", encoding="utf-8") as f:
-            for row in map(parse_row, csv.DictReader(f)):
-                key = (row["method"], row["category"], row["round"], row["cfg"], row["metric"])
-                if key in newest:
-                    log.warning("%s evaluated more than once; keeping the newest result", key)
+            for row in with_all(list(map(parse_row, csv.DictReader(f)))):
+                key = point_key(row)
+                if key in newest and newest[key][1]["value"] != row["value"]:
+                    log.warning("%s evaluated more than once with different results; keeping the newest", key)
                 if key not in newest or mtime >= newest[key][0]:
                     newest[key] = (mtime, row)
     return [row for _, row in newest.values()]
+
+
+def seed_means(rows: Sequence[Row]) -> list[Row]:
+    """One row per (model, category, cfg, metric): with several seeds, the mean over them, the std
+    across them and all their images as n; with one, the row itself (std across its images)."""
+    groups: dict[tuple, list[Row]] = defaultdict(list)
+    for row in rows:
+        groups[point_key(row)[:-2]].append(row)
+    out = []
+    for group in groups.values():
+        values = [row["value"] for row in group]
+        mean = sum(values) / len(values)
+        spread = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else None
+        out.append({**group[0], "value": mean, "std": group[0]["std"] if spread is None else spread,
+                    "n": sum(row["n"] for row in group), "seeds": len(group)})
+    return out
 
 
 # ----------------------------------------------------------------------------- tables
@@ -110,7 +142,8 @@ def model_key(row: Row) -> tuple[str, int]:
 
 def alignment_columns(rows: Sequence[Row]) -> list[tuple[str, str]]:
     """(category, metric) per column; the column is named by the category alone when it has one metric."""
-    return sorted({(row["category"], row["metric"]) for row in rows if row["kind"] == "alignment"})
+    return sorted({(row["category"], row["metric"]) for row in rows if row["kind"] == "alignment"},
+                  key=lambda column: (column[0] == "all", column))
 
 
 def plotted_metric(rows: Sequence[Row]) -> dict[str, str]:
@@ -249,6 +282,32 @@ def plot_tradeoff(rows: Sequence[Row], quality: str) -> Figure:
     return figure
 
 
+def plot_rounds(means: Sequence[Row]) -> Figure:
+    """Alignment against round (0 = the base model), a line per method, a panel per CFG; the
+    ``all`` column where there is one, else each category's plotted metric, ± the std across seeds."""
+    metric_of = plotted_metric(means)
+    category = "all" if "all" in metric_of else None
+    cfgs = sorted({row["cfg"] for row in means if row["kind"] == "alignment"})
+    figure = Figure(figsize=(4.5 * len(cfgs), 3.6), layout="constrained")
+    axes = figure.subplots(1, len(cfgs), squeeze=False, sharey=True)[0]
+    for ax, g in zip(axes, cfgs):
+        points = [row for row in means if row["kind"] == "alignment" and math.isclose(row["cfg"], g)
+                  and row["metric"] == metric_of[row["category"]] and (category is None or row["category"] == category)]
+        base = [row for row in points if row["round"] == 0]
+        for i, (method, cat) in enumerate(sorted({(row["method"], row["category"]) for row in points if row["round"]})):
+            line = [b for b in base if b["category"] == cat] + sorted(
+                (row for row in points if (row["method"], row["category"]) == (method, cat) and row["round"]),
+                key=lambda row: row["round"])
+            ax.errorbar([row["round"] for row in line], [row["value"] for row in line],
+                        yerr=[row["std"] if row["seeds"] > 1 else 0.0 for row in line], marker="o", capsize=3,
+                        color=f"C{i}", label=method if category else f"{method} ({cat})")
+        ax.set(title=f"CFG {g:g}", xlabel="round R (0 = base)")
+        ax.xaxis.get_major_locator().set_params(integer=True)
+    axes[0].set_ylabel(f"{metric_of[category] if category else 'alignment'}" + (" (all categories)" if category else ""))
+    axes[-1].legend(fontsize=8)
+    return figure
+
+
 # ----------------------------------------------------------------------------- main
 
 
@@ -261,28 +320,39 @@ def default_quality(rows: Sequence[Row], wanted: str) -> str:
     return found[0]
 
 
-def summarize(dirs: Sequence[str | os.PathLike], out: str | os.PathLike, *, cfg: float = 7.5,
+def summarize(dirs: Sequence[str | os.PathLike], out: str | os.PathLike, *, cfg: float | Sequence[float] = 7.5,
               quality: str = "fid") -> dict[str, Path]:
-    """Write the tables, the plot and the collected rows into ``out``; returns the written files."""
+    """Write the tables, the plots and the collected rows into ``out``; returns the written files."""
     rows = collect(dirs)
+    means = seed_means(rows)
     out = Path(out).expanduser()
     written = {"results": out / "all_results.csv"}
-    write_text(written["results"], csv_text(sorted(rows, key=lambda r: tuple(str(r[c]) for c in COLUMNS)), COLUMNS))
-    header, body = table1(rows, cfg)
-    note, md_header, md_body = mean_pm_std(header, body)
-    title = f"Table 1 style: alignment at CFG {cfg:g} (mean ± std over images, {note}; T2I-CompBench metric per category)"
-    write_text(out / "table1.md", markdown(title, md_header, md_body))
-    write_text(out / "table1.csv", table_csv(header, body))
+    key = lambda r: tuple(str(r[c]) for c in RESULT_COLUMNS)  # noqa: E731
+    write_text(written["results"], csv_text(sorted(rows, key=key), RESULT_COLUMNS))
+    sections, csv_rows, csv_header = [], [], []
+    for g in [cfg] if isinstance(cfg, (int, float)) else cfg:
+        header, body = table1(means, g)
+        note, md_header, md_body = mean_pm_std(header, body)
+        seeds = max(row["seeds"] for row in means)
+        spread = f"mean ± std across {seeds} seeds" if seeds > 1 else "mean ± std over images"
+        sections.append(markdown(f"Table 1 style: alignment at CFG {g:g} ({spread}, {note}; T2I-CompBench metric "
+                                 "per category)", md_header, md_body))
+        csv_header = header[:3] + ["cfg"] + header[3:]
+        csv_rows += [row[:3] + [g] + row[3:] for row in body]
+    write_text(out / "table1.md", "\n".join(sections))
+    write_text(out / "table1.csv", table_csv(csv_header, csv_rows))
     written.update(table1_md=out / "table1.md", table1_csv=out / "table1.csv")
+    if len({row["round"] for row in means}) > 1:
+        save_figure(out / "rounds.png", plot_rounds(means), dpi=120)
+        written["rounds"] = out / "rounds.png"
     try:
-        header, body = table2(rows)
+        header, body = table2(means)
     except SummaryError as err:
         log.warning("no Table 2 and no trade-off plot: %s", err)
         return written
     write_text(out / "table2.md", markdown("Table 2 style: image quality (lower is better)", header, body))
     write_text(out / "table2.csv", table_csv(header, body))
-    figure = plot_tradeoff(rows, default_quality(rows, quality))
-    atomic_write(out / "tradeoff.png", lambda tmp: figure.savefig(tmp, dpi=120, format="png"))
+    save_figure(out / "tradeoff.png", plot_tradeoff(means, default_quality(means, quality)), dpi=120)
     written.update(table2_md=out / "table2.md", table2_csv=out / "table2.csv", tradeoff=out / "tradeoff.png")
     return written
 
@@ -309,7 +379,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m mitune.summary", description=__doc__.splitlines()[0])
     parser.add_argument("dirs", nargs="+", help="evaluation sweep/run dirs (searched for results.csv) or CSV files")
     parser.add_argument("--out", required=True, help="folder for the tables and the plot")
-    parser.add_argument("--cfg", type=float, default=7.5, help="CFG of Table 1 (default 7.5)")
+    parser.add_argument("--cfg", type=float, nargs="+", default=[7.5], help="CFG(s) of Table 1 (default 7.5)")
     parser.add_argument("--quality", default="fid", help="quality metric on the plot's x axis (default fid)")
     parser.add_argument("--project", default="mitune", help="W&B project")
     parser.add_argument("--no-wandb", dest="wandb", action="store_false", help="do not log to W&B")

@@ -124,7 +124,7 @@ def test_real_round_scored_by_a_metric(tiny_round, tmp_path):
 def test_cli_errors_are_one_line(tmp_path, capsys):
     (tmp_path / "images").mkdir()
     assert analysis.main([str(tmp_path), "--metric", "toy_oracle", "--out", str(tmp_path / "out")]) == 1
-    assert "is not a finished round: it has no metadata.jsonl" in capsys.readouterr().err
+    assert "is not a finished round (it has no metadata.jsonl)" in capsys.readouterr().err
 
 
 def test_missing_evaluation_model_is_one_line_without_waiting_for_the_hub(tiny_round, tmp_path, capsys):

@@ -249,7 +249,7 @@ def test_damaged_cached_images_fail_before_scoring(tiny_sd_path, tmp_path, monke
     ev.evaluate(compose_eval(tmp_path, *overrides))
     [folder] = (tmp_path / "images" / "round_0").iterdir()
     damage(folder)
-    monkeypatch.setattr("mitune.metrics.toy.ToyOracleMetric.score_batch", lambda *a: pytest.fail("scored damaged images"))
+    monkeypatch.setattr("mitune.toy.metric.ToyOracleMetric.score_batch", lambda *a: pytest.fail("scored damaged images"))
     with pytest.raises(MetricInputError, match=msg):
         ev.evaluate(compose_eval(tmp_path, *overrides))
 

@@ -18,11 +18,14 @@ from safetensors.torch import load_file
 
 import mitune  # noqa: F401  (registers the ${mitune.asset:...} resolver)
 from mitune.checkpoint import STATE, TENSORS, SafetensorsCheckpointIO, latest_checkpoint, read_state
-from mitune.generation import METADATA, GenerationConfig, round_settings, run_round, verify_round
+from mitune.artifacts import METADATA, RunDir
+from mitune.generation import GenerationConfig, round_settings, run_round, verify_round
 from mitune.models import load_pipeline
 from mitune.prompts import read_prompt_file
 from mitune.run import train
-from mitune.rundir import RECORD, RunDirError, exclusive
+from mitune.rundir import RunDirError, exclusive
+
+RECORD = RunDir(Path()).config_record.name
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL = [

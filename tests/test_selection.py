@@ -42,12 +42,12 @@ def test_oracle_selection_prefers_the_correct_image():
     good = render(parse(prompt), rng=np.random.default_rng(0))
     wrong = render(parse("a blue circle and a red square"), rng=np.random.default_rng(0))
     images = [Image.fromarray(wrong), Image.fromarray(good)]
-    scores = selection_scores("oracle", prompt, images, torch.zeros(2), torch.Generator())
+    scores = selection_scores("toy_oracle", prompt, images, torch.zeros(2), torch.Generator())
     assert select_top_k(scores, 1)[1].tolist() == [False, True]
 
 
 def test_bad_strategy_and_unjudgeable_prompts():
     with pytest.raises(ValueError, match="selection must be one of"):
-        check_strategy("hps")
-    with pytest.raises(ValueError, match="toy-world prompts only.*a cat on a mat"):
-        check_strategy("oracle", ["a red circle", "a cat on a mat"])
+        check_strategy("no_such_score")
+    with pytest.raises(ValueError, match="selection=toy_oracle: .*a cat on a mat.*not a toy-world prompt"):
+        check_strategy("toy_oracle", ["a red circle", "a cat on a mat"])

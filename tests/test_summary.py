@@ -14,7 +14,8 @@ import pytest
 from PIL import Image
 
 from mitune import summary
-from mitune.summary import COLUMNS, csv_text
+from mitune.artifacts import RESULT_COLUMNS as COLUMNS
+from mitune.io import csv_text
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -58,7 +59,7 @@ def test_tables_from_two_categories(tmp_path):
 
     table1 = read_csv(written["table1_csv"])
     assert [r["model"] for r in table1] == ["base", "mitune R=1", "mitune R=2"]
-    assert list(table1[0]) == ["model", "method", "round", "color", "color_std", "color_n",
+    assert list(table1[0]) == ["model", "method", "round", "cfg", "color", "color_std", "color_n",
                                "spatial", "spatial_std", "spatial_n"]
     for r, row in enumerate(table1):
         assert float(row["color"]) == pytest.approx(0.1 * r + 0.075)
@@ -108,7 +109,7 @@ def test_alignment_only_results_give_table1_and_say_why_no_plot(tmp_path, caplog
     rows = [row for row in grid(categories=("color",)) if row["kind"] != "quality"]
     write_results(tmp_path / "sweep", rows)
     written = summary.summarize([tmp_path / "sweep"], tmp_path / "out")
-    assert set(written) == {"results", "table1_md", "table1_csv"}
+    assert set(written) == {"results", "table1_md", "table1_csv", "rounds"}
     assert "no quality results" in caplog.text
 
 

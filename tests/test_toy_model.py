@@ -1,4 +1,4 @@
-"""The committed toy base model (the embedded default), its training recipe and the toy experiment."""
+"""The committed toy base model (the embedded default) and its training recipe."""
 
 from __future__ import annotations
 
@@ -15,7 +15,6 @@ from mitune.models import decode_latents, load_pipeline
 from mitune.prompts import load_toy
 from mitune.toy import base_model
 from mitune.toy.base_model import MODEL_DIR, SPLIT_SEED, ToyTrainConfig, complete_scene, training_pairs
-from mitune.toy.experiment import ToyEval, eval_dir, run, summarise
 from mitune.toy.oracle import detect, score
 from mitune.toy.world import Obj, parse, sample_scene, split_prompts
 
@@ -86,52 +85,3 @@ def test_recipe_trains_and_saves_a_loadable_pipeline(tmp_path):
     assert again.vae.config.scaling_factor == pipe.vae.config.scaling_factor != 0.18215
     card = (out / "README.md").read_text()
     assert "| train (seen bindings) |" in card and f"{record['oracle']['val']['all']:.3f}" in card
-
-
-def test_summary_is_mean_and_std_over_seeds():
-    rows = [{"method": "mi", "round": 1, "cfg": 7.5, "category": "color", "seed": s, "oracle": v}
-            for s, values in ((0, [0.0, 1.0]), (1, [1.0, 1.0])) for v in values]
-    (color, overall) = summarise(rows)
-    assert color["category"] == "color" and overall["category"] == "all"
-    assert color["mean"] == pytest.approx(0.75) and color["std"] == pytest.approx(np.std([0.5, 1.0], ddof=1))
-    assert (color["seeds"], color["n"]) == (2, 4)
-
-
-@pytest.mark.parametrize("bad,match", [
-    (dict(strategies=("mi", "hps")), "strategies must be"),
-    (dict(seeds=(0, 0)), "distinct"),
-    (dict(cfgs=(float("nan"),)), "cfgs must be finite"),
-    (dict(model="/no/such/model"), "run `make toy-model`"),
-])
-def test_bad_experiment_settings(tmp_path, bad, match):
-    with pytest.raises((ValueError, FileNotFoundError), match=match):
-        ToyEval(out=tmp_path, **bad)
-
-
-@pytest.mark.slow
-def test_toy_experiment_end_to_end_and_resume(tmp_path):
-    """Tiny settings: 1 seed, mi vs random, 1 round; tables, plots and a rerun that redoes nothing."""
-    small = ("data.per_category=1", "generation.num_candidates=2", "generation.num_inference_steps=3",
-             "train.effective_batch=4", "train.micro_batch=4", "train.steps_per_round=2", "logger=csv")
-    config = ToyEval(out=tmp_path / "toy", seeds=(0,), strategies=("mi", "random"), rounds=1, cfgs=(7.5,),
-                     test_per_category=1, images_per_prompt=2, steps=3, overrides=small)
-    summary = run(config, docs=tmp_path / "docs")
-    methods = {(s["method"], s["round"]) for s in summary}
-    assert methods == {("base", 0), ("mi", 1), ("random", 1)}
-    overall = [s for s in summary if s["category"] == "all"]
-    assert all(s["n"] == 5 * 2 and 0 <= s["mean"] <= 1 for s in overall)
-    scores = list(csv.DictReader((tmp_path / "toy" / "scores.csv").open()))
-    row = scores[0]
-    image = eval_dir(config, row["method"], 0, int(row["round"]), 7.5) / "images" / "000000_000.png"
-    assert float(row["oracle"]) == score(row["prompt"], np.asarray(Image.open(image).convert("RGB")))
-    md = (tmp_path / "docs" / "results.md").read_text()
-    assert "| base | 0 |" in md and "| random | 1 |" in md and "tau(MI, oracle)" in md and "Training pools" in md
-    rounds = list(csv.DictReader((tmp_path / "docs" / "rounds.csv").open()))
-    assert {(r["strategy"], r["round"]) for r in rounds} == {("mi", "1"), ("random", "1")}
-    assert rounds[0]["all"] == rounds[1]["all"]  # round 1: both strategies share the base model's candidates
-    for name in ("rounds.png", "categories.png"):
-        assert Image.open(tmp_path / "docs" / name).size[0] > 300
-    adapter = config.run_dir("mi", 0) / "adapter" / "pytorch_lora_weights.safetensors"
-    stamp = adapter.stat().st_mtime_ns
-    assert run(config) == summary
-    assert adapter.stat().st_mtime_ns == stamp

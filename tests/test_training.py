@@ -18,8 +18,9 @@ from mitune import checkpoint as ckpt
 from mitune.adapters import AdapterConfig
 from mitune.callbacks import FinetuneData, MIRounds
 from mitune.checkpoint import SafetensorsCheckpointIO, flatten, latest_checkpoint, unflatten
-from mitune.data import FinetuneSet, load_latents, selected_rows
-from mitune.generation import METADATA, GenerationConfig
+from mitune.data import FinetuneSet
+from mitune.artifacts import METADATA, RoundDir
+from mitune.generation import GenerationConfig
 from mitune.models import latent_shape, load_pipeline
 from mitune.training import MITuneModule, TrainConfig, accumulation_steps
 
@@ -227,7 +228,7 @@ def run_rounds(tiny: Path, out: Path, extra: list[L.Callback], *, rounds: int = 
         reload_dataloaders_every_n_epochs=1, default_root_dir=out, enable_progress_bar=False,
         enable_model_summary=False,
     )
-    trainer.fit(module, datamodule=FinetuneData(mi_rounds, config),
+    trainer.fit(module, datamodule=FinetuneData(config),
                 ckpt_path=latest_checkpoint(checkpoints) if resume else None)
     return module
 
@@ -374,16 +375,16 @@ def round_dir(tmp_path) -> Path:
 
 
 def test_a_complete_set_loads_its_selected_latents(round_dir):
-    rows = selected_rows(round_dir)
+    rows = RoundDir(round_dir).selected_rows()
     assert [(r["prompt"], r["candidate"]) for r in rows] == [(PROMPTS[0], 1), (PROMPTS[1], 0)]
-    latents = load_latents(round_dir, rows)
+    latents = RoundDir(round_dir).latents(rows)
     assert latents[:, 0, 0, 0].tolist() == pytest.approx([0.1, 1.0])
 
 
 def test_missing_metadata_names_the_round(round_dir):
     (round_dir / METADATA).unlink()
     with pytest.raises(FileNotFoundError, match=str(round_dir)):
-        selected_rows(round_dir)
+        RoundDir(round_dir).selected_rows()
 
 
 @pytest.mark.parametrize("damage", ["truncated", "garbled"])
@@ -392,16 +393,16 @@ def test_corrupt_metadata_is_a_value_error(round_dir, damage):
     data = path.read_bytes()
     path.write_bytes(data[: len(data) - 20] if damage == "truncated" else b"\xff\xfe\x00garbage" + data[5:])
     with pytest.raises(ValueError, match=f"{path} is corrupt"):
-        selected_rows(round_dir)
+        RoundDir(round_dir).selected_rows()
 
 
 @pytest.mark.parametrize("damage", ["missing", "garbled"])
 def test_broken_latents_file_is_named(round_dir, damage):
     path = round_dir / "latents" / "000001.safetensors"
     path.unlink() if damage == "missing" else path.write_bytes(b"not a safetensors file")
-    rows = selected_rows(round_dir)
+    rows = RoundDir(round_dir).selected_rows()
     with pytest.raises(ValueError, match=f"{path} are missing or corrupt"):
-        load_latents(round_dir, rows)
+        RoundDir(round_dir).latents(rows)
 
 
 def test_a_set_with_nothing_selected_is_refused(round_dir):
@@ -409,7 +410,7 @@ def test_a_set_with_nothing_selected_is_refused(round_dir):
     rows = [{**json.loads(line), "selected": False} for line in path.read_text().splitlines()]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     with pytest.raises(ValueError, match="no selected candidates"):
-        selected_rows(round_dir)
+        RoundDir(round_dir).selected_rows()
 
 
 # ----------------------------------------------------------------------------- configuration
