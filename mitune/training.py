@@ -125,9 +125,10 @@ class MITuneModule(L.LightningModule):
         return str(max(found, key=progress_key)) if found else "none yet"
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        # Not Lightning's grad_norm: the same total bit for bit, but it builds a per-tensor dict and copies
+        # each tensor's norm to the host one by one (10x slower than this foreach norm on the tiny model).
         grads = [p.grad for p in self.trainable if p.grad is not None]
-        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
-        self.log("train/grad_norm", norm)
+        self.log("train/grad_norm", torch.nn.utils.get_total_norm(grads))
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         c = self.train_config

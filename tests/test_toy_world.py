@@ -7,6 +7,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
+from mitune.toy import oracle, world
 from mitune.toy.oracle import detect, score
 from mitune.toy.world import (
     CATEGORIES,
@@ -188,3 +189,51 @@ def test_obj_rejects_unknown_attributes() -> None:
 def test_category_is_read_back_from_any_sampled_prompt(category):
     rng = np.random.default_rng(7)
     assert {category_of(prompt(sample_scene(category, rng))) for _ in range(100)} == {category}
+
+
+def _flood_fill_components(mask: np.ndarray) -> list[set[tuple[int, int]]]:
+    """Reference for ``oracle._components``: the 8-neighbour flood fill the oracle used before scipy."""
+    seen, (h, w), out = np.zeros_like(mask), mask.shape, []
+    for start in zip(*np.nonzero(mask)):
+        if seen[start]:
+            continue
+        seen[start] = True
+        queue, pixels = [start], set()
+        while queue:
+            y, x = queue.pop()
+            pixels.add((int(y), int(x)))
+            for ny in range(max(y - 1, 0), min(y + 2, h)):
+                for nx in range(max(x - 1, 0), min(x + 2, w)):
+                    if mask[ny, nx] and not seen[ny, nx]:
+                        seen[ny, nx] = True
+                        queue.append((ny, nx))
+        out.append(pixels)
+    return out
+
+
+@pytest.mark.parametrize("density", [0.1, 0.3, 0.5, 0.7])
+def test_components_equal_an_eight_neighbour_flood_fill(density: float) -> None:
+    # Random masks touch diagonally everywhere, so 4-connectivity or another component order fails here.
+    rng = np.random.default_rng(0)
+    for _ in range(100):
+        mask = rng.random((32, 32)) < density
+        got = [{(int(y), int(x)) for y, x in c} for c in oracle._components(mask)]
+        assert got == _flood_fill_components(mask)
+
+
+@pytest.mark.parametrize("category", CATEGORIES)
+def test_detect_is_unchanged_by_the_scipy_labelling(category: str, monkeypatch) -> None:
+    """Clean renders and renders with palette-colored speckle (specks, touching blobs) read the same."""
+    rng = np.random.default_rng(5)
+    colors = np.array([world.INK, *world.PALETTE.values()], dtype=np.uint8)
+    images = []
+    for scene in _scenes(category)[:50]:
+        image = render(scene, rng=rng)
+        noisy = image.copy()
+        speckle = rng.random(image.shape[:2]) < 0.05
+        noisy[speckle] = colors[rng.integers(len(colors), size=int(speckle.sum()))]
+        images += [image, noisy]
+    found = [detect(im) for im in images]
+    monkeypatch.setattr(oracle, "_components", lambda mask: [np.array(sorted(c)) for c in _flood_fill_components(mask)])
+    assert found == [detect(im) for im in images]
+    assert sum(len(f) for f in found) > len(images)  # speckle adds components; not vacuous

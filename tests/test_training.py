@@ -107,6 +107,31 @@ def test_loss_falls_on_a_tiny_overfit_set(tiny_sd_path):
     assert sum(last) / 5 < 0.9 * sum(first) / 5, recorder.losses
 
 
+class GradNorms(L.Callback):
+    """Per optimizer step: the norm of all adapter gradients, concatenated in float64, and the logged one."""
+
+    def __init__(self, accumulate: int) -> None:
+        self.accumulate = accumulate
+        self.expected: list[float] = []
+        self.logged: list[float] = []
+
+    def on_before_optimizer_step(self, trainer, module, optimizer) -> None:  # runs before the module's hook
+        grads = torch.cat([p.grad.double().flatten() for p in module.trainable])
+        self.expected.append(torch.linalg.vector_norm(grads).item())
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+        if (batch_idx + 1) % self.accumulate == 0:
+            self.logged.append(trainer.callback_metrics["train/grad_norm"].item())
+
+
+def test_logged_grad_norm_is_the_total_norm_of_the_accumulated_adapter_gradients(tiny_sd_path):
+    module = make_module(tiny_sd_path)
+    recorder = GradNorms(accumulate=2)
+    fit(module, tiny_set(module, steps=3, batch=4), micro_batch=2, accumulate=2, steps=3, callbacks=[recorder])
+    assert len(recorder.expected) == len(recorder.logged) == 3
+    assert recorder.logged == pytest.approx(recorder.expected, rel=1e-6)
+
+
 def dora_magnitudes_moved(module: MITuneModule, lr: float) -> float:
     """Share of DoRA magnitude entries that one optimizer step at ``lr`` changes."""
     magnitudes = [p for n, p in module.named_parameters() if "lora_magnitude_vector" in n]

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers.training_utils import EMAModel
 from tqdm import tqdm
 from transformers import CLIPTextModel
 
@@ -148,6 +149,8 @@ class ToyTrainConfig:
 
 
 def _warmup(step: int, warmup: int) -> float:
+    # Not diffusers' get_constant_schedule_with_warmup: that gives step / warmup (lr 0 on the first
+    # step), and this (step + 1) / warmup is the recipe the committed model was trained with.
     return min(1.0, (step + 1) / warmup)
 
 
@@ -181,8 +184,10 @@ def encode_images(vae: AutoencoderKL, images: torch.Tensor, batch: int = 256) ->
     return latents * vae.config.scaling_factor
 
 
-def _ema_update(ema: list[torch.Tensor], params: list[torch.Tensor], decay: float) -> None:
-    torch._foreach_lerp_(ema, [p.detach() for p in params], 1 - decay)
+def constant_ema(params: list[torch.nn.Parameter], decay: float) -> EMAModel:
+    """EMA with the same ``decay`` from the first step: ``min_decay=decay`` and ``update_after_step=-1``
+    switch off EMAModel's decay warm-up, which the committed model was not trained with."""
+    return EMAModel(params, decay=decay, min_decay=decay, update_after_step=-1, foreach=True)
 
 
 def train_denoiser(pipe: StableDiffusionPipeline, latents: torch.Tensor, captions: list[str],
@@ -195,7 +200,7 @@ def train_denoiser(pipe: StableDiffusionPipeline, latents: torch.Tensor, caption
     scheduler = pipe.scheduler
     modules = [pipe.unet, pipe.text_encoder]
     params = [p for m in modules for p in m.parameters()]
-    ema = [p.detach().clone() for p in params]
+    ema = constant_ema(params, config.ema_decay)
     opt = torch.optim.AdamW(params, lr=config.unet_lr, weight_decay=1e-2)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _warmup(s, config.warmup_steps))
     for m in modules:
@@ -217,10 +222,9 @@ def train_denoiser(pipe: StableDiffusionPipeline, latents: torch.Tensor, caption
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         sched.step()
-        _ema_update(ema, params, config.ema_decay)
+        ema.step(params)
         losses.append(loss.item())
-    with torch.no_grad():
-        torch._foreach_copy_(params, ema)
+    ema.copy_to(params)
     for m in modules:
         m.eval()
     return losses

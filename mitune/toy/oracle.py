@@ -21,12 +21,12 @@ the image are not penalised (a VQA model asked about the mentioned objects would
 
 from __future__ import annotations
 
-from collections import deque
 from dataclasses import dataclass
 from itertools import permutations
 
 import numpy as np
 from PIL import Image
+from scipy import ndimage
 
 from mitune.toy.world import (
     BACKGROUND,
@@ -46,6 +46,7 @@ SOLID_MAX_INK = 0.03
 
 _REFERENCE = np.array([BACKGROUND, INK, *PALETTE.values()], dtype=np.float32)
 _BG, _INK = 0, 1  # label ids; palette color k has label k + 2
+_EIGHT_CONNECTED = np.ones((3, 3), dtype=bool)
 
 
 @dataclass(frozen=True)
@@ -67,25 +68,9 @@ def _labels(image: np.ndarray) -> np.ndarray:
 
 
 def _components(foreground: np.ndarray) -> list[np.ndarray]:
-    """8-connected components of a boolean mask, as (N, 2) arrays of (row, col)."""
-    seen = np.zeros_like(foreground)
-    h, w = foreground.shape
-    out = []
-    for start in zip(*np.nonzero(foreground)):
-        if seen[start]:
-            continue
-        seen[start] = True
-        queue, pixels = deque([start]), []
-        while queue:
-            y, x = queue.popleft()
-            pixels.append((y, x))
-            for ny in range(max(y - 1, 0), min(y + 2, h)):
-                for nx in range(max(x - 1, 0), min(x + 2, w)):
-                    if foreground[ny, nx] and not seen[ny, nx]:
-                        seen[ny, nx] = True
-                        queue.append((ny, nx))
-        out.append(np.array(pixels))
-    return out
+    """8-connected components of a boolean mask, as (N, 2) arrays of (row, col), in raster order."""
+    components, n = ndimage.label(foreground, structure=_EIGHT_CONNECTED)
+    return [np.argwhere(components == k) for k in range(1, n + 1)]
 
 
 def _classify_shape(fill: float) -> str:
