@@ -1,0 +1,95 @@
+"""The toy benchmark on the one evaluation path: ``mitune.run`` per (selection, seed), ``mitune.evaluate``
+with ``+experiment=toy_eval`` per (run, round, CFG), then ``mitune.analysis`` and ``mitune.summary``.
+
+Tiny settings, every task called in-process with the composed config (as ``make toy-eval`` composes it).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hydra import compose, initialize_config_dir
+from PIL import Image
+
+from mitune import analysis, summary
+from mitune.artifacts import RunDir
+from mitune.evaluate import evaluate
+from mitune.run import train
+from mitune.toy.oracle import score_image
+
+REPO = Path(__file__).resolve().parents[1]
+SMALL = ["rounds=1", "data.per_category=1", "generation.num_candidates=3", "generation.num_inference_steps=3",
+         "train.effective_batch=4", "train.micro_batch=4", "train.steps_per_round=2", "logger=csv"]
+SELECTIONS = ("random", "toy_oracle")
+
+
+def config(name: str, output_dir: Path, *overrides: str):
+    with initialize_config_dir(str(REPO / "conf"), version_base="1.3"):
+        return compose(name, overrides=[*SMALL, *overrides, f"paths.output_dir={output_dir}"], return_hydra_config=False)
+
+
+@pytest.fixture(scope="module")
+def benchmark(tmp_path_factory) -> Path:
+    """Two 1-round runs (random and oracle selection, seed 0), each evaluated at rounds 0 and 1, CFG 7.5."""
+    root = tmp_path_factory.mktemp("toy-eval")
+    for selection in SELECTIONS:
+        run_dir = root / "train" / f"{selection}-seed0"
+        train(config("config", run_dir, "+experiment=toy", f"generation.selection={selection}", "seed=0"))
+        for r in (0, 1):
+            job = root / "eval" / f"{selection}-seed0" / f"round_{r}-cfg_7.5"
+            evaluate(config("evaluate", job, "+experiment=toy_eval", f"toy_dir={root}", f"generation.selection={selection}",
+                            "seed=0", f"eval.round={r}", "generation.guidance_scale=7.5"))
+    return root
+
+
+@pytest.mark.slow
+def test_every_category_is_a_row_and_the_oracle_scores_the_images(benchmark):
+    results = list(csv.DictReader((benchmark / "eval" / "random-seed0" / "round_1-cfg_7.5" / "results.csv").open()))
+    oracle = [row for row in results if row["metric"] == "toy_oracle"]
+    assert [row["category"] for row in oracle] == ["color", "shape", "texture", "spatial", "complex"]
+    assert {(row["n"], row["num_prompts"], row["train_seed"], row["method"]) for row in oracle} == {("3", "1", "0", "random")}
+    scores = [json.loads(x) for x in (benchmark / "eval" / "random-seed0" / "round_1-cfg_7.5" / "scores.jsonl")
+              .read_text().splitlines()]
+    folder = Path(oracle[0]["image_dir"])
+    assert all(row["toy_oracle"] == score_image(row["prompt"], Image.open(folder / row["file_name"])) for row in scores)
+
+
+@pytest.mark.slow
+def test_the_base_model_is_generated_once_for_every_run(benchmark):
+    folders = list((benchmark / "images" / "round_0").iterdir())
+    assert len(folders) == 1  # both runs' round-0 jobs reused one folder
+    assert not (RunDir(benchmark / "train" / "random-seed0").eval_root).exists()
+
+
+@pytest.mark.slow
+def test_summary_pools_categories_and_analysis_compares_selected_with_all(benchmark):
+    out = benchmark / "summary"
+    written = summary.summarize([benchmark / "eval"], out, cfg=[7.5])
+    table = {row["model"]: row for row in csv.DictReader(written["table1_csv"].open())}
+    assert set(table) == {"base", "random R=1", "toy_oracle R=1"}
+    scores = [json.loads(x)["toy_oracle"] for x in (benchmark / "eval" / "toy_oracle-seed0" / "round_1-cfg_7.5" /
+                                                     "scores.jsonl").read_text().splitlines()]
+    assert float(table["toy_oracle R=1"]["all"]) == pytest.approx(np.mean(scores))
+    assert table["toy_oracle R=1"]["all_n"] == "15"
+    assert Image.open(written["rounds"]).size[0] > 300
+
+    assert analysis.main([str(benchmark / "train"), "--metric", "toy_oracle", "--out", str(out)]) == 0
+    rounds = {row["selection"]: row for row in csv.DictReader((out / "rounds.csv").open())}
+    assert set(rounds) == set(SELECTIONS)
+    assert rounds["random"]["all"] == rounds["toy_oracle"]["all"]  # round 1: the base model's candidates, shared
+    assert float(rounds["toy_oracle"]["selected"]) >= float(rounds["toy_oracle"]["all"])  # the oracle picks its best
+
+
+def test_the_make_target_composes_every_stage():
+    """``make toy-eval``'s overrides compose (the Makefile is the source of the commands)."""
+    make = (REPO / "Makefile").read_text()
+    sweep = next(line.split(":=", 1)[1].split() for line in make.splitlines() if line.startswith("TOY_SWEEP :="))
+    first = [arg.split("=", 1)[0] + "=" + arg.split("=", 1)[1].split(",")[0] for arg in sweep]
+    train_cfg = config("config", Path("/tmp/x"), "+experiment=toy", *first)
+    eval_cfg = config("evaluate", Path("/tmp/x"), "+experiment=toy_eval", *first, "toy_dir=outputs/toy-eval")
+    assert train_cfg.generation.selection == eval_cfg.eval.method == "mi"
+    assert eval_cfg.run_dir == "outputs/toy-eval/train/mi-seed0" and list(eval_cfg.eval.alignment) == ["toy_oracle"]
