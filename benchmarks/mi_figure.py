@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     pipe = load_pipeline(str(MODEL_DIR))
     fig = figure(pipe)
-    mio.atomic_write(args.out, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
+    mio.save_figure(args.out, fig, dpi=110)
     print(args.out)
 
 

@@ -38,6 +38,7 @@ from scipy.optimize import nnls
 
 from mitune.artifacts import RoundDir
 from mitune.generation import GenerationConfig, Job, finish_round, micro_batches, rank_batches, run_round
+from mitune.io import save_figure
 from mitune.models import build_tiny_pipeline, load_pipeline
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -302,7 +303,7 @@ def plot(points: list[Point], coef: np.ndarray, flops: dict[str, float], path: P
     ax.yaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
     ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
     ax.legend(fontsize=8)
-    fig.savefig(path, dpi=100)
+    save_figure(path, fig, dpi=100)
 
 
 def report(argv: list[str], args: argparse.Namespace, points: list[Point], coef: np.ndarray, flops: dict[str, float],

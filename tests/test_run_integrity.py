@@ -282,6 +282,32 @@ def test_a_second_run_on_a_locked_dir_fails_at_once_naming_the_holder(tiny_sd_pa
         pass
 
 
+# ----------------------------------------------------------------------------- trainer settings and rounds
+
+
+@pytest.mark.parametrize("override, message", [
+    ("+trainer.max_steps=3", "trainer.max_steps=3 would break the rounds"),
+    ("trainer.max_epochs=5", r"trainer.max_epochs=5 would break the rounds: one epoch is one round.*= rounds \(1\)"),
+    ("+trainer.limit_train_batches=0.5", "trainer.limit_train_batches=0.5 would break the rounds"),
+    ("+trainer.accumulate_grad_batches=2", "trainer.accumulate_grad_batches=2 would break the rounds: mitune derives it"),
+    ("trainer.use_distributed_sampler=true", "trainer.use_distributed_sampler=True would break the rounds"),
+    ("+trainer.fast_dev_run=true", "trainer.fast_dev_run=True would break the rounds"),
+])
+def test_trainer_settings_that_break_rounds_are_refused_before_the_model_loads(tmp_path, override, message):
+    with pytest.raises(ValueError, match=message):
+        train(config(tmp_path / "run", tmp_path / "never-built", override))
+
+
+def test_rounds_do_not_depend_on_reloading_the_dataloaders(tiny_sd_path, tmp_path):
+    """The callback loads each round into the data module's set, so Lightning's reload setting changes nothing."""
+    adapters = []
+    for reload in (0, 1):
+        run_dir = tmp_path / f"reload{reload}"
+        train(config(run_dir, tiny_sd_path, "rounds=2", f"+trainer.reload_dataloaders_every_n_epochs={reload}"))
+        adapters.append(snapshot(run_dir / "adapter"))
+    assert adapters[0] == adapters[1] and adapters[0]
+
+
 # ----------------------------------------------------------------------------- case 8: typed settings
 
 
