@@ -138,6 +138,12 @@ def as_round_dir(folder: RoundDir | str | Path) -> RoundDir:
     return folder if isinstance(folder, RoundDir) else RoundDir(Path(folder))
 
 
+def eval_images(root: Path, r: int, cfg: float, num_images: int, seed: int, key: str) -> RoundDir:
+    """The image folder of one evaluation point under ``root`` (a run's ``eval/`` by default); ``key``
+    hashes everything else that decides the images, so a folder is only reused for the same images."""
+    return RoundDir(root / f"round_{r}" / f"cfg{cfg:g}_n{num_images}_seed{seed}_{key}")
+
+
 @dataclass(frozen=True)
 class RunDir:
     """A training run's dir (``paths.output_dir`` of ``mitune.run``)."""

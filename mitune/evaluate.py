@@ -34,7 +34,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from mitune.console import quiet_libraries  # first: quiets library loggers before the imports below load them
 from mitune.adapters import META_NAME, WEIGHTS_NAME, load_fused
-from mitune.artifacts import RESULT_COLUMNS, RESULTS, SCORES, RoundDir, RunDir
+from mitune.artifacts import RESULT_COLUMNS, RESULTS, SCORES, RoundDir, RunDir, eval_images
 from mitune.generation import GenerationConfig, run_round
 from mitune.io import check_writable, csv_text, write_jsonl, write_text
 from mitune.metrics import (
@@ -178,10 +178,6 @@ def settings_key(prompts: list[str], generation: GenerationConfig, model: dict[s
     return hashlib.sha256(blob.encode()).hexdigest()[:10]
 
 
-def image_dir(root: Path, point: EvalPoint, key: str) -> RoundDir:
-    return RoundDir(root / f"round_{point.round}" / f"cfg{point.cfg:g}_n{point.num_images}_seed{point.seed}_{key}")
-
-
 def ensure_images(cfg: DictConfig, folder: RoundDir, prompts: list[str], generation: GenerationConfig,
                   adapter: Path | None) -> RoundDir:
     """Generate the job's images unless a complete folder is cached; resumes a partial one."""
@@ -284,7 +280,8 @@ def evaluate(cfg: DictConfig) -> list[dict[str, Any]]:
     if cfg.eval.compile:  # compiled kernels round differently: keep their images apart
         model["compile"] = cfg.eval.compile
     root = Path(cfg.eval.image_root or (RunDir(Path(cfg.run_dir)).eval_root if cfg.run_dir else out_dir / "images")).expanduser()
-    folder = ensure_images(cfg, image_dir(root, point, settings_key(prompts, generation, model, adapter)), prompts,
+    folder = ensure_images(cfg, eval_images(root, point.round, point.cfg, point.num_images, point.seed,
+                                           settings_key(prompts, generation, model, adapter)), prompts,
                            generation, adapter)
     per_image, distances = score(folder, alignment, quality, cfg.eval.reference)
     metadata = folder.rows()

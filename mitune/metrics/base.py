@@ -18,7 +18,8 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from tqdm.auto import tqdm
 
-METADATA = "metadata.jsonl"
+from mitune.artifacts import METADATA
+
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 FeatureExtractor = Callable[[Sequence[Image.Image]], torch.Tensor]
