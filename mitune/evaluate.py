@@ -279,7 +279,7 @@ def evaluate(cfg: DictConfig) -> list[dict[str, Any]]:
                            generation, adapter)
     per_image, distances = score(folder, alignment, quality, cfg.eval.reference)
     metadata = read_jsonl(folder / METADATA)
-    meta = {"num_prompts": len(prompts), "model": str(model.get("path_or_id", model.get("path"))),
+    meta = {"num_prompts": len(prompts), "model": str(model["path_or_id"]),
             "run_dir": str(cfg.run_dir or ""), "image_dir": str(folder)}
     rows = result_rows(point, per_image, distances, torch.tensor([row["mi"] for row in metadata]), meta)
     path = write_results(out_dir, rows, metadata, per_image)

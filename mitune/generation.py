@@ -59,7 +59,12 @@ METADATA = "metadata.jsonl"
 
 @dataclass(frozen=True)
 class GenerationConfig:
-    """One round's sampling and selection settings (paper defaults)."""
+    """One round's sampling and selection settings.
+
+    The defaults are the paper's (Algorithm 1): M=50 candidates, top-1 by MI, CFG 7.5, 50 DDPM
+    steps with sigma_t^2 = beta_t, a distinct seed per (prompt, candidate). They are written only
+    here: ``conf/generation/paper.yaml`` composes them (see ``mitune.config``).
+    """
 
     num_candidates: int = 50
     top_k: int = 1
@@ -69,9 +74,13 @@ class GenerationConfig:
     seed: int = 0
     seed_mode: str = "per_prompt"  # or "shared"
     variance_type: str = "fixed_large"
+    # Algorithm 2 adds no noise at the last step; True adds it as diffusers' DDPM does at t=1.
     last_step_noise: bool = False
+    # Also keep each candidate's MI map: "mi_maps" in the latents file and an overlay PNG.
     save_mi_maps: bool = False
-    selection: str = "mi"  # or "random", "oracle", "phrase_mi"
+    # Rank candidates by: mi (MI-TUNE), phrase_mi (smallest per-phrase conditional MI; P more
+    # UNet rows per step for P phrases), random or oracle (toy-world controls).
+    selection: str = "mi"
     mi: MIConfig = field(default_factory=MIConfig)
 
     def __post_init__(self) -> None:
