@@ -56,7 +56,9 @@ TEXT_ENCODER_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]
 
 @dataclass(frozen=True)
 class AdapterConfig:
-    """Adapter hyper-parameters; the defaults are the paper's (Table 8: DoRA, rank 32, alpha 32, attn + ff).
+    """Adapter hyper-parameters; the defaults are the paper's (Table 8: DoRA, rank 32, alpha 32, on
+    attention projections and feed-forward linears), written only here: ``conf/adapter/dora.yaml``
+    composes them (see ``mitune.config``).
 
     ``targets="attn"`` with ``use_dora=False`` is the authors' public SD2 script: plain LoRA on the
     attention projections only.

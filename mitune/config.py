@@ -4,6 +4,11 @@ OmegaConf's structured-config validation checks every value's type against the d
 annotations (``rounds=1.5`` or ``generation.num_candidates=abc`` fail naming the key); the
 dataclass's ``__post_init__`` then checks ranges, and ``finite`` rejects NaN and inf, which
 are valid floats to OmegaConf.
+
+Importing this module also registers each settings dataclass's defaults with Hydra's ConfigStore as
+``<group>/dataclass`` (generation, train, adapter): ``conf/<group>/paper.yaml`` extends that node, so
+the paper's numbers are written only once, as the dataclass defaults. Anything that composes
+``conf/`` (the entry points, tests) imports this module first.
 """
 
 from __future__ import annotations
@@ -12,8 +17,13 @@ import math
 from dataclasses import dataclass, fields, is_dataclass
 from typing import Any, TypeVar
 
+from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
+
+from mitune.adapters import AdapterConfig
+from mitune.generation import GenerationConfig
+from mitune.training import TrainConfig
 
 T = TypeVar("T")
 
@@ -35,6 +45,27 @@ def without_targets(node: Any) -> Any:
     if isinstance(node, dict):
         return {k: without_targets(v) for k, v in node.items() if k != "_target_"}
     return node
+
+
+def dataclass_node(schema: type) -> dict[str, Any]:
+    """The dataclass's defaults as a plain config node, with the ``_target_`` that builds it
+    (nested dataclasses too, for ``hydra.utils.instantiate``).
+
+    A plain node, not a structured one: Hydra would reject the ``_target_`` keys on a node typed
+    by the dataclass, and frozen dataclasses give read-only nodes. ``typed`` checks the types.
+    """
+    node: dict[str, Any] = {"_target_": f"{schema.__module__}.{schema.__qualname__}"}
+    for f in fields(schema):
+        value = getattr(schema(), f.name)
+        if is_dataclass(value):
+            value = dataclass_node(type(value))
+        node[f.name] = list(value) if isinstance(value, tuple) else value
+    return node
+
+
+SCHEMAS: dict[str, type] = {"generation": GenerationConfig, "train": TrainConfig, "adapter": AdapterConfig}
+for group, schema in SCHEMAS.items():
+    ConfigStore.instance().store(group=group, name="dataclass", node=dataclass_node(schema))
 
 
 def finite(settings: Any, key: str) -> None:

@@ -286,7 +286,7 @@ def evaluate(cfg: DictConfig) -> list[dict[str, Any]]:
     per_image, distances = score(folder, alignment, quality, cfg.eval.reference)
     metadata = folder.rows()
     categories = [(prompt_set.categories or [point.category] * len(prompts))[row["prompt_id"]] for row in metadata]
-    meta = {"num_prompts": len(prompts), "model": str(model.get("path_or_id", model.get("path"))),
+    meta = {"num_prompts": len(prompts), "model": str(model["path_or_id"]),
             "run_dir": str(cfg.run_dir or ""), "image_dir": str(folder.path)}
     rows = result_rows(point, per_image, distances, torch.tensor([row["mi"] for row in metadata]), categories, meta)
     path = write_results(out_dir, rows, metadata, per_image)

@@ -51,7 +51,12 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class GenerationConfig:
-    """One round's sampling and selection settings (paper defaults)."""
+    """One round's sampling and selection settings.
+
+    The defaults are the paper's (Algorithm 1): M=50 candidates, top-1 by MI, CFG 7.5, 50 DDPM
+    steps with sigma_t^2 = beta_t, a distinct seed per (prompt, candidate). They are written only
+    here: ``conf/generation/paper.yaml`` composes them (see ``mitune.config``).
+    """
 
     num_candidates: int = 50
     top_k: int = 1
@@ -61,9 +66,14 @@ class GenerationConfig:
     seed: int = 0
     seed_mode: str = "per_prompt"  # or "shared"
     variance_type: str = "fixed_large"
+    # Algorithm 2 adds no noise at the last step; True adds it as diffusers' DDPM does at t=1.
     last_step_noise: bool = False
+    # Also keep each candidate's MI map: "mi_maps" in the latents file and an overlay PNG.
     save_mi_maps: bool = False
-    selection: str = "mi"  # or "phrase_mi", "random", or an alignment metric's name (mitune.selection)
+    # Rank candidates by: mi (MI-TUNE), phrase_mi (smallest per-phrase conditional MI; P more
+    # UNet rows per step for P phrases), random (the control) or an alignment metric's name
+    # (mitune.selection; toy_oracle is the toy world's upper bound).
+    selection: str = "mi"
     mi: MIConfig = field(default_factory=MIConfig)
 
     def __post_init__(self) -> None:

@@ -303,14 +303,16 @@ def load_pipeline(
 
 
 def tiny_default_pipeline(
-    path: str | os.PathLike, *, torch_dtype: str | torch.dtype = "float32", device: str | torch.device = "auto"
+    path_or_id: str | os.PathLike, *, torch_dtype: str | torch.dtype = "float32", device: str | torch.device = "auto"
 ) -> DiffusionPipeline:
-    """The random-init stand-in (``model=tiny``): built once (seeded) into ``path``, then loaded like any model.
+    """The random-init stand-in (``model=tiny``): built once (seeded) into the local dir ``path_or_id``,
+    then loaded like any model. The argument is named as ``load_pipeline``'s, so every model config
+    has the same ``model.path_or_id`` key.
 
     Built in a temporary sibling and renamed, so an interrupted build never leaves a
     half-written model behind.
     """
-    path = Path(path).expanduser()
+    path = Path(path_or_id).expanduser()
     if not (path / "model_index.json").is_file():
         path.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=path.parent, prefix=f".{path.name}.") as tmp:

@@ -117,7 +117,7 @@ def train(cfg: DictConfig) -> float:
 def fit(cfg: DictConfig, prompts: list[str], generation: GenerationConfig, adapter: AdapterConfig,
         train_config: TrainConfig, out_dir: Path) -> float:
     ckpt = resolve_resume(cfg.resume, out_dir)
-    base_model = str(cfg.model.get("path_or_id", cfg.model.get("path")))
+    base_model = str(cfg.model.path_or_id)
     stop = SigtermStop(RunDir(out_dir).checkpoints)
     rounds = MIRounds(prompts, generation, out_dir, base_model=base_model, stop=stop.check)
     # The rounds first: a round is generated before the other callbacks' epoch-start hooks (its training bar) run.

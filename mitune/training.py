@@ -23,7 +23,13 @@ from mitune.models import ddpm_scheduler, encode_prompts, index_embedding, is_sd
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Optimisation settings (paper, Table 8)."""
+    """Optimisation settings; the defaults are the paper's (Table 8): AdamW lr 1e-4, betas
+    (0.9, 0.999), weight decay 1e-2, eps 1e-8, constant LR, batch 400, 300 iterations per round,
+    t ~ U(500, 1000). They are written only here: ``conf/train/paper.yaml`` composes them (see
+    ``mitune.config``); the gradient clipping (norm 1.0) is the Lightning Trainer's, in
+    ``conf/trainer/default.yaml``. Gradient accumulation is derived:
+    effective_batch = micro_batch x accumulation x devices (must divide exactly).
+    """
 
     effective_batch: int = 400
     micro_batch: int = 8
@@ -35,7 +41,8 @@ class TrainConfig:
     t_min: int = 500
     t_max: int = 1000
     train_text_encoder: bool = False
-    # DoRA's weight norm once per optimizer step instead of per micro-batch (exact; see DoraNormCache).
+    # DoRA's weight norm once per optimizer step instead of per micro-batch: exact, and faster with
+    # gradient accumulation (DoraNormCache, docs/benchmarks/training_cpu.md).
     cache_dora_norm: bool = True
     seed: int = 0
 

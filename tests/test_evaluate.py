@@ -16,7 +16,6 @@ from PIL import Image
 from mitune import evaluate as ev
 from mitune.io import read_jsonl
 from mitune.metrics import CATEGORY_METRICS, MetricInputError
-from mitune.prompts import COMPBENCH_CATEGORIES
 
 REPO = Path(__file__).resolve().parents[1]
 CONF = REPO / "conf"
@@ -66,10 +65,11 @@ def fake_run(tmp_path: Path, trained: int, adapters: tuple[int, ...]) -> Path:
 # ----------------------------------------------------------------------------- configs
 
 
-@pytest.mark.parametrize("category", COMPBENCH_CATEGORIES)
-def test_category_grids_compose_with_the_paper_grid(category):
+@pytest.mark.parametrize("category", sorted(p.stem for p in (CONF / "exp").glob("*.yaml")))
+def test_every_category_composes_with_the_paper_grid(category):
+    """A category's grid is its ``+exp`` with the shared ``grid_sd21``, not a file restating both."""
     with initialize_config_dir(str(CONF), version_base="1.3"):
-        cfg = compose("evaluate", overrides=[f"+experiment=grid_{category}"], return_hydra_config=True)
+        cfg = compose("evaluate", overrides=[f"+exp={category}", "+experiment=grid_sd21"], return_hydra_config=True)
     assert cfg.model.path_or_id == "stabilityai/stable-diffusion-2-1-base"
     assert (cfg.rounds, cfg.eval.category, cfg.task_name, cfg.eval.num_images) == (3, category, category, 10)
     assert ev.alignment_names(cfg, category) == [CATEGORY_METRICS[category]]
@@ -80,9 +80,10 @@ def test_category_grids_compose_with_the_paper_grid(category):
 
 def test_sdxl_and_diffusiondb_grids():
     with initialize_config_dir(str(CONF), version_base="1.3"):
-        sdxl = compose("evaluate", overrides=["+experiment=grid_sdxl", "data.category=shape"])
+        sdxl = compose("evaluate", overrides=["+exp=shape", "+experiment=grid_sdxl"])
         ddb = compose("evaluate", overrides=["+experiment=grid_diffusiondb"])
     assert sdxl.model.path_or_id == "stabilityai/stable-diffusion-xl-base-1.0" and sdxl.task_name == "sdxl_shape"
+    assert (sdxl.rounds, sdxl.generation.micro_batch, sdxl.train.micro_batch) == (3, 25, 4)
     assert ev.alignment_names(sdxl, sdxl.eval.category) == ["blip_vqa"]
     assert ddb.data.prompt_file.endswith("diffusiondb/train.txt") and ddb.eval.prompt_file.endswith("diffusiondb/test.txt")
     assert ev.alignment_names(ddb, ddb.eval.category) == ["clip_score", "hps"]
@@ -123,7 +124,7 @@ def test_test_prompts_are_the_held_out_split(tmp_path):
 )
 def test_bad_input_fails_before_the_model_loads(tmp_path, override, error, msg):
     model = tmp_path / "never-built"
-    cfg = compose_eval(tmp_path, *FAST, f"model.path={model}", *override.split())
+    cfg = compose_eval(tmp_path, *FAST, f"model.path_or_id={model}", *override.split())
     with pytest.raises(error, match=msg):
         ev.evaluate(cfg)
     assert not model.exists()
@@ -134,7 +135,7 @@ def test_round_beyond_the_run_and_missing_adapter(tmp_path):
     model = tmp_path / "never-built"
     for r, error, msg in [(3, ValueError, "eval.round=3 but run .* has trained 2 round"),
                           (2, FileNotFoundError, "no adapter for round 2: .*round_2/adapter/pytorch_lora_weights")]:
-        cfg = compose_eval(tmp_path, *FAST, f"model.path={model}", f"run_dir={run}", f"eval.round={r}")
+        cfg = compose_eval(tmp_path, *FAST, f"model.path_or_id={model}", f"run_dir={run}", f"eval.round={r}")
         with pytest.raises(error, match=msg):
             ev.evaluate(cfg)
     assert not model.exists()
@@ -151,7 +152,7 @@ def test_round_beyond_the_run_and_missing_adapter(tmp_path):
 def test_quality_sets_too_small_fail_before_generating(tmp_path, reference_images, num_images, msg):
     reference = write_images(tmp_path / "ref", reference_images)
     model = tmp_path / "never-built"
-    cfg = compose_eval(tmp_path, *FAST, f"model.path={model}", "eval.quality=[fid]", f"eval.reference={reference}",
+    cfg = compose_eval(tmp_path, *FAST, f"model.path_or_id={model}", "eval.quality=[fid]", f"eval.reference={reference}",
                        FID_STANDIN, f"eval.num_images={num_images}", f"data.prompts=[{TOY_PROMPTS[0]}]")
     with pytest.raises(MetricInputError, match=msg):
         ev.evaluate(cfg)
@@ -161,7 +162,7 @@ def test_quality_sets_too_small_fail_before_generating(tmp_path, reference_image
 def test_unreadable_reference_image_is_named(tmp_path):
     reference = write_images(tmp_path / "ref", 3)
     (reference / "001.png").write_bytes(b"not a png")
-    cfg = compose_eval(tmp_path, *FAST, f"model.path={tmp_path / 'never-built'}", "eval.quality=[fid]",
+    cfg = compose_eval(tmp_path, *FAST, f"model.path_or_id={tmp_path / 'never-built'}", "eval.quality=[fid]",
                        f"eval.reference={reference}", FID_STANDIN)
     with pytest.raises(MetricInputError, match="cannot read image .*001.png"):
         ev.evaluate(cfg)
@@ -178,7 +179,7 @@ def read_results(path: Path) -> list[dict[str, str]]:
 def test_base_model_job_writes_a_tidy_table_and_reuses_its_images(tiny_sd_path, tmp_path, monkeypatch):
     reference = write_images(tmp_path / "ref", 4)
     images = tmp_path / "images"
-    overrides = [*FAST, f"model.path={tiny_sd_path}", "generation.guidance_scale=5", "eval.quality=[fid]",
+    overrides = [*FAST, f"model.path_or_id={tiny_sd_path}", "generation.guidance_scale=5", "eval.quality=[fid]",
                  f"eval.reference={reference}", FID_STANDIN, f"eval.image_root={images}", "eval.method=mine"]
     rows = ev.evaluate(compose_eval(tmp_path, *overrides))
 
@@ -211,7 +212,7 @@ def test_base_model_job_writes_a_tidy_table_and_reuses_its_images(tiny_sd_path, 
 def test_compiled_unet_gives_the_same_images_in_its_own_folder(tiny_sd_path, tmp_path, caplog):
     """eval.compile names a torch.compile backend; "eager" runs the dynamo path without a C compiler."""
     images = tmp_path / "images"
-    overrides = [*FAST, f"model.path={tiny_sd_path}", f"eval.image_root={images}"]
+    overrides = [*FAST, f"model.path_or_id={tiny_sd_path}", f"eval.image_root={images}"]
     ev.evaluate(compose_eval(tmp_path, *overrides))
     with caplog.at_level("INFO", logger="mitune.evaluate"):
         ev.evaluate(compose_eval(tmp_path, *overrides, "eval.compile=eager"))
@@ -223,7 +224,7 @@ def test_compiled_unet_gives_the_same_images_in_its_own_folder(tiny_sd_path, tmp
 
 
 def test_killed_job_resumes_its_images(tiny_sd_path, tmp_path):
-    overrides = [*FAST, f"model.path={tiny_sd_path}", f"eval.image_root={tmp_path / 'images'}"]
+    overrides = [*FAST, f"model.path_or_id={tiny_sd_path}", f"eval.image_root={tmp_path / 'images'}"]
     ev.evaluate(compose_eval(tmp_path, *overrides))
     [folder] = (tmp_path / "images" / "round_0").iterdir()
     before = {p.relative_to(folder): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
@@ -245,7 +246,7 @@ def test_killed_job_resumes_its_images(tiny_sd_path, tmp_path):
     ],
 )
 def test_damaged_cached_images_fail_before_scoring(tiny_sd_path, tmp_path, monkeypatch, damage, msg):
-    overrides = [*FAST, f"model.path={tiny_sd_path}", f"eval.image_root={tmp_path / 'images'}"]
+    overrides = [*FAST, f"model.path_or_id={tiny_sd_path}", f"eval.image_root={tmp_path / 'images'}"]
     ev.evaluate(compose_eval(tmp_path, *overrides))
     [folder] = (tmp_path / "images" / "round_0").iterdir()
     damage(folder)

@@ -12,15 +12,21 @@ import struct
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 from hydra import compose, initialize_config_dir
 import torch
 from hydra.utils import instantiate
+from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
-import mitune  # noqa: F401  (registers the ${mitune.asset:...} config resolver)
+from mitune.adapters import AdapterConfig
+from mitune.config import SCHEMAS, typed  # importing it registers the settings defaults that conf/ composes
+from mitune.generation import GenerationConfig
+from mitune.mi import MIConfig
+from mitune.training import TrainConfig
 
 REPO = Path(__file__).resolve().parents[1]
 CONF = REPO / "conf"
@@ -44,7 +50,7 @@ def command(*args: str, tiny: Path) -> list[str]:
     flags = [a for a in args if a == "-m"]
     overrides = [a for a in args if a != "-m"]
     data = [] if any(a.startswith("+exp=") for a in overrides) else ["data=demo"]
-    return [sys.executable, "-m", "mitune.run", *flags, "model=tiny", *data, *overrides, f"model.path={tiny}"]
+    return [sys.executable, "-m", "mitune.run", *flags, "model=tiny", *data, *overrides, f"model.path_or_id={tiny}"]
 
 
 def env(**extra: str) -> dict[str, str]:
@@ -74,6 +80,47 @@ def test_every_paper_setup_composes_with_a_real_model(experiment):
     assert (adapter.rank, adapter.alpha) == (32, 32)
     assert (adapter.use_dora, adapter.targets) == (("authors_code" not in experiment), ("attn" if "authors_code" in experiment else "attn_ff"))
     assert train.effective_batch % train.micro_batch == 0
+
+
+def test_paper_setup_composes_to_the_dataclass_defaults():
+    """The paper's numbers are written once, as the settings dataclasses' defaults."""
+    with initialize_config_dir(str(CONF), version_base="1.3"):
+        cfg = compose("config", overrides=["+exp=color", "+experiment=sd21_paper", "seed=3"])
+    assert typed(cfg.generation, GenerationConfig, "generation") == replace(GenerationConfig(), seed=3)
+    train = typed(cfg.train, TrainConfig, "train")
+    assert replace(train, betas=tuple(train.betas)) == replace(TrainConfig(), seed=3)  # OmegaConf gives a list
+    assert typed(cfg.adapter, AdapterConfig, "adapter") == AdapterConfig()
+    assert instantiate(cfg.generation).mi == MIConfig()
+
+
+def stated_settings(path: Path) -> list[tuple[str, str, object]]:
+    """(group, dotted key, value) of every generation/train/adapter setting a config file states."""
+    data = OmegaConf.to_container(OmegaConf.load(path)) or {}
+    nodes = {path.parent.name: data} if path.parent.name in SCHEMAS else {g: data.get(g) for g in SCHEMAS}
+
+    def walk(group: str, node: object, prefix: str) -> list[tuple[str, str, object]]:
+        if not isinstance(node, dict):
+            return [(group, prefix, node)]
+        return [item for k, v in node.items() if k not in ("defaults", "_target_")
+                for item in walk(group, v, f"{prefix}.{k}" if prefix else k)]
+
+    return [item for group, node in nodes.items() if node for item in walk(group, node, "")]
+
+
+def dataclass_default(group: str, key: str) -> object:
+    value = SCHEMAS[group]()
+    for part in key.split("."):
+        value = getattr(value, part)
+    return list(value) if isinstance(value, tuple) else value
+
+
+@pytest.mark.parametrize("path", sorted({p.resolve() for p in [*CONF.glob("*.yaml"), *CONF.glob("*/*.yaml")]}),
+                         ids=lambda p: str(p.relative_to(REPO)))
+def test_no_config_file_restates_a_dataclass_default(path):
+    """A yaml value equal to the dataclass default is a second copy of a paper number, which can drift."""
+    restated = [f"{group}.{key}: {value}" for group, key, value in stated_settings(path)
+                if value == dataclass_default(group, key)]
+    assert not restated, f"{path.relative_to(REPO)} restates the dataclass defaults {restated}"
 
 
 def test_toy_experiment_composes_on_the_toy_model():

@@ -37,7 +37,7 @@ SMALL = [
 
 def config(run_dir: Path, tiny: Path, *overrides: str):
     with initialize_config_dir(str(REPO / "conf"), version_base="1.3"):
-        return compose("config", overrides=["model=tiny", f"model.path={tiny}", *SMALL,
+        return compose("config", overrides=["model=tiny", f"model.path_or_id={tiny}", *SMALL,
                                             f"paths.output_dir={run_dir}", *overrides])
 
 
