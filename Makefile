@@ -53,6 +53,9 @@ toy-model: $(STAMP)
 # evaluated at CFG 3 and 7.5, then the tables and plots (CPU, about 60 min on 2 cores). Every stage resumes.
 TOY := outputs/toy-eval
 TOY_SWEEP := generation.selection=mi,random,toy_oracle seed=0,1,2
+# One thread per process: the toy model's ops are too small to gain from more, and the numbers then do not
+# depend on the machine's core count.
+toy-eval: export OMP_NUM_THREADS := 1
 toy-eval: $(STAMP)
 	$(PY) -m mitune.run -m +experiment=toy $(TOY_SWEEP) resume=true hydra.sweep.dir=$(TOY)/train \
 		'hydra.sweep.subdir=$${generation.selection}-seed$${seed}'
