@@ -5,6 +5,9 @@ annotations (``rounds=1.5`` or ``generation.num_candidates=abc`` fail naming the
 dataclass's ``__post_init__`` then checks ranges, and ``finite`` rejects NaN and inf, which
 are valid floats to OmegaConf.
 
+``TrainConfig`` lives here rather than in ``mitune.training`` so that evaluation can compose the
+training config without loading the training stack.
+
 Importing this module also registers each settings dataclass's defaults with Hydra's ConfigStore as
 ``<group>/dataclass`` (generation, train, adapter): ``conf/<group>/paper.yaml`` extends that node, so
 the paper's numbers are written only once, as the dataclass defaults. Anything that composes
@@ -23,9 +26,43 @@ from omegaconf.errors import OmegaConfBaseException
 
 from mitune.adapters import AdapterConfig
 from mitune.generation import GenerationConfig
-from mitune.training import TrainConfig
 
 T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation settings; the defaults are the paper's (Table 8): AdamW lr 1e-4, betas
+    (0.9, 0.999), weight decay 1e-2, eps 1e-8, constant LR, batch 400, 300 iterations per round,
+    t ~ U(500, 1000). They are written only here: ``conf/train/paper.yaml`` composes them (see
+    ``mitune.config``); the gradient clipping (norm 1.0) is the Lightning Trainer's, in
+    ``conf/trainer/default.yaml``. Gradient accumulation is derived:
+    effective_batch = micro_batch x accumulation x devices (must divide exactly).
+    """
+
+    effective_batch: int = 400
+    micro_batch: int = 8
+    steps_per_round: int = 300
+    lr: float = 1e-4
+    betas: tuple[float, float] = (0.9, 0.999)
+    weight_decay: float = 1e-2
+    eps: float = 1e-8
+    t_min: int = 500
+    t_max: int = 1000
+    train_text_encoder: bool = False
+    # DoRA's weight norm once per optimizer step instead of per micro-batch: exact, and faster with
+    # gradient accumulation (DoraNormCache, docs/benchmarks/training_cpu.md).
+    cache_dora_norm: bool = True
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("effective_batch", "micro_batch", "steps_per_round"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"train.{name} must be >= 1, got {getattr(self, name)}")
+        if not 0 <= self.t_min < self.t_max:
+            raise ValueError(f"train.t_min/t_max must satisfy 0 <= t_min < t_max, got {self.t_min}, {self.t_max}")
+        if self.lr <= 0:
+            raise ValueError(f"train.lr must be > 0, got {self.lr}")
 
 
 @dataclass

@@ -35,6 +35,7 @@ from omegaconf import DictConfig, OmegaConf
 from mitune.console import quiet_libraries  # first: quiets library loggers before the imports below load them
 from mitune.adapters import META_NAME, WEIGHTS_NAME, load_fused
 from mitune.artifacts import RESULT_COLUMNS, RESULTS, SCORES, RoundDir, RunDir, eval_images
+from mitune.config import typed  # also registers the settings' defaults the configs compose
 from mitune.generation import GenerationConfig, run_round
 from mitune.io import check_writable, csv_text, write_jsonl, write_text
 from mitune.metrics import (
@@ -269,7 +270,7 @@ def evaluate(cfg: DictConfig) -> list[dict[str, Any]]:
     adapter = adapter_for_round(cfg.run_dir, point.round)
     prompt_set = eval_prompts(cfg)
     prompts = prompt_set.prompts
-    generation = replace(instantiate(cfg.generation), num_candidates=point.num_images, top_k=1, seed=point.seed,
+    generation = replace(typed(cfg.generation, GenerationConfig, "generation"), num_candidates=point.num_images, top_k=1, seed=point.seed,
                          selection="mi")  # nothing is selected; MI ranks the images for the analyses
     out_dir = check_writable(Path(cfg.paths.output_dir))
     if cfg.eval.quality and not cfg.eval.reference:
