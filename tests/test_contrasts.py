@@ -32,8 +32,8 @@ def write_job(root: Path, method: str, r: int, seed: int, score: Score, cfg: flo
     job = root / f"{method}-seed{seed}" / f"round_{r}-cfg_{cfg}"
     job.mkdir(parents=True)
     images = [{"file_name": f"images/{p:06d}_{j:03d}.png", "prompt": f"prompt {p}", "prompt_id": p, "candidate": j,
-               "seed": seed, "mi": 0.0, "toy_oracle": score(seed, p, j), **({"category": category_of(p)} if with_category else {})}
-              for p in range(PROMPTS) for j in range(IMAGES)]
+               "seed": seed, "mi": 0.0, "toy_oracle": score(seed, p, j),
+               **({"category": category_of(p)} if with_category else {})} for p in range(PROMPTS) for j in range(IMAGES)]
     (job / "scores.jsonl").write_text("".join(json.dumps(row) + "\n" for row in images))
     rows = []
     for category in ("color", "shape"):
