@@ -50,16 +50,23 @@ toy-model: $(STAMP)
 	$(PY) -m mitune.toy.base_model
 
 # The toy benchmark (docs/toy/): 3 seeds x {mi, random, toy_oracle} selection trained R=3 rounds, each round
-# evaluated at CFG 3 and 7.5, then the tables and plots (CPU, about 60 min on 2 cores). Every stage resumes.
+# evaluated at CFG 3 and 7.5, then the tables, paired contrasts with bootstrap CIs and plots (CPU, about 60 min
+# on 2 cores), copied into docs/toy/ with the wall time (of this invocation: every stage resumes).
 TOY := outputs/toy-eval
 TOY_SWEEP := generation.selection=mi,random,toy_oracle seed=0,1,2
+TOY_CONTRASTS := toy_oracle-random mi-random mi-base toy_oracle-base
+TOY_DOCS := table1.md table1.csv contrasts.csv contrasts.md rounds.png rounds.csv wall_time.txt
 # One thread per process: the toy model's ops are too small to gain from more, and the numbers then do not
 # depend on the machine's core count.
 toy-eval: export OMP_NUM_THREADS := 1
 toy-eval: $(STAMP)
+	mkdir -p $(TOY)/summary && date +%s > $(TOY)/summary/.started
 	$(PY) -m mitune.run -m +experiment=toy $(TOY_SWEEP) resume=true hydra.sweep.dir=$(TOY)/train \
 		'hydra.sweep.subdir=$${generation.selection}-seed$${seed}'
 	$(PY) -m mitune.evaluate -m +experiment=toy_eval $(TOY_SWEEP) eval.round=0,1,2,3 generation.guidance_scale=3.0,7.5 \
 		toy_dir=$(TOY)
 	$(PY) -m mitune.analysis $(TOY)/train --metric toy_oracle --out $(TOY)/summary
-	$(PY) -m mitune.summary $(TOY)/eval --out $(TOY)/summary --cfg 3.0 7.5
+	$(PY) -m mitune.summary $(TOY)/eval --out $(TOY)/summary --cfg 3.0 7.5 --contrast $(TOY_CONTRASTS)
+	echo "make toy-eval: $$(( $$(date +%s) - $$(cat $(TOY)/summary/.started) )) s wall time, finished $$(date -u +%FT%TZ)" \
+		> $(TOY)/summary/wall_time.txt
+	cp $(addprefix $(TOY)/summary/,$(TOY_DOCS)) docs/toy/

@@ -290,7 +290,9 @@ def evaluate(cfg: DictConfig) -> list[dict[str, Any]]:
     meta = {"num_prompts": len(prompts), "model": str(model["path_or_id"]),
             "run_dir": str(cfg.run_dir or ""), "image_dir": str(folder.path)}
     rows = result_rows(point, per_image, distances, torch.tensor([row["mi"] for row in metadata]), categories, meta)
-    path = write_results(out_dir, rows, metadata, per_image)
+    # Each image's category travels with its scores: paired contrasts (mitune.contrasts) split by it.
+    scored = [{**row, "category": category} for row, category in zip(metadata, categories)]
+    path = write_results(out_dir, rows, scored, per_image)
     log_results(cfg, point, rows)
     print(f"mitune.evaluate: round {point.round}, CFG {point.cfg:g}: "
           + ", ".join(f"{row['category']}/{row['metric']}={row['value']:.4g}" for row in rows) + f"; table in {path}")

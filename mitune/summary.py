@@ -15,6 +15,8 @@ categories, runs and sweeps) and writes:
   (Figure 2 style);
 * ``rounds.png``: alignment against round (0 = base), one line per method, one panel per CFG,
   ± the std across seeds (where there are several rounds);
+* ``contrasts.csv`` / ``contrasts.md`` (with ``--contrast A-B ...``): paired differences per training
+  seed and prompt from each job's ``scores.jsonl``, with crossed bootstrap CIs (``mitune.contrasts``);
 * ``all_results.csv``: all rows collected (not named results.csv, so a later summary over a
   parent dir does not collect it again);
 
@@ -37,7 +39,8 @@ from typing import Any
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
-from mitune.artifacts import RESULT_COLUMNS, RESULTS
+from mitune.artifacts import RESULT_COLUMNS, RESULTS, SCORES
+from mitune.contrasts import BASE, COLUMNS as CONTRAST_COLUMNS, ContrastError, Job, contrast_table, contrasts_markdown
 from mitune.io import csv_text, save_figure, write_text
 from mitune.tracking import setup_wandb
 
@@ -82,8 +85,8 @@ def with_all(rows: list[Row]) -> list[Row]:
     return rows + [pooled(group) for group in groups.values() if len({row["category"] for row in group}) > 1]
 
 
-def collect(dirs: Sequence[str | os.PathLike]) -> list[Row]:
-    """Rows of every results.csv under ``dirs``; a point evaluated twice keeps its newest result."""
+def result_files(dirs: Sequence[str | os.PathLike]) -> list[Path]:
+    """Every results.csv under ``dirs`` (or the CSV files given)."""
     files = []
     for d in dirs:
         path = Path(d).expanduser()
@@ -92,17 +95,50 @@ def collect(dirs: Sequence[str | os.PathLike]) -> list[Row]:
         files += [path] if path.is_file() else sorted(path.rglob(RESULTS))
     if not files:
         raise SummaryError(f"no {RESULTS} under {', '.join(map(str, dirs))}; run `python -m mitune.evaluate` first")
+    return files
+
+
+def read_results(file: Path) -> list[Row]:
+    with open(file, newline="", encoding="utf-8") as f:
+        return list(map(parse_row, csv.DictReader(f)))
+
+
+def collect(dirs: Sequence[str | os.PathLike]) -> list[Row]:
+    """Rows of every results.csv under ``dirs``; a point evaluated twice keeps its newest result."""
     newest: dict[tuple, tuple[float, Row]] = {}
-    for file in files:
+    for file in result_files(dirs):
         mtime = file.stat().st_mtime
-        with open(file, newline="", encoding="utf-8") as f:
-            for row in with_all(list(map(parse_row, csv.DictReader(f)))):
-                key = point_key(row)
-                if key in newest and newest[key][1]["value"] != row["value"]:
-                    log.warning("%s evaluated more than once with different results; keeping the newest", key)
-                if key not in newest or mtime >= newest[key][0]:
-                    newest[key] = (mtime, row)
+        for row in with_all(read_results(file)):
+            key = point_key(row)
+            if key in newest and newest[key][1]["value"] != row["value"]:
+                log.warning("%s evaluated more than once with different results; keeping the newest", key)
+            if key not in newest or mtime >= newest[key][0]:
+                newest[key] = (mtime, row)
     return [row for _, row in newest.values()]
+
+
+def scored_jobs(files: Sequence[Path]) -> list[Job]:
+    """Each job's point and its per-image scores; as in ``collect``, a point evaluated twice (round 0
+    from every run of a seed) keeps its newest job. Jobs without scores.jsonl are skipped with a warning."""
+    newest: dict[tuple, tuple[float, Job]] = {}
+    unscored = []
+    for file in files:
+        rows = [row for row in read_results(file) if row["kind"] == "alignment"]
+        if not rows:
+            continue
+        if not (file.parent / SCORES).is_file():
+            unscored.append(str(file.parent))
+            continue
+        row, categories = rows[0], {row["category"] for row in rows}
+        method, r = model_key(row)
+        job = Job(method or BASE, r, row["cfg"], row["train_seed"], file.parent / SCORES,
+                  next(iter(categories)) if len(categories) == 1 else None)
+        key, mtime = (method, r, row["cfg"], row["seed"], row["train_seed"]), file.stat().st_mtime
+        if key not in newest or mtime >= newest[key][0]:
+            newest[key] = (mtime, job)
+    if unscored:
+        log.warning("no %s in %s: left out of the paired contrasts", SCORES, ", ".join(unscored))
+    return [job for _, job in newest.values()]
 
 
 def seed_means(rows: Sequence[Row]) -> list[Row]:
@@ -320,8 +356,22 @@ def default_quality(rows: Sequence[Row], wanted: str) -> str:
     return found[0]
 
 
+def write_contrasts(dirs: Sequence[str | os.PathLike], rows: Sequence[Row], out: Path, contrasts: Sequence[str],
+                    metric: str | None) -> dict[str, Path]:
+    """contrasts.csv / contrasts.md (mitune.contrasts) of ``metric``, by default the alphabetically first
+    alignment metric (the one plotted); nothing where no contrast has a pair."""
+    metric = metric or min(row["metric"] for row in rows if row["kind"] == "alignment")
+    table = contrast_table(scored_jobs(result_files(dirs)), metric, contrasts)
+    if not table:
+        log.warning("no paired contrasts: no (seed, prompt) cell of %s was evaluated on both sides", ", ".join(contrasts))
+        return {}
+    write_text(out / "contrasts.csv", csv_text(table, CONTRAST_COLUMNS))
+    write_text(out / "contrasts.md", contrasts_markdown(table, metric))
+    return {"contrasts_csv": out / "contrasts.csv", "contrasts_md": out / "contrasts.md"}
+
+
 def summarize(dirs: Sequence[str | os.PathLike], out: str | os.PathLike, *, cfg: float | Sequence[float] = 7.5,
-              quality: str = "fid") -> dict[str, Path]:
+              quality: str = "fid", contrasts: Sequence[str] = (), contrast_metric: str | None = None) -> dict[str, Path]:
     """Write the tables, the plots and the collected rows into ``out``; returns the written files."""
     rows = collect(dirs)
     means = seed_means(rows)
@@ -345,6 +395,8 @@ def summarize(dirs: Sequence[str | os.PathLike], out: str | os.PathLike, *, cfg:
     if len({row["round"] for row in means}) > 1:
         save_figure(out / "rounds.png", plot_rounds(means), dpi=120)
         written["rounds"] = out / "rounds.png"
+    if contrasts:
+        written.update(write_contrasts(dirs, rows, out, contrasts, contrast_metric))
     try:
         header, body = table2(means)
     except SummaryError as err:
@@ -364,7 +416,7 @@ def log_to_wandb(written: dict[str, Path], out: Path, project: str) -> None:
     setup_wandb()
     run = wandb.init(project=project, job_type="summary", name=f"summary-{out.name}", dir=str(out))
     try:
-        for name in ("table1_csv", "table2_csv"):
+        for name in ("table1_csv", "table2_csv", "contrasts_csv"):
             if name in written:
                 with open(written[name], newline="", encoding="utf-8") as f:
                     reader = list(csv.reader(f))
@@ -381,13 +433,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", required=True, help="folder for the tables and the plot")
     parser.add_argument("--cfg", type=float, nargs="+", default=[7.5], help="CFG(s) of Table 1 (default 7.5)")
     parser.add_argument("--quality", default="fid", help="quality metric on the plot's x axis (default fid)")
+    parser.add_argument("--contrast", nargs="+", default=[], metavar="A-B",
+                        help="paired contrasts with bootstrap CIs, e.g. mi-random mi-base (base: round 0); default none")
+    parser.add_argument("--contrast-metric", help="alignment metric of the contrasts (default: the first, as plotted)")
     parser.add_argument("--project", default="mitune", help="W&B project")
     parser.add_argument("--no-wandb", dest="wandb", action="store_false", help="do not log to W&B")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
-        written = summarize(args.dirs, args.out, cfg=args.cfg, quality=args.quality)
-    except (SummaryError, OSError) as err:
+        written = summarize(args.dirs, args.out, cfg=args.cfg, quality=args.quality, contrasts=args.contrast,
+                            contrast_metric=args.contrast_metric)
+    except (SummaryError, ContrastError, OSError) as err:
         print(f"mitune.summary: error: {err}", file=sys.stderr)
         return 1
     if args.wandb:

@@ -184,11 +184,12 @@ def test_base_model_job_writes_a_tidy_table_and_reuses_its_images(tiny_sd_path, 
     rows = ev.evaluate(compose_eval(tmp_path, *overrides))
 
     table = read_results(tmp_path / "job" / "results.csv")
-    assert list(table[0]) == ev.COLUMNS
+    assert list(table[0]) == ev.RESULT_COLUMNS
     assert [(r["metric"], r["kind"]) for r in table] == [("toy_oracle", "alignment"), ("mi_sampling", "mi"), ("fid", "quality")]
     assert {(r["method"], r["category"], r["round"], r["cfg"], r["n"], r["seed"]) for r in table} == {("mine", "toy", "0", "5.0", "4", "1")}
     scores = [json.loads(line) for line in (tmp_path / "job" / "scores.jsonl").read_text().splitlines()]
     assert len(scores) == 4 and [s["prompt"] for s in scores] == [p for p in TOY_PROMPTS for _ in range(2)]
+    assert {s["category"] for s in scores} == {"toy"}
     oracle = torch.tensor([s["toy_oracle"] for s in scores], dtype=torch.float64)
     assert float(table[0]["value"]) == pytest.approx(oracle.mean().item())
     assert float(table[0]["std"]) == pytest.approx(oracle.std().item())

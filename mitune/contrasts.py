@@ -1,0 +1,148 @@
+"""Paired contrasts between evaluated models, with bootstrap intervals over prompts and training seeds.
+
+A contrast ``A-B`` names two methods (``base``: round 0, the model before fine-tuning) and is made
+at each round r >= 1 (A at round r against B at round r, or against the base model), CFG and
+category (and ``all``). Its unit is a (training seed, prompt) cell: the mean score of the prompt's
+images under A minus under B for the same seed, so the evaluation noise they share cancels (the
+toy evaluates every run of a seed with that seed's noise). ``mean_diff`` is the mean over cells.
+
+The interval is a crossed ("pigeonhole", Owen 2007) bootstrap: each resample redraws the training
+seeds and, independently, the prompts, with replacement, and averages the cells where they cross.
+Every seed is evaluated on the same prompts, so a prompt that favours A tends to do so under every
+seed: a nested bootstrap (prompts redrawn within each seed) would count a prompt's cells as
+independent and understate the prompt spread, and redrawing prompts alone would leave out the
+spread between training runs. Redrawing whole rows and columns keeps both, and A and B stay
+paired because the units redrawn are differences. Percentile interval of 10,000 resamples from a
+seeded generator (each row's own, so a row does not depend on what else was asked). With three
+seeds the seed level has few distinct draws and the bootstrap scales its spread by sqrt(2/3):
+read the intervals as approximate; with one seed they cover the prompts only.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+
+from mitune.io import read_jsonl
+
+log = logging.getLogger(__name__)
+
+BASE = "base"
+COLUMNS = ["contrast", "category", "round", "cfg", "mean_diff", "ci_low", "ci_high", "n_prompts", "n_seeds"]
+Prompt = tuple[int, str]  # (prompt_id, prompt): one val prompt, the same under every seed
+Point = tuple[str, int, float]  # (method or "base", round, cfg)
+
+
+class ContrastError(ValueError):
+    """A contrast names no evaluated method, or the jobs have no per-image scores of the metric."""
+
+
+class Job(NamedTuple):
+    """One evaluation job: its point and its per-image scores (``scores.jsonl``)."""
+
+    method: str  # "base" for round 0, whichever run it was evaluated from
+    round: int
+    cfg: float
+    train_seed: str
+    scores: Path
+    category: str | None  # the job's only category, for scores written before images carried theirs
+
+
+def prompt_means(jobs: Sequence[Job], metric: str) -> tuple[dict[Point, dict[tuple[str, Prompt], float]],
+                                                           dict[Prompt, str | None]]:
+    """Per point, the mean score of each (training seed, prompt) cell over its images; each prompt's category."""
+    sums: dict[Point, dict[tuple[str, Prompt], list[float]]] = defaultdict(lambda: defaultdict(list))
+    category: dict[Prompt, str | None] = {}
+    for job in jobs:
+        for row in read_jsonl(job.scores):
+            if metric not in row:
+                raise ContrastError(f"{job.scores} has no per-image {metric!r} scores; keys: {sorted(row)}")
+            prompt = (row["prompt_id"], row["prompt"])
+            sums[(job.method, job.round, job.cfg)][(job.train_seed, prompt)].append(row[metric])
+            category[prompt] = row.get("category", job.category) or category.get(prompt)
+    return {point: {cell: sum(v) / len(v) for cell, v in cells.items()} for point, cells in sums.items()}, category
+
+
+def split_contrast(name: str, methods: set[str]) -> tuple[str, str]:
+    """``A-B`` into its sides; method names may hold "-", so it splits where both sides are known."""
+    known = methods | {BASE}
+    sides = [(name[:i], name[i + 1:]) for i, c in enumerate(name) if c == "-" and {name[:i], name[i + 1:]} <= known]
+    if len(sides) != 1:
+        raise ContrastError(f"contrast {name!r} is not A-B of two evaluated methods or {BASE}; evaluated: {sorted(methods)}")
+    return sides[0]
+
+
+def crossed_bootstrap(diffs: np.ndarray, resamples: int = 10_000, seed: int = 0, level: float = 0.95) -> tuple[float, float]:
+    """Percentile interval of the mean cell of ``diffs`` [seeds, prompts] (NaN: no pair) with seeds and
+    prompts redrawn independently; a redraw is a count per seed and per prompt, so no cell is copied."""
+    rng = np.random.default_rng(seed)
+    present = ~np.isnan(diffs)
+    values = np.where(present, diffs, 0.0)
+    (n_seeds, n_prompts), tail = diffs.shape, 50 * (1 - level)
+    seeds = rng.multinomial(n_seeds, np.full(n_seeds, 1 / n_seeds), size=resamples)
+    prompts = rng.multinomial(n_prompts, np.full(n_prompts, 1 / n_prompts), size=resamples)
+    sums = ((seeds @ values) * prompts).sum(1)
+    counts = ((seeds @ present) * prompts).sum(1)
+    low, high = np.percentile(sums[counts > 0] / counts[counts > 0], [tail, 100 - tail])
+    return float(low), float(high)
+
+
+def contrast_row(name: str, category: str, r: int, cfg: float, cells: dict[tuple[str, Prompt], float],
+                 resamples: int, seed: int) -> dict[str, Any]:
+    seeds = sorted({s for s, _ in cells})
+    prompts = sorted({p for _, p in cells})
+    diffs = np.full((len(seeds), len(prompts)), np.nan)
+    for (s, p), d in cells.items():
+        diffs[seeds.index(s), prompts.index(p)] = d
+    low, high = crossed_bootstrap(diffs, resamples, seed)
+    return {"contrast": name, "category": category, "round": r, "cfg": cfg, "mean_diff": float(np.nanmean(diffs)),
+            "ci_low": low, "ci_high": high, "n_prompts": len(prompts), "n_seeds": len(seeds)}
+
+
+def contrast_table(jobs: Sequence[Job], metric: str, contrasts: Sequence[str], resamples: int = 10_000,
+                   seed: int = 0) -> list[dict[str, Any]]:
+    """One row (``COLUMNS``) per contrast, round >= 1, CFG and category (``all`` first), from the paired cells;
+    cells of one side only are skipped with one warning naming them."""
+    means, category = prompt_means(jobs, metric)
+    methods = {method for method, _, _ in means} - {BASE}
+    rows, skipped = [], []
+    for name in contrasts:
+        a, b = split_contrast(name, methods)
+        points = sorted({(r, g) for m, r, g in means if m in (a, b) and r > 0})
+        for r, g in points:
+            side_a, side_b = (means.get((m, 0, g) if m == BASE else (m, r, g), {}) for m in (a, b))
+            for side, other in ((side_a, b), (side_b, a)):
+                alone = sorted({s or "none" for s, _ in side.keys() - (side_a.keys() & side_b.keys())})
+                if alone:
+                    skipped.append(f"{name} round {r} CFG {g:g}: cells of seed(s) {', '.join(alone)} lack {other}")
+            cells = {cell: side_a[cell] - side_b[cell] for cell in side_a.keys() & side_b.keys()}
+            if not cells:
+                continue
+            for c in ["all", *sorted({category[p] for _, p in cells if category[p] is not None})]:
+                mine = {cell: d for cell, d in cells.items() if c == "all" or category[cell[1]] == c}
+                rows.append(contrast_row(name, c, r, g, mine, resamples, seed))
+    if skipped:
+        log.warning("paired contrasts skip cells that one side lacks: %s", "; ".join(skipped))
+    if any(row["n_seeds"] == 1 for row in rows):
+        log.warning("some contrasts have one training seed: their intervals cover prompts only")
+    return rows
+
+
+def contrasts_markdown(rows: Sequence[dict[str, Any]], metric: str) -> str:
+    """The table for reading: mean difference [95% CI], bold where the interval excludes 0."""
+    lines = [f"Paired contrasts of {metric} (A minus B per training seed and prompt; 95% bootstrap CI over "
+             "training seeds and prompts, crossed; bold: the interval excludes 0; see mitune/contrasts.py)\n",
+             "| contrast | category | round | CFG | mean diff [95% CI] | prompts | seeds |", "|---|---|---|---|---|---|---|"]
+    for row in rows:
+        cell = f"{row['mean_diff']:+.3f} [{row['ci_low']:+.3f}, {row['ci_high']:+.3f}]"
+        bold = row["ci_low"] > 0 or row["ci_high"] < 0
+        lines.append(f"| {row['contrast']} | {row['category']} | {row['round']} | {row['cfg']:g} | "
+                     f"{f'**{cell}**' if bold else cell} | {row['n_prompts']} | {row['n_seeds']} |")
+    if any(row["n_seeds"] == 1 for row in rows):
+        lines.append("\nRows with one seed: the interval covers prompts only, not training runs.")
+    return "\n".join(lines) + "\n"
