@@ -57,8 +57,8 @@ def test_phrase_mi_ranks_by_the_most_neglected_phrase(pipe, tmp_path):
 
 
 def cli(*args: str) -> subprocess.CompletedProcess:
-    """The real ``mitune rerank`` command: its console output is checked, which library state in this process
-    (progress bars another test disabled) could hide."""
+    """The real ``mitune rerank`` command, for the one test of its console output: in this process, state that
+    earlier tests left (diffusers' progress bars switched off) could hide the noise it checks for."""
     return subprocess.run([sys.executable, "-m", "mitune.cli", "rerank", *map(str, args)], capture_output=True,
                           text=True)
 
