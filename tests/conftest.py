@@ -10,7 +10,8 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 
 import pytest  # noqa: E402
 
-BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+REPO = Path(__file__).resolve().parent.parent
+BENCHMARKS = REPO / "benchmarks"
 
 
 @pytest.fixture(scope="session")
@@ -27,6 +28,26 @@ def tiny_sdxl_path(tmp_path_factory):
     from mitune.models import build_tiny_pipeline
 
     return build_tiny_pipeline(tmp_path_factory.mktemp("tiny-sdxl"), kind="sdxl")
+
+
+@pytest.fixture(scope="session")
+def task_config():
+    """``task_config("config" | "evaluate", [overrides], output_dir)``: a task's config as ``python -m mitune.run``
+    (or ``mitune.evaluate``) composes it, to call ``train(cfg)`` or ``evaluate(cfg)`` in this process: a subprocess
+    pays seconds of imports per call and reports errors as stderr text instead of exceptions.
+
+    Outside a Hydra app ``paths.output_dir`` (``${hydra:runtime.output_dir}``) has nothing to resolve from, so it is
+    set to ``output_dir`` (an override of ``paths.output_dir`` still wins); sweep-only resolvers (W&B run name and
+    group) give a single run's values."""
+    from hydra import compose, initialize_config_dir
+
+    import mitune.config  # noqa: F401  (registers the ${mitune.*} resolvers and the settings' defaults conf/ composes)
+
+    def make(name: str, overrides: list[str] | tuple[str, ...], output_dir: Path):
+        with initialize_config_dir(str(REPO / "conf"), version_base="1.3"):
+            return compose(name, overrides=[f"paths.output_dir={output_dir}", *overrides])
+
+    return make
 
 
 @pytest.fixture(scope="module")

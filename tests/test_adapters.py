@@ -2,8 +2,6 @@
 
 import json
 import math
-import subprocess
-import sys
 from pathlib import Path
 
 import peft
@@ -28,6 +26,7 @@ from mitune.adapters import (
     merge_adapters,
     save_adapters,
 )
+from mitune.cli import main as cli_main
 from mitune.models import SD21_BASE_UNET, encode_prompts, latent_shape, load_pipeline, unet_eps_fn
 
 SMALL_LORA = AdapterConfig(rank=4, alpha=8, use_dora=False)  # alpha != rank: the saved config must carry it
@@ -399,26 +398,26 @@ def test_merge_refuses_bad_weights(sd_lora, sd_lora_2, tmp_path, weights, messag
 # ----------------------------------------------------------------------------- CLI
 
 
-def _cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "mitune.cli", *map(str, args)], capture_output=True, text=True)
-
-
-def test_cli_export_and_merge(tiny_sd_path, sd_lora, sd_lora_2, tmp_path):
-    export = _cli("export", "--base", tiny_sd_path, "--adapter", sd_lora[2], "--out", tmp_path / "export")
-    assert export.returncode == 0, export.stderr
+def test_cli_export_and_merge(tiny_sd_path, sd_lora, sd_lora_2, tmp_path, capsys):
+    assert cli_main(["export", "--base", str(tiny_sd_path), "--adapter", str(sd_lora[2]),
+                     "--out", str(tmp_path / "export")]) == 0, capsys.readouterr().err
     assert (tmp_path / "export" / "model_index.json").is_file()
-    merge = _cli("merge", "--adapters", sd_lora[2], sd_lora_2[2], "--weights", "1", "0", "--out", tmp_path / "m")
-    assert merge.returncode == 0, merge.stderr
-    assert merge.stdout.strip() == str(tmp_path / "m")
+    capsys.readouterr()
+    assert cli_main(["merge", "--adapters", str(sd_lora[2]), str(sd_lora_2[2]), "--weights", "1", "0",
+                     "--out", str(tmp_path / "m")]) == 0, capsys.readouterr().err
+    assert capsys.readouterr().out.strip() == str(tmp_path / "m")
 
 
-def test_cli_bad_input_is_one_line(sd_lora, tmp_path):
-    usage = _cli("merge", "--adapters", sd_lora[2], "--weights", "x", "--out", tmp_path / "m")
-    assert usage.returncode == 2
-    assert usage.stderr.count("\n") == 1 and "invalid float value: 'x'" in usage.stderr
-    missing = _cli("export", "--base", tmp_path, "--adapter", tmp_path / "nope", "--out", tmp_path / "e")
-    assert missing.returncode == 1
-    assert missing.stderr.splitlines()[-1] == f"mitune export: error: adapter dir {tmp_path / 'nope'} does not exist"
-    assert "Traceback" not in missing.stderr
-    weights = _cli("merge", "--adapters", sd_lora[2], "--weights", "1", "2", "--out", tmp_path / "m")
-    assert weights.returncode == 1 and "2 weights for 1 adapters" in weights.stderr
+def test_cli_bad_input_is_one_line(sd_lora, tmp_path, capsys):
+    with pytest.raises(SystemExit) as usage:
+        cli_main(["merge", "--adapters", str(sd_lora[2]), "--weights", "x", "--out", str(tmp_path / "m")])
+    assert usage.value.code == 2
+    stderr = capsys.readouterr().err
+    assert stderr.count("\n") == 1 and "invalid float value: 'x'" in stderr
+    assert cli_main(["export", "--base", str(tmp_path), "--adapter", str(tmp_path / "nope"),
+                     "--out", str(tmp_path / "e")]) == 1
+    stderr = capsys.readouterr().err
+    assert stderr.splitlines()[-1] == f"mitune export: error: adapter dir {tmp_path / 'nope'} does not exist"
+    assert "Traceback" not in stderr
+    assert cli_main(["merge", "--adapters", str(sd_lora[2]), "--weights", "1", "2", "--out", str(tmp_path / "m")]) == 1
+    assert "2 weights for 1 adapters" in capsys.readouterr().err

@@ -36,9 +36,10 @@ class ColorFeatures:
 FID_STANDIN = "+eval.metric_kwargs.fid.extractor._target_=tests.test_evaluate.ColorFeatures"
 
 
-def compose_eval(tmp_path: Path, *overrides: str):
-    with initialize_config_dir(str(CONF), version_base="1.3"):
-        return compose("evaluate", overrides=[f"paths.output_dir={tmp_path / 'job'}", "logger=csv", *overrides])
+@pytest.fixture
+def eval_config(task_config, tmp_path):
+    """``eval_config(*overrides)``: an evaluation job writing to ``tmp_path/job``, logging to CSV only."""
+    return lambda *overrides: task_config("evaluate", ["logger=csv", *overrides], tmp_path / "job")
 
 
 def write_images(folder: Path, n: int, seed: int = 0) -> Path:
@@ -89,13 +90,13 @@ def test_sdxl_and_diffusiondb_grids():
     assert ev.alignment_names(ddb, ddb.eval.category) == ["clip_score", "hps"]
 
 
-def test_test_prompts_are_the_held_out_split(tmp_path):
-    cfg = compose_eval(tmp_path, "+exp=color", f"data.data_dir={FIXTURES / 'compbench'}")
+def test_test_prompts_are_the_held_out_split(eval_config, tmp_path):
+    cfg = eval_config("+exp=color", f"data.data_dir={FIXTURES / 'compbench'}")
     val = (FIXTURES / "compbench" / "color_val.txt").read_text().splitlines()
     assert ev.eval_prompts(cfg) == list(dict.fromkeys(p.strip() for p in val if p.strip()))
     prompt_file = tmp_path / "test.txt"
     prompt_file.write_text("a red square\na blue circle\n")
-    cfg = compose_eval(tmp_path, "+exp=color", f"eval.prompt_file={prompt_file}")
+    cfg = eval_config("+exp=color", f"eval.prompt_file={prompt_file}")
     assert ev.eval_prompts(cfg) == ["a red square", "a blue circle"]
 
 
@@ -122,20 +123,20 @@ def test_test_prompts_are_the_held_out_split(tmp_path):
         ("eval.method=a/b", ValueError, "eval.method must be a plain name"),
     ],
 )
-def test_bad_input_fails_before_the_model_loads(tmp_path, override, error, msg):
+def test_bad_input_fails_before_the_model_loads(eval_config, tmp_path, override, error, msg):
     model = tmp_path / "never-built"
-    cfg = compose_eval(tmp_path, *FAST, f"model.path_or_id={model}", *override.split())
+    cfg = eval_config(*FAST, f"model.path_or_id={model}", *override.split())
     with pytest.raises(error, match=msg):
         ev.evaluate(cfg)
     assert not model.exists()
 
 
-def test_round_beyond_the_run_and_missing_adapter(tmp_path):
+def test_round_beyond_the_run_and_missing_adapter(eval_config, tmp_path):
     run = fake_run(tmp_path, trained=2, adapters=(1,))
     model = tmp_path / "never-built"
     for r, error, msg in [(3, ValueError, "eval.round=3 but run .* has trained 2 round"),
                           (2, FileNotFoundError, "no adapter for round 2: .*round_2/adapter/pytorch_lora_weights")]:
-        cfg = compose_eval(tmp_path, *FAST, f"model.path_or_id={model}", f"run_dir={run}", f"eval.round={r}")
+        cfg = eval_config(*FAST, f"model.path_or_id={model}", f"run_dir={run}", f"eval.round={r}")
         with pytest.raises(error, match=msg):
             ev.evaluate(cfg)
     assert not model.exists()
@@ -149,21 +150,21 @@ def test_round_beyond_the_run_and_missing_adapter(tmp_path):
         (0, 2, r"fid needs at least 2 reference images, got 0 in"),
     ],
 )
-def test_quality_sets_too_small_fail_before_generating(tmp_path, reference_images, num_images, msg):
+def test_quality_sets_too_small_fail_before_generating(eval_config, tmp_path, reference_images, num_images, msg):
     reference = write_images(tmp_path / "ref", reference_images)
     model = tmp_path / "never-built"
-    cfg = compose_eval(tmp_path, *FAST, f"model.path_or_id={model}", "eval.quality=[fid]", f"eval.reference={reference}",
-                       FID_STANDIN, f"eval.num_images={num_images}", f"data.prompts=[{TOY_PROMPTS[0]}]")
+    cfg = eval_config(*FAST, f"model.path_or_id={model}", "eval.quality=[fid]", f"eval.reference={reference}",
+                      FID_STANDIN, f"eval.num_images={num_images}", f"data.prompts=[{TOY_PROMPTS[0]}]")
     with pytest.raises(MetricInputError, match=msg):
         ev.evaluate(cfg)
     assert not model.exists()
 
 
-def test_unreadable_reference_image_is_named(tmp_path):
+def test_unreadable_reference_image_is_named(eval_config, tmp_path):
     reference = write_images(tmp_path / "ref", 3)
     (reference / "001.png").write_bytes(b"not a png")
-    cfg = compose_eval(tmp_path, *FAST, f"model.path_or_id={tmp_path / 'never-built'}", "eval.quality=[fid]",
-                       f"eval.reference={reference}", FID_STANDIN)
+    cfg = eval_config(*FAST, f"model.path_or_id={tmp_path / 'never-built'}", "eval.quality=[fid]",
+                      f"eval.reference={reference}", FID_STANDIN)
     with pytest.raises(MetricInputError, match="cannot read image .*001.png"):
         ev.evaluate(cfg)
 
@@ -176,12 +177,12 @@ def read_results(path: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(f))
 
 
-def test_base_model_job_writes_a_tidy_table_and_reuses_its_images(tiny_sd_path, tmp_path, monkeypatch):
+def test_base_model_job_writes_a_tidy_table_and_reuses_its_images(eval_config, tiny_sd_path, tmp_path, monkeypatch):
     reference = write_images(tmp_path / "ref", 4)
     images = tmp_path / "images"
     overrides = [*FAST, f"model.path_or_id={tiny_sd_path}", "generation.guidance_scale=5", "eval.quality=[fid]",
                  f"eval.reference={reference}", FID_STANDIN, f"eval.image_root={images}", "eval.method=mine"]
-    rows = ev.evaluate(compose_eval(tmp_path, *overrides))
+    rows = ev.evaluate(eval_config(*overrides))
 
     table = read_results(tmp_path / "job" / "results.csv")
     assert list(table[0]) == ev.RESULT_COLUMNS
@@ -201,22 +202,22 @@ def test_base_model_job_writes_a_tidy_table_and_reuses_its_images(tiny_sd_path, 
     # Same point again: the complete folder is reused without loading the model; results are identical.
     monkeypatch.setattr("mitune.models.tiny_default_pipeline", lambda *a, **k: pytest.fail("model loaded for cached images"))
     monkeypatch.setattr(ev, "run_round", lambda *a, **k: pytest.fail("cached images were generated again"))
-    again = ev.evaluate(compose_eval(tmp_path, *overrides))
+    again = ev.evaluate(eval_config(*overrides))
     assert [r["value"] for r in again] == [r["value"] for r in rows]
 
     # Another CFG or seed is another folder; nothing is overwritten.
     monkeypatch.undo()
-    ev.evaluate(compose_eval(tmp_path, *overrides, "eval.seed=7"))
+    ev.evaluate(eval_config(*overrides, "eval.seed=7"))
     assert sorted(p.name.rsplit("_", 1)[0] for p in (images / "round_0").iterdir()) == ["cfg5_n2_seed1", "cfg5_n2_seed7"]
 
 
-def test_compiled_unet_gives_the_same_images_in_its_own_folder(tiny_sd_path, tmp_path, caplog):
+def test_compiled_unet_gives_the_same_images_in_its_own_folder(eval_config, tiny_sd_path, tmp_path, caplog):
     """eval.compile names a torch.compile backend; "eager" runs the dynamo path without a C compiler."""
     images = tmp_path / "images"
     overrides = [*FAST, f"model.path_or_id={tiny_sd_path}", f"eval.image_root={images}"]
-    ev.evaluate(compose_eval(tmp_path, *overrides))
+    ev.evaluate(eval_config(*overrides))
     with caplog.at_level("INFO", logger="mitune.evaluate"):
-        ev.evaluate(compose_eval(tmp_path, *overrides, "eval.compile=eager"))
+        ev.evaluate(eval_config(*overrides, "eval.compile=eager"))
     assert "torch.compile (eager) of the UNet took" in caplog.text
     eager, compiled = sorted((images / "round_0").iterdir(), key=lambda p: p.stat().st_mtime)
     for row in read_jsonl(eager / "metadata.jsonl"):
@@ -224,16 +225,16 @@ def test_compiled_unet_gives_the_same_images_in_its_own_folder(tiny_sd_path, tmp
         assert np.abs(a - b).max() <= 1  # same model, same noise; rounding may differ by one level
 
 
-def test_killed_job_resumes_its_images(tiny_sd_path, tmp_path):
+def test_killed_job_resumes_its_images(eval_config, tiny_sd_path, tmp_path):
     overrides = [*FAST, f"model.path_or_id={tiny_sd_path}", f"eval.image_root={tmp_path / 'images'}"]
-    ev.evaluate(compose_eval(tmp_path, *overrides))
+    ev.evaluate(eval_config(*overrides))
     [folder] = (tmp_path / "images" / "round_0").iterdir()
     before = {p.relative_to(folder): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
     # A kill after the first prompt was committed: its part file stays, the rest is gone.
     for path in [folder / "summary.json", folder / "metadata.jsonl", folder / "parts" / "000001.jsonl",
                  *folder.glob("images/000001_*.png")]:
         path.unlink()
-    ev.evaluate(compose_eval(tmp_path, *overrides))
+    ev.evaluate(eval_config(*overrides))
     after = {p.relative_to(folder): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
     assert after == before
 
@@ -246,19 +247,19 @@ def test_killed_job_resumes_its_images(tiny_sd_path, tmp_path):
         (lambda folder: (folder / "images" / "000001_000.png").unlink(), "metadata.jsonl lists 1 image file.* that do not exist.*000001_000.png"),
     ],
 )
-def test_damaged_cached_images_fail_before_scoring(tiny_sd_path, tmp_path, monkeypatch, damage, msg):
+def test_damaged_cached_images_fail_before_scoring(eval_config, tiny_sd_path, tmp_path, monkeypatch, damage, msg):
     overrides = [*FAST, f"model.path_or_id={tiny_sd_path}", f"eval.image_root={tmp_path / 'images'}"]
-    ev.evaluate(compose_eval(tmp_path, *overrides))
+    ev.evaluate(eval_config(*overrides))
     [folder] = (tmp_path / "images" / "round_0").iterdir()
     damage(folder)
     monkeypatch.setattr("mitune.toy.metric.ToyOracleMetric.score_batch", lambda *a: pytest.fail("scored damaged images"))
     with pytest.raises(MetricInputError, match=msg):
-        ev.evaluate(compose_eval(tmp_path, *overrides))
+        ev.evaluate(eval_config(*overrides))
 
 
-def test_metric_of_ones_own_via_target(tmp_path):
-    cfg = compose_eval(tmp_path, *FAST, "eval.quality=[fid]", "+eval.metric_kwargs.fid._target_=mitune.metrics.quality.FID",
-                       "+eval.metric_kwargs.fid.extractor._target_=tests.test_evaluate.ColorFeatures")
+def test_metric_of_ones_own_via_target(eval_config):
+    cfg = eval_config(*FAST, "eval.quality=[fid]", "+eval.metric_kwargs.fid._target_=mitune.metrics.quality.FID",
+                      "+eval.metric_kwargs.fid.extractor._target_=tests.test_evaluate.ColorFeatures")
     alignment, quality = ev.build_metrics(cfg, "toy")
     assert list(alignment) == ["toy_oracle"] and type(quality["fid"]).__name__ == "FID"
     assert type(quality["fid"].extractor).__name__ == "ColorFeatures"  # tests.test_evaluate, imported by Hydra

@@ -16,8 +16,9 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
 import torch
+from hydra import compose, initialize_config_dir
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from safetensors.torch import load_file
@@ -27,6 +28,7 @@ from mitune.config import SCHEMAS, typed  # importing it registers the settings 
 from mitune.generation import GenerationConfig
 from mitune.mi import MIConfig
 from mitune.training import TrainConfig
+from mitune.run import train
 
 REPO = Path(__file__).resolve().parents[1]
 CONF = REPO / "conf"
@@ -46,11 +48,15 @@ def cli(*args: str, tiny: Path, timeout: float = 300, **extra_env: str) -> subpr
 
 
 def command(*args: str, tiny: Path) -> list[str]:
-    """``mitune.run`` on the random-init tiny model, with the demo prompts unless an ``+exp`` picks others."""
+    """``mitune.run`` on the random-init tiny model (``-m`` passed on as the multirun flag)."""
     flags = [a for a in args if a == "-m"]
-    overrides = [a for a in args if a != "-m"]
+    return [sys.executable, "-m", "mitune.run", *flags, *tiny_overrides(*(a for a in args if a != "-m"), tiny=tiny)]
+
+
+def tiny_overrides(*overrides: str, tiny: Path) -> list[str]:
+    """The random-init tiny model, with the demo prompts unless an ``+exp`` picks others."""
     data = [] if any(a.startswith("+exp=") for a in overrides) else ["data=demo"]
-    return [sys.executable, "-m", "mitune.run", *flags, "model=tiny", *data, *overrides, f"model.path_or_id={tiny}"]
+    return ["model=tiny", *data, *overrides, f"model.path_or_id={tiny}"]
 
 
 def env(**extra: str) -> dict[str, str]:
@@ -228,35 +234,45 @@ def test_multirun_over_all_exps_and_cfg(tiny_sd_path, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir() if p.is_file()) == ["multirun.yaml"]  # one root for the sweep
 
 
-@pytest.mark.parametrize(
-    "override,msg",
-    [
-        ("generation.top_k=5", r"top_k must be in \[1, M=3\], got 5"),
-        ("generation.guidance_scale=-2", "guidance_scale must be >= 0, got -2"),
-        ("generation.num_candidates=0", r"num_candidates \(M\) must be >= 1"),
-        ("data.prompts=[]", "no prompts"),
-        ("paths.output_dir=/proc/mitune", "output dir /proc/mitune is not writable"),
-        ("train.micro_batch=3", "effective batch 4 is not reachable with micro_batch 3"),
-        ("rounds=0", "rounds must be >= 1, got 0"),
-        ("adapter.rank=0", "rank"),
-        ("resume=/nonexistent.ckpt", "resume checkpoint /nonexistent.ckpt does not exist"),
-        ("trainer.precision=bf16-true", "trainer.precision=bf16-true would train the adapter weights in half"),
-    ],
-)
-def test_bad_input_fails_before_the_model_loads(tiny_sd_path, tmp_path, override, msg):
+def test_bad_input_exits_non_zero_naming_the_key(tmp_path):
+    """The real command ends with an error status and the message; every case is checked in-process below."""
     missing_model = tmp_path / "never-built"
-    result = cli(*SMALL, override, f"hydra.run.dir={tmp_path / 'run'}", tiny=missing_model)
+    result = cli(*SMALL, "generation.top_k=5", f"hydra.run.dir={tmp_path / 'run'}", tiny=missing_model)
     assert result.returncode != 0
-    assert re.search(msg, result.stderr), result.stderr[-2000:]
+    assert re.search(r"top_k must be in \[1, M=3\], got 5", result.stderr), result.stderr[-2000:]
     assert not missing_model.exists()
 
 
-def test_missing_model_path_is_named(tmp_path):
-    result = subprocess.run(
-        [sys.executable, "-m", "mitune.run", "model=sd21_base", f"model.path_or_id={tmp_path}/no-such-model",
-         f"hydra.run.dir={tmp_path / 'run'}"], cwd=REPO, env=env(), capture_output=True, text=True, timeout=300)
-    assert result.returncode != 0
-    assert f"model path '{tmp_path}/no-such-model' does not exist" in result.stderr
+@pytest.mark.parametrize(
+    "override,error,msg",
+    [
+        ("generation.top_k=5", ValueError, r"top_k must be in \[1, M=3\], got 5"),
+        ("generation.guidance_scale=-2", ValueError, "guidance_scale must be >= 0, got -2"),
+        ("generation.num_candidates=0", ValueError, r"num_candidates \(M\) must be >= 1"),
+        ("data.prompts=[]", InstantiationException, "data.prompts has no prompts"),  # raised inside hydra.instantiate
+        ("paths.output_dir=/proc/mitune", PermissionError, "output dir /proc/mitune is not writable"),
+        ("train.micro_batch=3", ValueError, "effective batch 4 is not reachable with micro_batch 3"),
+        ("rounds=0", ValueError, "rounds must be >= 1, got 0"),
+        ("adapter.rank=0", ValueError, "rank"),
+        ("resume=/nonexistent.ckpt", FileNotFoundError, "resume checkpoint /nonexistent.ckpt does not exist"),
+        ("trainer.precision=bf16-true", ValueError, "trainer.precision=bf16-true would train the adapter weights in half"),
+    ],
+)
+def test_bad_input_fails_before_the_model_loads(task_config, tmp_path, override, error, msg):
+    missing_model = tmp_path / "never-built"
+    cfg = task_config("config", tiny_overrides(*SMALL, override, tiny=missing_model), tmp_path / "run")
+    with pytest.raises(error, match=msg):
+        train(cfg)
+    assert not missing_model.exists()
+
+
+def test_missing_model_path_is_named(task_config, tmp_path):
+    cfg = task_config("config", ["model=sd21_base", f"model.path_or_id={tmp_path}/no-such-model", "logger=csv"],
+                      tmp_path / "run")
+    message = re.escape(f"model path '{tmp_path}/no-such-model' does not exist")
+    with pytest.raises(InstantiationException, match=message) as err:
+        train(cfg)
+    assert isinstance(err.value.__cause__, FileNotFoundError)
 
 
 def round_outputs(run: Path) -> dict[str, bytes]:

@@ -13,10 +13,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 from safetensors.torch import load_file
 
-import mitune  # noqa: F401  (registers the ${mitune.asset:...} resolver)
 from mitune.checkpoint import STATE, TENSORS, SafetensorsCheckpointIO, latest_checkpoint, read_state
 from mitune.artifacts import METADATA, RunDir
 from mitune.generation import GenerationConfig, round_settings, run_round, verify_round
@@ -35,10 +33,11 @@ SMALL = [
 ]
 
 
-def config(run_dir: Path, tiny: Path, *overrides: str):
-    with initialize_config_dir(str(REPO / "conf"), version_base="1.3"):
-        return compose("config", overrides=["model=tiny", f"model.path_or_id={tiny}", *SMALL,
-                                            f"paths.output_dir={run_dir}", *overrides])
+@pytest.fixture(scope="session")
+def config(task_config):
+    """``config(run_dir, tiny, *overrides)``: a small run of the tiny model in ``run_dir``."""
+    return lambda run_dir, tiny, *overrides: task_config(
+        "config", ["model=tiny", f"model.path_or_id={tiny}", *SMALL, *overrides], run_dir)
 
 
 def snapshot(run_dir: Path) -> dict[str, bytes]:
@@ -47,7 +46,7 @@ def snapshot(run_dir: Path) -> dict[str, bytes]:
 
 
 @pytest.fixture(scope="module")
-def finished(tiny_sd_path, tmp_path_factory):
+def finished(config, tiny_sd_path, tmp_path_factory):
     """One finished 1-round run."""
     run_dir = tmp_path_factory.mktemp("finished")
     train(config(run_dir, tiny_sd_path))
@@ -65,7 +64,7 @@ def finished(tiny_sd_path, tmp_path_factory):
     (["resume=true", "train.lr=1e-2", "train.steps_per_round=8"],
      ["train.lr: 0.0001 -> 0.01", "train.steps_per_round: 2 -> 8"]),
 ], ids=["cfg", "cfg-resume", "M-and-prompts", "training-settings"])
-def test_another_config_in_a_finished_run_dir_is_refused(tiny_sd_path, finished, overrides, changed):
+def test_another_config_in_a_finished_run_dir_is_refused(config, tiny_sd_path, finished, overrides, changed):
     before = snapshot(finished)
     with pytest.raises(RunDirError) as err:
         train(config(finished, tiny_sd_path, *overrides))
@@ -74,14 +73,14 @@ def test_another_config_in_a_finished_run_dir_is_refused(tiny_sd_path, finished,
     assert snapshot(finished) == before
 
 
-def test_a_rerun_without_resume_is_refused(tiny_sd_path, finished):
+def test_a_rerun_without_resume_is_refused(config, tiny_sd_path, finished):
     before = snapshot(finished)
     with pytest.raises(RunDirError, match="already holds a run; add resume=true"):
         train(config(finished, tiny_sd_path))
     assert snapshot(finished) == before  # no retraining, no *-v1.ckpt, adapters untouched
 
 
-def test_resume_may_add_rounds_keeps_the_csv_and_cleans_temporaries(tiny_sd_path, tmp_path):
+def test_resume_may_add_rounds_keeps_the_csv_and_cleans_temporaries(config, tiny_sd_path, tmp_path):
     train(config(tmp_path, tiny_sd_path, "trainer.log_every_n_steps=1"))
     rows = lambda: list(csv.DictReader((tmp_path / "csv" / "metrics.csv").open()))
     first = rows()
@@ -98,7 +97,7 @@ def test_resume_may_add_rounds_keeps_the_csv_and_cleans_temporaries(tiny_sd_path
     assert (tmp_path / "rounds" / "round_2" / "adapter").is_dir()
 
 
-def test_a_start_that_failed_before_any_work_does_not_tie_the_dir(tiny_sd_path, tmp_path):
+def test_a_start_that_failed_before_any_work_does_not_tie_the_dir(config, tiny_sd_path, tmp_path):
     with pytest.raises(ValueError, match="effective batch"):
         train(config(tmp_path, tiny_sd_path, "train.micro_batch=3"))
     assert (tmp_path / RECORD).is_file()
@@ -108,7 +107,7 @@ def test_a_start_that_failed_before_any_work_does_not_tie_the_dir(tiny_sd_path, 
 # ----------------------------------------------------------------------------- case 4: checkpoints stay finite
 
 
-def test_diverged_training_leaves_only_finite_checkpoints(tiny_sd_path, tmp_path):
+def test_diverged_training_leaves_only_finite_checkpoints(config, tiny_sd_path, tmp_path):
     with pytest.raises(FloatingPointError) as err:
         train(config(tmp_path, tiny_sd_path, "train.lr=1e6", "train.steps_per_round=6", "train.effective_batch=2"))
     found = sorted((tmp_path / "checkpoints").glob("*.ckpt"))
@@ -264,7 +263,7 @@ def test_a_finished_round_with_other_settings_is_refused(round_dir):
 # ----------------------------------------------------------------------------- case 7: one writer
 
 
-def test_a_second_run_on_a_locked_dir_fails_at_once_naming_the_holder(tiny_sd_path, tmp_path):
+def test_a_second_run_on_a_locked_dir_fails_at_once_naming_the_holder(config, tiny_sd_path, tmp_path):
     holder = subprocess.Popen(
         [sys.executable, "-c", "import sys, time; from pathlib import Path; from mitune.rundir import exclusive\n"
          f"with exclusive(Path({str(tmp_path)!r})):\n    print('held', flush=True); time.sleep(60)"],
@@ -293,12 +292,12 @@ def test_a_second_run_on_a_locked_dir_fails_at_once_naming_the_holder(tiny_sd_pa
     ("trainer.use_distributed_sampler=true", "trainer.use_distributed_sampler=True would break the rounds"),
     ("+trainer.fast_dev_run=true", "trainer.fast_dev_run=True would break the rounds"),
 ])
-def test_trainer_settings_that_break_rounds_are_refused_before_the_model_loads(tmp_path, override, message):
+def test_trainer_settings_that_break_rounds_are_refused_before_the_model_loads(config, tmp_path, override, message):
     with pytest.raises(ValueError, match=message):
         train(config(tmp_path / "run", tmp_path / "never-built", override))
 
 
-def test_rounds_do_not_depend_on_reloading_the_dataloaders(tiny_sd_path, tmp_path):
+def test_rounds_do_not_depend_on_reloading_the_dataloaders(config, tiny_sd_path, tmp_path):
     """The callback loads each round into the data module's set, so Lightning's reload setting changes nothing."""
     adapters = []
     for reload in (0, 1):
@@ -320,7 +319,7 @@ def test_rounds_do_not_depend_on_reloading_the_dataloaders(tiny_sd_path, tmp_pat
     ("train.betas=[0.9,inf]", "train.betas must be a finite number"),
     ("adapter.alpha=abc", "config key adapter.alpha"),
 ])
-def test_bad_types_and_non_finite_numbers_name_the_key_before_the_model_loads(tmp_path, override, message):
+def test_bad_types_and_non_finite_numbers_name_the_key_before_the_model_loads(config, tmp_path, override, message):
     never_built = tmp_path / "never-built"
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")):
         train(config(tmp_path / "run", never_built, override))

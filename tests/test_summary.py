@@ -16,6 +16,7 @@ from PIL import Image
 from mitune import summary
 from mitune.artifacts import RESULT_COLUMNS as COLUMNS
 from mitune.io import csv_text
+from mitune.run import train
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -123,33 +124,40 @@ def test_cli_errors(tmp_path, capsys):
 # ----------------------------------------------------------------------------- end to end
 
 
-def run(module: str, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+def evaluate_grid(*args: str) -> None:
+    """``python -m mitune.evaluate -m``: a sweep needs Hydra's launcher, which only the real command has."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", "HYDRA_FULL_ERROR": "1"}
-    result = subprocess.run([sys.executable, "-m", module, *args], cwd=REPO, env=env, capture_output=True, text=True,
-                            timeout=timeout)
+    result = subprocess.run([sys.executable, "-m", "mitune.evaluate", "-m", *args], cwd=REPO, env=env,
+                            capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
-    return result
 
 
 PROMPTS = "data.prompts=[a red square,a blue circle and a green triangle]"
 
 
-def test_train_once_evaluate_the_grid_and_summarise(tiny_sd_path, tmp_path):
+def test_train_once_evaluate_the_grid_and_summarise(task_config, tiny_sd_path, tmp_path, monkeypatch, capsys):
     """Rounds are trained once (R=2) and shared by every CFG of the evaluation grid."""
+    monkeypatch.setenv("WANDB_MODE", "offline")
     run_dir, sweep, out = tmp_path / "run", tmp_path / "sweep", tmp_path / "summary"
-    run("mitune.run", "model=tiny", "data=demo", f"model.path_or_id={tiny_sd_path}", PROMPTS, "rounds=2", "logger=csv", "generation.num_candidates=3",
-        "generation.num_inference_steps=3", "generation.micro_batch=6", "train.effective_batch=4", "train.micro_batch=2",
-        "train.steps_per_round=2", "adapter.rank=4", "adapter.alpha=4", f"hydra.run.dir={run_dir}")
+    train(task_config("config", [
+        "model=tiny", "data=demo", f"model.path_or_id={tiny_sd_path}", PROMPTS, "rounds=2", "logger=csv",
+        "generation.num_candidates=3", "generation.num_inference_steps=3", "generation.micro_batch=6",
+        "train.effective_batch=4", "train.micro_batch=2", "train.steps_per_round=2", "adapter.rank=4", "adapter.alpha=4",
+    ], run_dir))
     reference = tmp_path / "reference"
     reference.mkdir()
     rng = np.random.default_rng(0)
     for i in range(6):
         Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(reference / f"{i}.png")
-    run("mitune.evaluate", "-m", "model=tiny", "data=demo", f"model.path_or_id={tiny_sd_path}", PROMPTS, f"run_dir={run_dir}", "eval.round=0,1,2",
-        "generation.guidance_scale=2.5,7.5", "generation.num_inference_steps=3", "eval.num_images=2",
-        "eval.category=toy", "eval.alignment=[toy_oracle]", "eval.quality=[fid]", f"eval.reference={reference}",
-        "+eval.metric_kwargs.fid.extractor._target_=tests.test_evaluate.ColorFeatures", f"hydra.sweep.dir={sweep}")
-    printed = run("mitune.summary", str(sweep), "--out", str(out)).stdout
+    evaluate_grid("model=tiny", "data=demo", f"model.path_or_id={tiny_sd_path}", PROMPTS, f"run_dir={run_dir}",
+                  "eval.round=0,1,2", "generation.guidance_scale=2.5,7.5", "generation.num_inference_steps=3",
+                  "eval.num_images=2", "eval.category=toy", "eval.alignment=[toy_oracle]", "eval.quality=[fid]",
+                  f"eval.reference={reference}",
+                  "+eval.metric_kwargs.fid.extractor._target_=tests.test_evaluate.ColorFeatures",
+                  f"hydra.sweep.dir={sweep}")
+    capsys.readouterr()
+    assert summary.main([str(sweep), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
 
     # One job dir per grid point; images generated once per (round, CFG) into the run dir, from the run's adapters.
     jobs = sorted(p.name for p in sweep.iterdir() if p.is_dir())

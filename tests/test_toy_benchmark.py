@@ -12,7 +12,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from hydra import compose, initialize_config_dir
 from PIL import Image
 
 from mitune import analysis, summary
@@ -27,22 +26,18 @@ SMALL = ["rounds=1", "data.per_category=1", "generation.num_candidates=3", "gene
 SELECTIONS = ("random", "toy_oracle")
 
 
-def config(name: str, output_dir: Path, *overrides: str):
-    with initialize_config_dir(str(REPO / "conf"), version_base="1.3"):
-        return compose(name, overrides=[*SMALL, *overrides, f"paths.output_dir={output_dir}"], return_hydra_config=False)
-
-
 @pytest.fixture(scope="module")
-def benchmark(tmp_path_factory) -> Path:
+def benchmark(task_config, tmp_path_factory) -> Path:
     """Two 1-round runs (random and oracle selection, seed 0), each evaluated at rounds 0 and 1, CFG 7.5."""
     root = tmp_path_factory.mktemp("toy-eval")
     for selection in SELECTIONS:
         run_dir = root / "train" / f"{selection}-seed0"
-        train(config("config", run_dir, "+experiment=toy", f"generation.selection={selection}", "seed=0"))
+        train(task_config("config", [*SMALL, "+experiment=toy", f"generation.selection={selection}", "seed=0"], run_dir))
         for r in (0, 1):
             job = root / "eval" / f"{selection}-seed0" / f"round_{r}-cfg_7.5"
-            evaluate(config("evaluate", job, "+experiment=toy_eval", f"toy_dir={root}", f"generation.selection={selection}",
-                            "seed=0", f"eval.round={r}", "generation.guidance_scale=7.5"))
+            evaluate(task_config("evaluate", [*SMALL, "+experiment=toy_eval", f"toy_dir={root}", "seed=0",
+                                              f"generation.selection={selection}", f"eval.round={r}",
+                                              "generation.guidance_scale=7.5"], job))
     return root
 
 
@@ -84,12 +79,12 @@ def test_summary_pools_categories_and_analysis_compares_selected_with_all(benchm
     assert float(rounds["toy_oracle"]["selected"]) >= float(rounds["toy_oracle"]["all"])  # the oracle picks its best
 
 
-def test_the_make_target_composes_every_stage():
+def test_the_make_target_composes_every_stage(task_config):
     """``make toy-eval``'s overrides compose (the Makefile is the source of the commands)."""
     make = (REPO / "Makefile").read_text()
     sweep = next(line.split(":=", 1)[1].split() for line in make.splitlines() if line.startswith("TOY_SWEEP :="))
     first = [arg.split("=", 1)[0] + "=" + arg.split("=", 1)[1].split(",")[0] for arg in sweep]
-    train_cfg = config("config", Path("/tmp/x"), "+experiment=toy", *first)
-    eval_cfg = config("evaluate", Path("/tmp/x"), "+experiment=toy_eval", *first, "toy_dir=outputs/toy-eval")
+    train_cfg = task_config("config", ["+experiment=toy", *first], Path("unused"))
+    eval_cfg = task_config("evaluate", ["+experiment=toy_eval", *first, "toy_dir=outputs/toy-eval"], Path("unused"))
     assert train_cfg.generation.selection == eval_cfg.eval.method == "mi"
     assert eval_cfg.run_dir == "outputs/toy-eval/train/mi-seed0" and list(eval_cfg.eval.alignment) == ["toy_oracle"]
