@@ -93,11 +93,11 @@ def test_sdxl_and_diffusiondb_grids():
 def test_test_prompts_are_the_held_out_split(eval_config, tmp_path):
     cfg = eval_config("+exp=color", f"data.data_dir={FIXTURES / 'compbench'}")
     val = (FIXTURES / "compbench" / "color_val.txt").read_text().splitlines()
-    assert ev.eval_prompts(cfg) == list(dict.fromkeys(p.strip() for p in val if p.strip()))
+    assert ev.eval_prompts(cfg).prompts == list(dict.fromkeys(p.strip() for p in val if p.strip()))
     prompt_file = tmp_path / "test.txt"
     prompt_file.write_text("a red square\na blue circle\n")
     cfg = eval_config("+exp=color", f"eval.prompt_file={prompt_file}")
-    assert ev.eval_prompts(cfg) == ["a red square", "a blue circle"]
+    assert ev.eval_prompts(cfg).prompts == ["a red square", "a blue circle"]
 
 
 # ----------------------------------------------------------------------------- bad input, before any work

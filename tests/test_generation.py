@@ -161,8 +161,8 @@ def test_random_selection_keeps_the_candidates_and_changes_only_the_choice(pipe,
 
 
 def test_oracle_selection_rejects_prompts_outside_the_toy_grammar(pipe, tmp_path):
-    with pytest.raises(ValueError, match="toy-world prompts only"):
-        run_round(pipe, PROMPTS, replace(CONFIG, selection="oracle"), tmp_path / "round", progress=False)
+    with pytest.raises(ValueError, match="selection=toy_oracle: .* is not a toy-world prompt"):
+        run_round(pipe, PROMPTS, replace(CONFIG, selection="toy_oracle"), tmp_path / "round", progress=False)
     assert not (tmp_path / "round").exists()
 
 

@@ -38,7 +38,14 @@ def make_module(tiny: Path, dtype: str = "float32", **train: object) -> MITuneMo
 def tiny_set(module: MITuneModule, steps: int, batch: int, t_range: tuple[int, int] = (500, 1000)) -> FinetuneSet:
     """Two fixed latents, one per prompt, served for ``steps`` optimizer steps of ``batch`` samples."""
     latents = torch.randn(latent_shape(module.pipe, 2), generator=torch.Generator().manual_seed(1))
-    return FinetuneSet(latents, torch.tensor([0, 1]), steps * batch, seed=0, round_index=1, t_range=t_range)
+    return loaded_set(latents, torch.tensor([0, 1]), steps * batch, t_range)
+
+
+def loaded_set(latents: torch.Tensor, prompt_index: torch.Tensor, length: int, t_range: tuple[int, int]) -> FinetuneSet:
+    """A set with round 1's latents loaded, as the rounds callback loads them."""
+    dataset = FinetuneSet(length, seed=0, t_range=t_range)
+    dataset.load(1, latents, prompt_index)
+    return dataset
 
 
 def fit(module: MITuneModule, dataset: Dataset, micro_batch: int, accumulate: int, steps: int,
@@ -162,11 +169,11 @@ def test_a_bf16_base_model_trains_fp32_adapters(tiny_sd_path):
 
 def test_finetune_set_draws_t_in_its_range():
     latents = torch.zeros(3, 4, 2, 2)
-    t = torch.stack([FinetuneSet(latents, torch.arange(3), 400, seed=0, round_index=1, t_range=(500, 1000))[i]["t"]
+    t = torch.stack([loaded_set(latents, torch.arange(3), 400, (500, 1000))[i]["t"]
                      for i in range(400)])
     assert t.min() >= 500 and t.max() < 1000
     assert (t < 750).sum() > 100 and (t >= 750).sum() > 100  # both halves, roughly evenly
-    narrow = torch.stack([FinetuneSet(latents, torch.arange(3), 200, seed=0, round_index=1, t_range=(10, 14))[i]["t"]
+    narrow = torch.stack([loaded_set(latents, torch.arange(3), 200, (10, 14))[i]["t"]
                           for i in range(200)])
     assert set(narrow.tolist()) == {10, 11, 12, 13}
 
