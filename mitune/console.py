@@ -18,6 +18,9 @@ LIBRARY_LOGGERS = {
     # Lightning's accelerator inventory, product tips and "`Trainer.fit` stopped": the run says what it did.
     "lightning.pytorch.utilities.rank_zero": logging.WARNING,
     "lightning.fabric.utilities.rank_zero": logging.WARNING,
+    # "No LoRA keys associated to CLIPTextModel" on loading an adapter that trained the UNet alone (the
+    # default; the adapter's own metadata lists the components it holds), once per evaluation job.
+    "diffusers.loaders.lora_base": logging.ERROR,
 }
 
 HARMLESS_WARNINGS = [
