@@ -385,8 +385,9 @@ def summarize(dirs: Sequence[str | os.PathLike], out: str | os.PathLike, *, cfg:
         note, md_header, md_body = mean_pm_std(header, body)
         seeds = max(row["seeds"] for row in means)
         spread = f"mean ± std across {seeds} seeds" if seeds > 1 else "mean ± std over images"
-        sections.append(markdown(f"Table 1 style: alignment at CFG {g:g} ({spread}, {note}; T2I-CompBench metric "
-                                 "per category)", md_header, md_body))
+        metrics = ", ".join(sorted({metric for _, metric in alignment_columns(means)}))
+        sections.append(markdown(f"Table 1 style: alignment at CFG {g:g} ({spread}, {note}; metric: {metrics})",
+                                 md_header, md_body))
         csv_header = header[:3] + ["cfg"] + header[3:]
         csv_rows += [row[:3] + [g] + row[3:] for row in body]
     write_text(out / "table1.md", "\n".join(sections))
