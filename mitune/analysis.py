@@ -39,6 +39,7 @@ from scipy.stats import kendalltau
 
 from mitune.artifacts import RoundDir, RunDir
 from mitune.io import csv_text, read_jsonl, save_figure, write_json, write_text
+from mitune.metrics import AlignmentMetric, build_alignment_metric, load_image_folder
 from mitune.selection import rank_by_score
 
 PAPER_RANKS = (1, 25, 50)
@@ -146,11 +147,9 @@ def scores_from_file(rows: Sequence[dict[str, Any]], path: Path, key: str) -> li
     return [float(found[row["file_name"]]) for row in rows]
 
 
-def scores_from_metric(round_dir: Path, name: str, kwargs: dict[str, Any]) -> list[float]:
-    from mitune.metrics import build_alignment_metric, load_image_folder
-
+def scores_from_metric(round_dir: Path, metric: AlignmentMetric) -> list[float]:
     images, prompts = load_image_folder(round_dir)
-    return build_alignment_metric(name, **kwargs).score(images, prompts).tolist()
+    return metric.score(images, prompts).tolist()
 
 
 def analyse(round_dir: Path, scores: Sequence[float], metric: str, ranks: Sequence[int], out: Path,
@@ -176,7 +175,9 @@ def training_runs(path: Path) -> list[RunDir]:
 
 
 def selection_table(path: Path, metric: str, kwargs: dict[str, Any], reference_m: int = PAPER_M) -> list[dict[str, Any]]:
-    """Per run and round: the metric over the selected candidates vs all, and tau(MI, metric)."""
+    """Per run and round: the metric over the selected candidates vs all, and tau(MI, metric); the
+    metric is built once (a model-based one loads its weights once for every round)."""
+    scorer = build_alignment_metric(metric, **kwargs)
     table = []
     for run in training_runs(path):
         config = yaml.safe_load(run.config_record.read_text(encoding="utf-8"))
@@ -184,7 +185,7 @@ def selection_table(path: Path, metric: str, kwargs: dict[str, Any], reference_m
         while run.round(r).is_complete():
             round_dir = run.round(r)
             rows = round_dir.rows()
-            scores = scores_from_metric(round_dir.path, metric, kwargs)
+            scores = scores_from_metric(round_dir.path, scorer)
             m = min(Counter(row["prompt"] for row in rows).values())
             chosen = [s for row, s in zip(rows, scores) if row["selected"]]
             table.append({
@@ -225,7 +226,8 @@ def main(argv: list[str] | None = None) -> int:
                 raise ValueError("--scores needs --score-key (the metric's column)")
             metric, scores = args.score_key, scores_from_file(rows, args.scores, args.score_key)
         else:
-            metric, scores = args.metric, scores_from_metric(args.round_dir, args.metric, args.metric_kwargs)
+            scorer = build_alignment_metric(args.metric, **args.metric_kwargs)
+            metric, scores = args.metric, scores_from_metric(args.round_dir, scorer)
         result = analyse(args.round_dir, scores, metric, args.ranks, args.out, args.reference_m)
     except (ValueError, OSError) as err:
         print(f"mitune.analysis: error: {err}", file=sys.stderr)

@@ -92,8 +92,9 @@ def dataclass_node(schema: type) -> dict[str, Any]:
     by the dataclass, and frozen dataclasses give read-only nodes. ``typed`` checks the types.
     """
     node: dict[str, Any] = {"_target_": f"{schema.__module__}.{schema.__qualname__}"}
+    defaults = schema()
     for f in fields(schema):
-        value = getattr(schema(), f.name)
+        value = getattr(defaults, f.name)
         if is_dataclass(value):
             value = dataclass_node(type(value))
         node[f.name] = list(value) if isinstance(value, tuple) else value

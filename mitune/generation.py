@@ -352,7 +352,8 @@ def run_round(
     before each micro-batch and may raise to end the round early (finished prompts are kept).
     """
     check_strategy(config.selection, prompts)
-    round_dir = as_round_dir(mio.check_writable(as_round_dir(round_dir).path))
+    round_dir = as_round_dir(round_dir)
+    mio.check_writable(round_dir.path)
     done = prepare_round_dir(round_dir, round_settings(pipe, prompts, config), write=rank == 0)
     jobs = make_jobs(prompts, config)
     batches = rank_batches(micro_batches(jobs, config.micro_batch), rank, world_size)

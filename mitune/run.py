@@ -61,9 +61,9 @@ def precision(value: str) -> str:
     return "bf16-mixed" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "32-true"
 
 
-# Trainer settings that would break rounds: key -> (the values that work, why).
+# Trainer settings that would break rounds: key -> (the values that work, why). ``max_epochs`` must
+# equal ``rounds`` (one epoch is one round), checked on its own.
 ROUND_SAFE = {
-    "max_epochs": (None, "one epoch is one round: it follows `rounds`"),
     "max_steps": ((-1, None), "a round trains train.steps_per_round optimizer steps; stop early with SIGTERM"),
     "limit_train_batches": ((None, 1, 1.0), "a round's length is train.steps_per_round"),
     "accumulate_grad_batches": ((None,), "mitune derives it from train.effective_batch and train.micro_batch"),
@@ -76,12 +76,13 @@ ROUND_SAFE = {
 
 def check_trainer(trainer: DictConfig, rounds: int) -> None:
     """Refuse trainer settings under which the rounds would not run as configured, before the model loads."""
+    if trainer.get("max_epochs") != rounds:
+        raise ValueError(f"trainer.max_epochs={trainer.get('max_epochs')} would break the rounds: one epoch is one "
+                         f"round: it follows `rounds`; it must be = rounds ({rounds})")
     for key, (allowed, why) in ROUND_SAFE.items():
-        value = trainer.get(key)
-        ok = value == rounds if key == "max_epochs" else value in allowed
-        if not ok:
-            want = f"= rounds ({rounds})" if key == "max_epochs" else " or ".join(map(str, allowed))
-            raise ValueError(f"trainer.{key}={value} would break the rounds: {why}; it must be {want}")
+        if trainer.get(key) not in allowed:
+            raise ValueError(f"trainer.{key}={trainer.get(key)} would break the rounds: {why}; it must be "
+                             + " or ".join(map(str, allowed)))
 
 
 def launching_process() -> bool:
