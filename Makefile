@@ -57,7 +57,7 @@ toy-model: $(STAMP)
 # on 2 cores), copied into docs/toy/ with the wall time (of this invocation: every stage resumes).
 TOY := outputs/toy-eval
 TOY_SWEEP := generation.selection=mi,random,toy_oracle seed=0,1,2
-TOY_CONTRASTS := toy_oracle-random mi-random mi-base toy_oracle-base
+TOY_CONTRASTS := toy_oracle-random mi-random mi-base toy_oracle-base random-base
 TOY_DOCS := table1.md table1.csv contrasts.csv contrasts.md rounds.png rounds.csv wall_time.txt
 # One thread per process: the toy model's ops are too small to gain from more, and the numbers then do not
 # depend on the machine's core count.
