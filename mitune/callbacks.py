@@ -272,7 +272,7 @@ class FinetuneData(L.LightningDataModule):
         super().__init__()
         self.train = train
         self.dataset = FinetuneSet(train.steps_per_round * train.effective_batch, seed=train.seed,
-                                   t_range=(train.t_min, train.t_max))
+                                   t_range=(train.t_min, train.t_max), empty_prompt_prob=train.empty_prompt_prob)
 
     def train_dataloader(self) -> ResumableLoader:
         trainer = self.trainer

@@ -49,6 +49,9 @@ class TrainConfig:
     eps: float = 1e-8
     t_min: int = 500
     t_max: int = 1000
+    # diffusers' `proportion_empty_prompts`: the share of samples trained on the empty prompt, so the
+    # unconditional branch that CFG subtracts learns the round's images too. The paper: 0.
+    empty_prompt_prob: float = 0.0
     train_text_encoder: bool = False
     # DoRA's weight norm once per optimizer step instead of per micro-batch: exact, and faster with
     # gradient accumulation (DoraNormCache, docs/benchmarks/training_cpu.md).
@@ -63,6 +66,8 @@ class TrainConfig:
             raise ValueError(f"train.t_min/t_max must satisfy 0 <= t_min < t_max, got {self.t_min}, {self.t_max}")
         if self.lr <= 0:
             raise ValueError(f"train.lr must be > 0, got {self.lr}")
+        if not 0 <= self.empty_prompt_prob < 1:
+            raise ValueError(f"train.empty_prompt_prob must be in [0, 1), got {self.empty_prompt_prob}")
 
 
 @dataclass

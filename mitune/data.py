@@ -15,6 +15,9 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from mitune.seeds import mix_seed
 
+EMPTY_PROMPT = -1
+"""The prompt index of a sample trained on the empty prompt (``FinetuneSet``'s ``empty_prompt_prob``)."""
+
 
 class FinetuneSet(Dataset):
     """``length`` samples drawn from the current round's selected latents, each with its own t and noise.
@@ -22,13 +25,15 @@ class FinetuneSet(Dataset):
     The set has a fixed length and is filled with each round's latents (``load``) when the round
     starts, so Lightning can size the epoch before the round is generated. Item ``i`` is latent
     ``perm_e[i % n]`` with ``e = i // n`` (a fresh shuffle every pass), a timestep
-    t ~ U{t_min..t_max-1} and noise from a generator seeded by (seed, round, i).
+    t ~ U{t_min..t_max-1} and noise from a generator seeded by (seed, round, i); with probability
+    ``empty_prompt_prob`` (drawn last from that generator) its prompt is ``EMPTY_PROMPT``.
     """
 
-    def __init__(self, length: int, *, seed: int, t_range: tuple[int, int]) -> None:
+    def __init__(self, length: int, *, seed: int, t_range: tuple[int, int], empty_prompt_prob: float = 0.0) -> None:
         self.length = length
         self.seed = seed
         self.t_range = t_range
+        self.empty_prompt_prob = empty_prompt_prob
         self.round_index = 0
         self.latents: torch.Tensor | None = None
         self.prompt_index: torch.Tensor | None = None
@@ -56,7 +61,10 @@ class FinetuneSet(Dataset):
         g = torch.Generator().manual_seed(mix_seed(self.seed, self.round_index, i, 1))
         t = torch.randint(self.t_range[0], self.t_range[1], (), generator=g)
         noise = torch.randn(self.latents.shape[1:], generator=g)
-        return {"latents": self.latents[j], "prompt": self.prompt_index[j], "t": t, "noise": noise}
+        prompt = self.prompt_index[j]
+        if self.empty_prompt_prob and torch.rand((), generator=g) < self.empty_prompt_prob:
+            prompt = torch.tensor(EMPTY_PROMPT)
+        return {"latents": self.latents[j], "prompt": prompt, "t": t, "noise": noise}
 
 
 class RankSampler(Sampler[int]):

@@ -404,6 +404,13 @@ def index_embedding(emb: Embedding, index: torch.Tensor) -> Embedding:
     return {key: value[index] for key, value in emb.items()}
 
 
+def replace_rows(emb: Embedding, rows: torch.Tensor, other: Embedding) -> Embedding:
+    """``emb`` with the rows where the boolean ``rows`` is set taken from ``other`` (one row, broadcast)."""
+    if isinstance(emb, torch.Tensor):
+        return torch.where(rows.view(-1, *[1] * (emb.dim() - 1)), other, emb)
+    return {key: replace_rows(value, rows, other[key]) for key, value in emb.items()}
+
+
 # ----------------------------------------------------------------------------- denoiser
 
 

@@ -16,8 +16,11 @@ from lightning.pytorch.loggers import WandbLogger
 from mitune.adapters import AdapterConfig, DoraNormCache, add_adapters
 from mitune.checkpoint import latest_checkpoint, progress_key
 from mitune.config import TrainConfig
+from mitune.data import EMPTY_PROMPT
 from mitune.mi import Embedding
-from mitune.models import ddpm_scheduler, encode_prompts, index_embedding, is_sdxl, unet_eps_fn
+from mitune.models import (
+    ddpm_scheduler, encode_prompts, index_embedding, is_sdxl, null_embedding, replace_rows, unet_eps_fn,
+)
 
 
 def accumulation_steps(effective_batch: int, micro_batch: int, world_size: int = 1) -> int:
@@ -58,6 +61,7 @@ class MITuneModule(L.LightningModule):
         self.eps_fn = unet_eps_fn(pipe)
         self.prompts: list[str] = []
         self.embeddings: Embedding | None = None
+        self.null: Embedding | None = None
         # Checkpoints hold adapter weights only; the frozen base comes from the model path.
         self.strict_loading = False
 
@@ -65,12 +69,17 @@ class MITuneModule(L.LightningModule):
         """The round's prompts; their embeddings are computed once when the encoder is frozen."""
         self.prompts = prompts
         self.embeddings = None if self.text_encoder is not None else encode_prompts(self.pipe, prompts)
+        # The unconditional embedding exactly as CFG uses it (SDXL's zeros included), for EMPTY_PROMPT samples.
+        self.null = None if self.text_encoder is not None else null_embedding(self.pipe)
 
     def prompt_embedding(self, index: torch.Tensor) -> Embedding:
+        index = index.to(self.device)
         if self.text_encoder is None:
-            return index_embedding(self.embeddings, index.to(self.device))
+            empty = index == EMPTY_PROMPT
+            emb = index_embedding(self.embeddings, index.clamp(min=0))
+            return replace_rows(emb, empty, self.null) if empty.any() else emb
         tokens = self.pipe.tokenizer(
-            [self.prompts[i] for i in index.tolist()], padding="max_length",
+            ["" if i == EMPTY_PROMPT else self.prompts[i] for i in index.tolist()], padding="max_length",
             max_length=self.pipe.tokenizer.model_max_length, truncation=True, return_tensors="pt",
         )
         return self.text_encoder(tokens.input_ids.to(self.device))[0]

@@ -102,5 +102,11 @@ def test_toy_prompt_sets_are_balanced_and_disjoint():
     assert [category_of(p) for p in val] == [c for c in CATEGORIES for _ in range(3)]
     assert not set(train) & set(val)
     assert load_toy("train", 5).prompts[:3] == train[:3]  # a larger set extends a smaller one
+    unseen = load_toy("train", 2, skip=3).prompts  # in distribution, and none of the first 3 per category
+    assert [category_of(p) for p in unseen] == [c for c in CATEGORIES for _ in range(2)]
+    assert not set(unseen) & (set(train) | set(val))
+    assert load_toy("train", 5).prompts[3:5] == unseen[:2]
+    with pytest.raises(ValueError, match=r"too few train prompts for 20 skipped \+ 6 per category: \{'shape': 25\}"):
+        load_toy("train", 6, skip=20)
     with pytest.raises(ValueError, match="unknown toy split 'test'; expected one of \\('train', 'val'\\)"):
         load_toy("test")

@@ -18,10 +18,10 @@ from mitune import checkpoint as ckpt
 from mitune.adapters import AdapterConfig
 from mitune.callbacks import FinetuneData, MIRounds
 from mitune.checkpoint import SafetensorsCheckpointIO, flatten, latest_checkpoint, unflatten
-from mitune.data import FinetuneSet
+from mitune.data import EMPTY_PROMPT, FinetuneSet
 from mitune.artifacts import METADATA, RoundDir
 from mitune.generation import GenerationConfig
-from mitune.models import latent_shape, load_pipeline
+from mitune.models import encode_prompts, index_embedding, latent_shape, load_pipeline, null_embedding
 from mitune.training import MITuneModule, TrainConfig, accumulation_steps
 
 PROMPTS = ["a red cube", "a blue ball"]
@@ -176,6 +176,36 @@ def test_finetune_set_draws_t_in_its_range():
     narrow = torch.stack([loaded_set(latents, torch.arange(3), 200, (10, 14))[i]["t"]
                           for i in range(200)])
     assert set(narrow.tolist()) == {10, 11, 12, 13}
+
+
+def test_empty_prompt_samples_keep_their_t_and_noise_and_come_at_the_configured_rate():
+    latents = torch.zeros(3, 4, 2, 2)
+    plain = loaded_set(latents, torch.arange(3), 2000, (500, 1000))
+    dropping = FinetuneSet(2000, seed=0, t_range=(500, 1000), empty_prompt_prob=0.25)
+    dropping.load(1, latents, torch.arange(3))
+    items = [(plain[i], dropping[i]) for i in range(2000)]
+    assert all(torch.equal(a["t"], b["t"]) and torch.equal(a["noise"], b["noise"]) for a, b in items)
+    empty = [b["prompt"].item() == EMPTY_PROMPT for _, b in items]
+    assert 0.22 < sum(empty) / len(empty) < 0.28
+    assert all(a["prompt"] == b["prompt"] for (a, b), e in zip(items, empty) if not e)
+    assert not any(a["prompt"].item() == EMPTY_PROMPT for a, _ in items)
+
+
+@pytest.mark.parametrize("kind", ["sd", "sdxl"])
+def test_empty_prompt_samples_are_conditioned_as_cfg_conditions_its_unconditional_branch(kind, request):
+    module = make_module(request.getfixturevalue(f"tiny_{kind}_path"))
+    emb = module.prompt_embedding(torch.tensor([1, EMPTY_PROMPT, 0]))
+    prompts = encode_prompts(module.pipe, PROMPTS)
+    expected = [index_embedding(prompts, torch.tensor([1])), null_embedding(module.pipe),
+                index_embedding(prompts, torch.tensor([0]))]
+    for row, want in enumerate(expected):
+        got = index_embedding(emb, torch.tensor([row]))
+        if isinstance(got, dict):
+            assert {key: torch.equal(got[key], want[key]) for key in want} == dict.fromkeys(want, True), row
+        else:
+            assert torch.equal(got, want)
+    if kind == "sdxl":  # force_zeros_for_empty_prompt: CFG's unconditional text parts are zeros, not encode("")
+        assert not emb["encoder_hidden_states"][1].any()
 
 
 def test_training_uses_the_configured_t_range_and_logs_its_mean(tiny_sd_path, tmp_path):
@@ -455,6 +485,7 @@ def test_a_set_with_nothing_selected_is_refused(round_dir):
     ("lr", {"lr": 0.0}),
     ("t_min", {"t_min": -1}),
     ("t_max", {"t_min": 600, "t_max": 600}),
+    ("empty_prompt_prob", {"empty_prompt_prob": 1.0}),
 ])
 def test_train_config_errors_name_the_field(field, bad):
     with pytest.raises(ValueError, match=rf"train\.[a-z_/]*{field}"):

@@ -314,20 +314,24 @@ def category_of(text: str) -> str:
     return "shape" if "size" in named else "color"
 
 
-def balanced_prompts(which: str, per_category: int, seed: int = 0) -> list[str]:
-    """``per_category`` prompts of each category from the train or test side of split ``seed``.
+def balanced_prompts(which: str, per_category: int, seed: int = 0, skip: int = 0) -> list[str]:
+    """``per_category`` prompts of each category from the train or test side of split ``seed``,
+    after the first ``skip`` of each.
 
-    Drawn in the split's order, so a larger ``per_category`` extends a smaller one.
+    Drawn in the split's order, so a larger ``per_category`` extends a smaller one, and ``skip=n``
+    gives prompts of the same side that a set of ``n`` per category does not hold.
     """
     if which not in ("train", "test"):
         raise ValueError(f"which must be 'train' or 'test', got {which!r}")
-    if per_category < 1:
-        raise ValueError(f"per_category must be >= 1, got {per_category}")
-    pool = getattr(split_prompts(seed, n_train=60 * per_category, n_test=15 * per_category), which)
+    if per_category < 1 or skip < 0:
+        raise ValueError(f"per_category must be >= 1 and skip >= 0, got {per_category} and {skip}")
+    n = skip + per_category
+    pool = getattr(split_prompts(seed, n_train=60 * n, n_test=15 * n), which)
     by_category: dict[str, list[str]] = {c: [] for c in CATEGORIES}
     for text in pool:
         by_category[category_of(text)].append(text)
-    short = {c: len(p) for c, p in by_category.items() if len(p) < per_category}
+    short = {c: len(p) for c, p in by_category.items() if len(p) < n}
     if short:
-        raise ValueError(f"split {seed} has too few {which} prompts for {per_category} per category: {short}")
-    return [p for c in CATEGORIES for p in by_category[c][:per_category]]
+        raise ValueError(f"split {seed} has too few {which} prompts for {skip} skipped + {per_category} per category: "
+                         f"{short} (the shape category's pairs are few: 25 on the train side, 11 on the test side)")
+    return [p for c in CATEGORIES for p in by_category[c][skip:n]]
