@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test bench bench-gpu device-wheels data toy-model toy-eval
+.PHONY: install demo test bench bench-gpu device-wheels data toy-model toy-eval toy-started
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -52,24 +52,35 @@ data: $(STAMP)
 toy-model: $(STAMP)
 	$(PY) -m mitune.toy.base_model
 
-# The toy benchmark (docs/toy/): 3 seeds x {mi, random, toy_oracle} selection trained R=3 rounds, each round
-# evaluated at CFG 3 and 7.5, then the tables, paired contrasts with bootstrap CIs and plots (CPU, about 60 min
-# on 2 cores), copied into docs/toy/ with the wall time (of this invocation: every stage resumes).
+# The toy benchmark (docs/toy/): per training seed, {mi, random, toy_oracle} selection trained one round on 75
+# train prompts, evaluated (with the base model) at CFG 3 and 7.5 on 50 unseen in-distribution prompts x 6
+# images; then the tables, paired contrasts with bootstrap CIs, the rounds' diagnostics and plots, copied into
+# docs/toy/ with the wall time of this invocation (every stage resumes). Seeds are independent targets:
+# `make -j2 toy-eval` runs two at a time (about 50 min on 2 cores).
 TOY := outputs/toy-eval
-TOY_SWEEP := generation.selection=mi,random,toy_oracle seed=0,1,2
+TOY_SEEDS := 0 1 2 3 4
+TOY_SELECTIONS := mi,random,toy_oracle
+TOY_EVAL := eval.round=0,1 generation.guidance_scale=3.0,7.5
 TOY_CONTRASTS := toy_oracle-random mi-random mi-base toy_oracle-base random-base
-TOY_DOCS := table1.md table1.csv contrasts.csv contrasts.md rounds.png rounds.csv wall_time.txt
+TOY_DOCS := table1.md table1.csv contrasts.csv contrasts.md rounds.png rounds.csv cdf_toy_oracle.png \
+	cdf_toy_objects.png kendall_toy_oracle.json kendall_toy_objects.json wall_time.txt
 # One thread per process: the toy model's ops are too small to gain from more, and the numbers then do not
 # depend on the machine's core count.
 toy-eval: export OMP_NUM_THREADS := 1
-toy-eval: $(STAMP)
-	mkdir -p $(TOY)/summary && date +%s > $(TOY)/summary/.started
-	$(PY) -m mitune.run -m +experiment=toy $(TOY_SWEEP) resume=true hydra.sweep.dir=$(TOY)/train \
-		'hydra.sweep.subdir=$${generation.selection}-seed$${seed}'
-	$(PY) -m mitune.evaluate -m +experiment=toy_eval $(TOY_SWEEP) eval.round=0,1,2,3 generation.guidance_scale=3.0,7.5 \
-		toy_dir=$(TOY)
-	$(PY) -m mitune.analysis $(TOY)/train --metric toy_oracle --out $(TOY)/summary
+toy-eval: $(addprefix toy-seed-,$(TOY_SEEDS))
+	$(PY) -m mitune.analysis $(TOY)/train --metric toy_oracle toy_objects --out $(TOY)/summary
+	$(PY) -m mitune.analysis $(TOY)/train/mi-seed0/rounds/round_1 --metric toy_oracle toy_objects \
+		--out $(TOY)/summary
 	$(PY) -m mitune.summary $(TOY)/eval --out $(TOY)/summary --cfg 3.0 7.5 --contrast $(TOY_CONTRASTS)
 	echo "make toy-eval: $$(( $$(date +%s) - $$(cat $(TOY)/summary/.started) )) s wall time, finished $$(date -u +%FT%TZ)" \
 		> $(TOY)/summary/wall_time.txt
 	cp $(addprefix $(TOY)/summary/,$(TOY_DOCS)) docs/toy/
+
+toy-seed-%: toy-started
+	$(PY) -m mitune.run -m +experiment=toy generation.selection=$(TOY_SELECTIONS) seed=$* resume=true \
+		hydra.sweep.dir=$(TOY)/train 'hydra.sweep.subdir=$${generation.selection}-seed$${seed}'
+	$(PY) -m mitune.evaluate -m +experiment=toy_eval generation.selection=$(TOY_SELECTIONS) seed=$* $(TOY_EVAL) \
+		toy_dir=$(TOY)
+
+toy-started: $(STAMP)
+	mkdir -p $(TOY)/summary && date +%s > $(TOY)/summary/.started

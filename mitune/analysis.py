@@ -204,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("round_dir", type=Path, help="a generation round (rounds/round_<r>) or evaluation image "
                         "folder; or training runs (a run dir or a sweep dir) for rounds.csv")
     source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--metric", help="alignment metric to score the images with (mitune.metrics name)")
+    source.add_argument("--metric", nargs="+", help="metric(s) to score the images with (mitune.metrics names)")
     source.add_argument("--scores", type=Path, help="JSONL of per-image scores (file_name + --score-key)")
     parser.add_argument("--score-key", help="column of --scores to use (required with --scores)")
     parser.add_argument("--metric-kwargs", type=json.loads, default={}, help="JSON constructor arguments of --metric")
@@ -216,7 +216,8 @@ def main(argv: list[str] | None = None) -> int:
         if not RoundDir(args.round_dir).metadata.is_file():
             if not args.metric:
                 raise ValueError("training runs are scored with --metric")
-            table = selection_table(args.round_dir, args.metric, args.metric_kwargs, args.reference_m)
+            table = [row for metric in args.metric
+                     for row in selection_table(args.round_dir, metric, args.metric_kwargs, args.reference_m)]
             write_text(args.out / "rounds.csv", csv_text(table, list(table[0])))
             print(args.out / "rounds.csv")
             return 0
@@ -224,15 +225,17 @@ def main(argv: list[str] | None = None) -> int:
         if args.scores is not None:
             if not args.score_key:
                 raise ValueError("--scores needs --score-key (the metric's column)")
-            metric, scores = args.score_key, scores_from_file(rows, args.scores, args.score_key)
+            scored = {args.score_key: scores_from_file(rows, args.scores, args.score_key)}
         else:
-            scorer = build_alignment_metric(args.metric, **args.metric_kwargs)
-            metric, scores = args.metric, scores_from_metric(args.round_dir, scorer)
-        result = analyse(args.round_dir, scores, metric, args.ranks, args.out, args.reference_m)
+            scored = {metric: scores_from_metric(args.round_dir, build_alignment_metric(metric, **args.metric_kwargs))
+                      for metric in args.metric}
+        results = [analyse(args.round_dir, scores, metric, args.ranks, args.out, args.reference_m)
+                   for metric, scores in scored.items()]
     except (ValueError, OSError) as err:
         print(f"mitune.analysis: error: {err}", file=sys.stderr)
         return 1
-    print(json.dumps(asdict(result)))
+    for result in results:
+        print(json.dumps(asdict(result)))
     return 0
 
 

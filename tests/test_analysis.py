@@ -113,12 +113,14 @@ def test_real_round_with_scores_file(tiny_round, tmp_path):
 
 
 def test_real_round_scored_by_a_metric(tiny_round, tmp_path):
-    code = analysis.main([str(tiny_round), "--metric", "toy_oracle", "--ranks", "1", "50", "--out", str(tmp_path)])
+    code = analysis.main([str(tiny_round), "--metric", "toy_oracle", "toy_objects", "--ranks", "1", "50",
+                          "--out", str(tmp_path)])
     assert code == 0
-    result = json.loads((tmp_path / "kendall_toy_oracle.json").read_text())
-    assert result["ranks"] == [1, 4] and result["num_prompts"] == 3
-    assert math.isnan(result["mean_tau"]) or -1 <= result["mean_tau"] <= 1
-    assert (tmp_path / "cdf_toy_oracle.png").stat().st_size > 1000
+    for metric in ("toy_oracle", "toy_objects"):
+        result = json.loads((tmp_path / f"kendall_{metric}.json").read_text())
+        assert result["metric"] == metric and result["ranks"] == [1, 4] and result["num_prompts"] == 3
+        assert math.isnan(result["mean_tau"]) or -1 <= result["mean_tau"] <= 1
+        assert (tmp_path / f"cdf_{metric}.png").stat().st_size > 1000
 
 
 def test_cli_errors_are_one_line(tmp_path, capsys):

@@ -175,6 +175,15 @@ def test_toy_oracle_gives_full_marks_to_the_right_prompt_only():
     assert (swapped < 1).all()
 
 
+def test_toy_objects_counts_what_is_drawn_whatever_the_prompt_names():
+    two = world.Scene((world.Obj("circle", "red", "big"), world.Obj("square", "blue", "big")))
+    one = world.Scene((world.Obj("triangle", "green", "big"),))
+    images = [Image.fromarray(world.render(s, rng=np.random.default_rng(0))) for s in (two, one)]
+    metric = build_alignment_metric("toy_objects", progress=False)
+    assert metric.score(images, [world.prompt(one), world.prompt(two)]).tolist() == [2.0, 1.0]
+    assert metric.score([solid((255, 255, 255), 32)], [world.prompt(one)]).tolist() == [0.0]
+
+
 def test_toy_oracle_rejects_prompts_outside_its_grammar():
     metric = build_alignment_metric("toy_oracle", progress=False)
     with pytest.raises(MetricInputError, match="prompt 1 .*not a toy-world prompt"):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import json
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -17,8 +18,10 @@ from PIL import Image
 from mitune import analysis, summary
 from mitune.artifacts import RunDir
 from mitune.evaluate import evaluate
+from mitune.prompts import load_toy
 from mitune.run import train
 from mitune.toy.oracle import score_image
+from mitune.toy.world import CATEGORIES
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL = ["rounds=1", "data.per_category=1", "generation.num_candidates=3", "generation.num_inference_steps=3",
@@ -72,19 +75,38 @@ def test_summary_pools_categories_and_analysis_compares_selected_with_all(benchm
     assert table["toy_oracle R=1"]["all_n"] == "15"
     assert Image.open(written["rounds"]).size[0] > 300
 
-    assert analysis.main([str(benchmark / "train"), "--metric", "toy_oracle", "--out", str(out)]) == 0
-    rounds = {row["selection"]: row for row in csv.DictReader((out / "rounds.csv").open())}
+    assert analysis.main([str(benchmark / "train"), "--metric", "toy_oracle", "toy_objects", "--out", str(out)]) == 0
+    table = list(csv.DictReader((out / "rounds.csv").open()))
+    assert [row["metric"] for row in table] == ["toy_oracle"] * 2 + ["toy_objects"] * 2
+    assert {row["selection"] for row in table[2:]} == set(SELECTIONS)
+    rounds = {row["selection"]: row for row in table[:2]}
     assert set(rounds) == set(SELECTIONS)
     assert rounds["random"]["all"] == rounds["toy_oracle"]["all"]  # round 1: the base model's candidates, shared
     assert float(rounds["toy_oracle"]["selected"]) >= float(rounds["toy_oracle"]["all"])  # the oracle picks its best
 
 
+def make_value(name: str) -> str:
+    make = (REPO / "Makefile").read_text()
+    return next(line.split(":=", 1)[1].strip() for line in make.splitlines() if line.startswith(f"{name} :="))
+
+
 def test_the_make_target_composes_every_stage(task_config):
     """``make toy-eval``'s overrides compose (the Makefile is the source of the commands)."""
-    make = (REPO / "Makefile").read_text()
-    sweep = next(line.split(":=", 1)[1].split() for line in make.splitlines() if line.startswith("TOY_SWEEP :="))
-    first = [arg.split("=", 1)[0] + "=" + arg.split("=", 1)[1].split(",")[0] for arg in sweep]
+    first = [f"generation.selection={make_value('TOY_SELECTIONS').split(',')[0]}", "seed=0"]
     train_cfg = task_config("config", ["+experiment=toy", *first], Path("unused"))
     eval_cfg = task_config("evaluate", ["+experiment=toy_eval", *first, "toy_dir=outputs/toy-eval"], Path("unused"))
     assert train_cfg.generation.selection == eval_cfg.eval.method == "mi"
     assert eval_cfg.run_dir == "outputs/toy-eval/train/mi-seed0" and list(eval_cfg.eval.alignment) == ["toy_oracle"]
+
+
+def test_the_test_prompts_are_unseen_prompts_of_the_training_distribution(task_config):
+    """toy_eval's data.skip must equal the training's data.per_category: the test set starts where training's ends."""
+    train_cfg = task_config("config", ["+experiment=toy"], Path("unused"))
+    eval_cfg = task_config("evaluate", ["+experiment=toy_eval"], Path("unused"))
+    assert eval_cfg.data.skip == train_cfg.data.per_category
+    train_prompts = load_toy(train_cfg.data.split, train_cfg.data.per_category)
+    test_prompts = load_toy(eval_cfg.eval.split, eval_cfg.data.per_category, skip=eval_cfg.data.skip)
+    assert not set(train_prompts.prompts) & set(test_prompts.prompts)
+    assert Counter(test_prompts.categories) == dict.fromkeys(CATEGORIES, eval_cfg.data.per_category)
+    assert load_toy("train", eval_cfg.data.skip + eval_cfg.data.per_category).prompts == sorted(
+        train_prompts.prompts + test_prompts.prompts, key=load_toy("train", 25).prompts.index)

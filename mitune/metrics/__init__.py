@@ -35,6 +35,7 @@ _ALIGNMENT = {
     "spatial": "mitune.metrics.spatial:SpatialMetric",
     "three_in_one": "mitune.metrics.three_in_one:ThreeInOneMetric",
     "toy_oracle": "mitune.toy.metric:ToyOracleMetric",  # the toy world owns its judge
+    "toy_objects": "mitune.toy.metric:ToyObjectCountMetric",  # a diagnostic: objects drawn
 }
 _QUALITY = {
     "fid": "mitune.metrics.quality:FID",

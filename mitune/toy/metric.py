@@ -1,7 +1,9 @@
-"""The toy world's exact oracle as an alignment metric (``mitune.toy.oracle.score``)."""
+"""The toy world's exact oracle as metrics: alignment (``mitune.toy.oracle.score``) and, for diagnosis,
+the number of objects drawn."""
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from PIL import Image
 
@@ -28,3 +30,13 @@ class ToyOracleMetric(AlignmentMetric):
 
     def score_batch(self, images: list[Image.Image], prompts: list[str]) -> torch.Tensor:
         return torch.tensor([oracle.score_image(p, im) for im, p in zip(images, prompts)], dtype=torch.float64)
+
+
+class ToyObjectCountMetric(ToyOracleMetric):
+    """How many objects the oracle finds in an image, whatever the prompt asks: a diagnostic for
+    ``mitune.analysis`` (does MI favour busy images?), not an alignment score."""
+
+    name = "toy_objects"
+
+    def score_batch(self, images: list[Image.Image], prompts: list[str]) -> torch.Tensor:
+        return torch.tensor([len(oracle.detect(np.asarray(im.convert("RGB")))) for im in images], dtype=torch.float64)
