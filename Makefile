@@ -52,16 +52,16 @@ data: $(STAMP)
 toy-model: $(STAMP)
 	$(PY) -m mitune.toy.base_model
 
-# The toy benchmark (docs/toy/): per training seed, {mi, random, toy_oracle} selection trained one round on 75
+# The toy benchmark (docs/toy/): per training seed, {mi, random, toy_oracle, phrase_mi} selection trained one round on 75
 # train prompts, evaluated (with the base model) at CFG 3 and 7.5 on 50 unseen in-distribution prompts x 6
 # images; then the tables, paired contrasts with bootstrap CIs, the rounds' diagnostics and plots, copied into
 # docs/toy/ with the wall time of this invocation (every stage resumes). Seeds are independent targets:
 # `make -j2 toy-eval` runs two at a time (about 50 min on 2 cores).
 TOY := outputs/toy-eval
 TOY_SEEDS := 0 1 2 3 4
-TOY_SELECTIONS := mi,random,toy_oracle
+TOY_SELECTIONS := mi,random,toy_oracle,phrase_mi
 TOY_EVAL := eval.round=0,1 generation.guidance_scale=3.0,7.5
-TOY_CONTRASTS := toy_oracle-random mi-random mi-base toy_oracle-base random-base
+TOY_CONTRASTS := toy_oracle-random mi-random mi-base toy_oracle-base random-base phrase_mi-random phrase_mi-mi
 TOY_DOCS := table1.md table1.csv contrasts.csv contrasts.md rounds.png rounds.csv cdf_toy_oracle.png \
 	cdf_toy_objects.png kendall_toy_oracle.json kendall_toy_objects.json wall_time.txt
 # One thread per process: the toy model's ops are too small to gain from more, and the numbers then do not

@@ -39,7 +39,7 @@ from mitune.toy.oracle import detect, phrase_score, score_image
 from mitune.toy.world import CATEGORIES, Scene, category_of, parse, prompt as scene_prompt
 
 NS = (4, 16)
-TOY_TABLE = Path(__file__).resolve().parents[1] / "docs" / "toy" / "table1.csv"
+TOY_TABLE = Path(__file__).resolve().parents[1] / "docs" / "toy" / "r3-30prompts" / "table1.csv"
 
 
 def object_phrases(text: str) -> list[tuple[str, object]]:

@@ -191,10 +191,11 @@ def test_empty_prompt_samples_keep_their_t_and_noise_and_come_at_the_configured_
     assert not any(a["prompt"].item() == EMPTY_PROMPT for a, _ in items)
 
 
-@pytest.mark.parametrize("kind", ["sd", "sdxl"])
-def test_empty_prompt_samples_are_conditioned_as_cfg_conditions_its_unconditional_branch(kind, request):
-    module = make_module(request.getfixturevalue(f"tiny_{kind}_path"))
-    emb = module.prompt_embedding(torch.tensor([1, EMPTY_PROMPT, 0]))
+@pytest.mark.parametrize("kind, train", [("sd", {}), ("sdxl", {}), ("sd", {"train_text_encoder": True})])
+def test_empty_prompt_samples_are_conditioned_as_cfg_conditions_its_unconditional_branch(kind, train, request):
+    module = make_module(request.getfixturevalue(f"tiny_{kind}_path"), **train)
+    with torch.no_grad():
+        emb = module.prompt_embedding(torch.tensor([1, EMPTY_PROMPT, 0]))
     prompts = encode_prompts(module.pipe, PROMPTS)
     expected = [index_embedding(prompts, torch.tensor([1])), null_embedding(module.pipe),
                 index_embedding(prompts, torch.tensor([0]))]
