@@ -61,7 +61,7 @@ TOY := outputs/toy-eval
 TOY_SEEDS := 0 1 2 3 4
 TOY_SELECTIONS := mi,random,toy_oracle,phrase_mi
 TOY_EVAL := eval.round=0,1 generation.guidance_scale=3.0,7.5
-TOY_CONTRASTS := toy_oracle-random mi-random mi-base toy_oracle-base random-base phrase_mi-random phrase_mi-mi
+TOY_CONTRASTS := toy_oracle-random mi-random mi-base toy_oracle-base random-base mi-toy_oracle phrase_mi-random phrase_mi-mi
 TOY_DOCS := table1.md table1.csv contrasts.csv contrasts.md rounds.png rounds.csv cdf_toy_oracle.png \
 	cdf_toy_objects.png kendall_toy_oracle.json kendall_toy_objects.json wall_time.txt
 # One thread per process: the toy model's ops are too small to gain from more, and the numbers then do not
