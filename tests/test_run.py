@@ -133,7 +133,7 @@ def test_toy_experiment_composes_on_the_toy_model():
     with initialize_config_dir(str(CONF), version_base="1.3"):
         cfg = compose("config", overrides=["+experiment=toy", "generation.selection=random"])
     assert cfg.model.path_or_id == str(REPO / "mitune" / "assets" / "toy-model")
-    assert len(instantiate(cfg.data).prompts) == 5 * 6
+    assert len(instantiate(cfg.data).prompts) == 5 * 15
     assert instantiate(cfg.generation).selection == "random"
 
 

@@ -39,8 +39,8 @@ def benchmark(task_config, tmp_path_factory) -> Path:
         for r in (0, 1):
             job = root / "eval" / f"{selection}-seed0" / f"round_{r}-cfg_7.5"
             evaluate(task_config("evaluate", [*SMALL, "+experiment=toy_eval", f"toy_dir={root}", "seed=0",
-                                              f"generation.selection={selection}", f"eval.round={r}",
-                                              "generation.guidance_scale=7.5"], job))
+                                              "eval.num_images=3", f"generation.selection={selection}",
+                                              f"eval.round={r}", "generation.guidance_scale=7.5"], job))
     return root
 
 
