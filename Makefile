@@ -56,7 +56,7 @@ toy-model: $(STAMP)
 # train prompts, evaluated (with the base model) at CFG 3 and 7.5 on 50 unseen in-distribution prompts x 6
 # images; then the tables, paired contrasts with bootstrap CIs, the rounds' diagnostics and plots, copied into
 # docs/toy/ with the wall time of this invocation (every stage resumes). Seeds are independent targets:
-# `make -j2 toy-eval` runs two at a time (about 50 min on 2 cores).
+# `make -j2 toy-eval` runs two at a time (79 min on this project's 2-core machine: docs/toy/README.md).
 TOY := outputs/toy-eval
 TOY_SEEDS := 0 1 2 3 4
 TOY_SELECTIONS := mi,random,toy_oracle,phrase_mi

@@ -35,7 +35,7 @@ from mitune.models import load_pipeline
 from mitune.prompts import load_toy
 from mitune.rerank import RerankConfig, rerank
 from mitune.toy.base_model import MODEL_DIR
-from mitune.toy.oracle import detect, phrase_score, score_image
+from mitune.toy.oracle import detect, phrase_score, pixels, score_image
 from mitune.toy.world import CATEGORIES, Scene, category_of, parse, prompt as scene_prompt
 
 NS = (4, 16)
@@ -54,7 +54,7 @@ def prompt_rows(pipe, text: str, config: RerankConfig) -> list[dict]:
                         progress=False)
     rows = []
     for cand in sorted(candidates, key=lambda c: c.index):
-        found = detect(np.asarray(cand.image.convert("RGB")))
+        found = detect(pixels(cand.image))
         rows.append({
             "prompt": text, "category": category_of(text), "candidate": cand.index, "mi": cand.mi,
             "oracle": score_image(text, cand.image),
@@ -96,7 +96,8 @@ def min_phrase_mi(row: dict) -> float:
 
 
 def fine_tuned_rows(cfg: float) -> list[str]:
-    """The toy benchmark's base and MI-TUNE models on the same prompts (docs/toy/table1.csv, mean ± std over seeds)."""
+    """The earlier toy benchmark's base and MI-TUNE models on the same prompts (docs/toy/r3-30prompts/table1.csv,
+    mean ± std over seeds)."""
     if not TOY_TABLE.exists():
         return []
     found = {(r["method"], r["round"]): r for r in csv.DictReader(TOY_TABLE.open()) if float(r["cfg"]) == cfg}
@@ -106,7 +107,7 @@ def fine_tuned_rows(cfg: float) -> list[str]:
         if (method, r) in found:
             row = found[(method, r)]
             value = f"{float(row['all']):.3f} ± {float(row['all_std']):.3f}"
-            out.append(f"| {name} (docs/toy, seeds' mean ± std) | {value} | {value} |")
+            out.append(f"| {name} (docs/toy/r3-30prompts, seeds' mean ± std) | {value} | {value} |")
     return out
 
 

@@ -75,9 +75,8 @@ class MITuneModule(L.LightningModule):
     def prompt_embedding(self, index: torch.Tensor) -> Embedding:
         index = index.to(self.device)
         if self.text_encoder is None:
-            empty = index == EMPTY_PROMPT
-            emb = index_embedding(self.embeddings, index.clamp(min=0))
-            return replace_rows(emb, empty, self.null) if empty.any() else emb
+            # A select, not a branch on `.any()`: no host sync per step on an accelerator.
+            return replace_rows(index_embedding(self.embeddings, index.clamp(min=0)), index == EMPTY_PROMPT, self.null)
         tokens = self.pipe.tokenizer(
             ["" if i == EMPTY_PROMPT else self.prompts[i] for i in index.tolist()], padding="max_length",
             max_length=self.pipe.tokenizer.model_max_length, truncation=True, return_tensors="pt",

@@ -3,7 +3,6 @@ the number of objects drawn."""
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 from PIL import Image
 
@@ -39,4 +38,4 @@ class ToyObjectCountMetric(ToyOracleMetric):
     name = "toy_objects"
 
     def score_batch(self, images: list[Image.Image], prompts: list[str]) -> torch.Tensor:
-        return torch.tensor([len(oracle.detect(np.asarray(im.convert("RGB")))) for im in images], dtype=torch.float64)
+        return torch.tensor([len(oracle.detect(oracle.pixels(im))) for im in images], dtype=torch.float64)

@@ -134,7 +134,12 @@ def score(prompt: str, image: np.ndarray) -> float:
     return best
 
 
+def pixels(image: Image.Image) -> np.ndarray:
+    """A decoded or saved image of any mode as the (H, W, 3) uint8 array ``score`` and ``detect`` read;
+    every caller converts through here, so they cannot disagree on how an image becomes pixels."""
+    return np.asarray(image.convert("RGB"))
+
+
 def score_image(prompt: str, image: Image.Image) -> float:
-    """``score`` of a decoded or saved image of any mode; the toy experiment and the ``toy_oracle``
-    metric both score through here, so they cannot disagree on how an image becomes pixels."""
-    return score(prompt, np.asarray(image.convert("RGB")))
+    """``score`` of a decoded or saved image of any mode (the ``toy_oracle`` metric scores through here)."""
+    return score(prompt, pixels(image))
