@@ -52,35 +52,68 @@ data: $(STAMP)
 toy-model: $(STAMP)
 	$(PY) -m mitune.toy.base_model
 
-# The toy benchmark (docs/toy/): per training seed, {mi, random, toy_oracle, phrase_mi} selection trained one round on 75
-# train prompts, evaluated (with the base model) at CFG 3 and 7.5 on 50 unseen in-distribution prompts x 6
-# images; then the tables, paired contrasts with bootstrap CIs, the rounds' diagnostics and plots, copied into
-# docs/toy/ with the wall time of this invocation (every stage resumes). Seeds are independent targets:
-# `make -j2 toy-eval` runs two at a time (79 min on this project's 2-core machine: docs/toy/README.md).
+# The toy benchmark (docs/toy/): per training seed, {mi, random, toy_oracle, phrase_mi} selection trained on 75 train
+# prompts, one round; mi, random and toy_oracle three rounds on seeds 0-2 (TOY_ROUND_*; the cost: docs/toy/README.md).
+# Each run is evaluated (with the base model) after every round at CFG 3 and 7.5 on 50 unseen in-distribution
+# prompts x 6 images. The M/k sensitivity (TOY_MK: M candidates, top k; MI selection, one round, seeds 0-2) adds
+# runs beside them. Then the tables, paired contrasts with bootstrap CIs, the rounds' diagnostics and plots,
+# copied into docs/toy/ with the wall time of this invocation (every stage resumes). Runs are independent
+# targets: `make -j2 toy-eval` runs two at a time.
 TOY := outputs/toy-eval
 TOY_SEEDS := 0 1 2 3 4
-TOY_SELECTIONS := mi,random,toy_oracle,phrase_mi
-TOY_EVAL := eval.round=0,1 generation.guidance_scale=3.0,7.5
+TOY_SELECTIONS := mi random toy_oracle phrase_mi
+TOY_ROUNDS := 3
+TOY_ROUND_SELECTIONS := mi random toy_oracle
+TOY_ROUND_SEEDS := 0 1 2
+TOY_MK := M4-k1 M16-k1 M8-k2 M8-k4 M32-k1
+TOY_MK_SEEDS := 0 1 2
+TOY_CFGS := 3.0,7.5
 TOY_CONTRASTS := toy_oracle-random mi-random mi-base toy_oracle-base random-base mi-toy_oracle phrase_mi-random phrase_mi-mi
-TOY_DOCS := table1.md table1.csv contrasts.csv contrasts.md rounds.png rounds.csv cdf_toy_oracle.png \
-	cdf_toy_objects.png kendall_toy_oracle.json kendall_toy_objects.json wall_time.txt
+TOY_MK_CONTRASTS := $(foreach c,$(TOY_MK),mi-$(c)-mi mi-$(c)-random)
+TOY_DOCS := table1.md table1.csv contrasts.csv contrasts.md rounds.png rounds.csv wall_time.txt
+TOY_ANALYSIS := cdf_toy_oracle.png cdf_toy_objects.png kendall_toy_oracle.json kendall_toy_objects.json
+# Runs <selection>-seed<n>, the multi-round ones first (the longest); rounds of a run; M/k runs M<m>-k<k>-seed<n>.
+toy_runs = $(foreach s,$(1),$(foreach n,$(2),$(s)-seed$(n)))
+TOY_RUNS := $(call toy_runs,$(TOY_ROUND_SELECTIONS),$(TOY_ROUND_SEEDS)) \
+	$(filter-out $(call toy_runs,$(TOY_ROUND_SELECTIONS),$(TOY_ROUND_SEEDS)),$(call toy_runs,$(TOY_SELECTIONS),$(TOY_SEEDS)))
+toy_selection = $(firstword $(subst -seed, ,$(1)))
+toy_seed = $(lastword $(subst -seed, ,$(1)))
+toy_rounds = $(if $(filter $(1),$(call toy_runs,$(TOY_ROUND_SELECTIONS),$(TOY_ROUND_SEEDS))),$(TOY_ROUNDS),1)
+toy_mk = $(patsubst $(2)%,%,$(filter $(2)%,$(subst -, ,$(1))))
 # One thread per process: the toy model's ops are too small to gain from more, and the numbers then do not
 # depend on the machine's core count.
 toy-eval: export OMP_NUM_THREADS := 1
-toy-eval: $(addprefix toy-seed-,$(TOY_SEEDS))
+toy-eval: $(addprefix toy-run-,$(TOY_RUNS)) $(addprefix toy-mk-,$(call toy_runs,$(TOY_MK),$(TOY_MK_SEEDS)))
 	$(PY) -m mitune.analysis $(TOY)/train --metric toy_oracle toy_objects --out $(TOY)/summary
-	$(PY) -m mitune.analysis $(TOY)/train/mi-seed0/rounds/round_1 --metric toy_oracle toy_objects \
-		--out $(TOY)/summary
+	for r in $$(seq 1 $(TOY_ROUNDS)); do \
+		$(PY) -m mitune.analysis $(TOY)/train/mi-seed0/rounds/round_$$r --metric toy_oracle toy_objects \
+			--out $(TOY)/summary/round_$$r && mkdir -p docs/toy/round_$$r && \
+		cp $(addprefix $(TOY)/summary/round_$$r/,$(TOY_ANALYSIS)) docs/toy/round_$$r/ || exit 1; done
 	$(PY) -m mitune.summary $(TOY)/eval --out $(TOY)/summary --cfg 3.0 7.5 --contrast $(TOY_CONTRASTS)
+	$(PY) -m mitune.summary $(TOY)/mk/eval $(TOY)/eval/mi-seed* $(TOY)/eval/random-seed* --out $(TOY)/mk/summary \
+		--cfg 3.0 7.5 --contrast $(TOY_MK_CONTRASTS)
 	echo "make toy-eval: $$(( $$(date +%s) - $$(cat $(TOY)/summary/.started) )) s wall time, finished $$(date -u +%FT%TZ)" \
 		> $(TOY)/summary/wall_time.txt
 	cp $(addprefix $(TOY)/summary/,$(TOY_DOCS)) docs/toy/
+	mkdir -p docs/toy/mk && cp $(addprefix $(TOY)/mk/summary/,table1.md table1.csv contrasts.csv contrasts.md) docs/toy/mk/
 
-toy-seed-%: toy-started
-	$(PY) -m mitune.run -m +experiment=toy generation.selection=$(TOY_SELECTIONS) seed=$* resume=true \
-		hydra.sweep.dir=$(TOY)/train 'hydra.sweep.subdir=$${generation.selection}-seed$${seed}'
-	$(PY) -m mitune.evaluate -m +experiment=toy_eval generation.selection=$(TOY_SELECTIONS) seed=$* $(TOY_EVAL) \
+# One run (<selection>-seed<n>): its rounds, then every round's evaluation (round 0, the base model, is shared
+# by a seed's runs: the first job writes its images, the others wait and reuse them).
+toy-run-%: toy-started
+	$(PY) -m mitune.run -m +experiment=toy generation.selection=$(call toy_selection,$*) seed=$(call toy_seed,$*) \
+		rounds=$(call toy_rounds,$*) resume=true hydra.sweep.dir=$(TOY)/train hydra.sweep.subdir=$*
+	$(PY) -m mitune.evaluate -m +experiment=toy_eval generation.selection=$(call toy_selection,$*) \
+		seed=$(call toy_seed,$*) eval.round=$$(seq -s, 0 $(call toy_rounds,$*)) generation.guidance_scale=$(TOY_CFGS) \
 		toy_dir=$(TOY)
+
+# One M/k run (M<m>-k<k>-seed<n>): MI selection of the top k of m candidates, one round, and its evaluation.
+toy-mk-%: toy-started
+	$(PY) -m mitune.run -m +experiment=toy generation.num_candidates=$(call toy_mk,$*,M) \
+		generation.top_k=$(call toy_mk,$*,k) seed=$(call toy_mk,$*,seed) resume=true \
+		hydra.sweep.dir=$(TOY)/mk/train hydra.sweep.subdir=mi-$*
+	$(PY) -m mitune.evaluate -m +experiment=toy_eval seed=$(call toy_mk,$*,seed) eval.round=1 \
+		generation.guidance_scale=$(TOY_CFGS) toy_dir=$(TOY) run_dir=$(TOY)/mk/train/mi-$* \
+		eval.method=mi-$(subst -seed$(call toy_mk,$*,seed),,$*) hydra.sweep.dir=$(TOY)/mk/eval
 
 toy-started: $(STAMP)
 	mkdir -p $(TOY)/summary && date +%s > $(TOY)/summary/.started

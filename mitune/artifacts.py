@@ -80,6 +80,10 @@ class RoundDir:
     def adapter(self) -> Path:
         return self.path / "adapter"
 
+    @property
+    def lock(self) -> Path:
+        return self.path / ".writer.lock"
+
     def part(self, prompt_id: int) -> Path:
         return self.path / "parts" / f"{prompt_id:06d}.jsonl"
 

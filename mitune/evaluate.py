@@ -29,6 +29,7 @@ from typing import Any
 import hydra
 import torch
 import yaml
+from filelock import FileLock
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
@@ -181,10 +182,22 @@ def settings_key(prompts: list[str], generation: GenerationConfig, model: dict[s
 
 def ensure_images(cfg: DictConfig, folder: RoundDir, prompts: list[str], generation: GenerationConfig,
                   adapter: Path | None) -> RoundDir:
-    """Generate the job's images unless a complete folder is cached; resumes a partial one."""
-    if folder.is_complete():
-        log.info("using cached images in %s", folder.path)
-        return folder
+    """Generate the job's images unless a complete folder is cached; resumes a partial one.
+
+    One writer at a time: a second job for the same folder (another selection's round 0 in a parallel
+    sweep) waits for the first, then reuses its images.
+    """
+    folder.path.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(folder.lock)):
+        if folder.is_complete():
+            log.info("using cached images in %s", folder.path)
+            return folder
+        generate_images(cfg, folder, prompts, generation, adapter)
+    return folder
+
+
+def generate_images(cfg: DictConfig, folder: RoundDir, prompts: list[str], generation: GenerationConfig,
+                    adapter: Path | None) -> None:
     pipe = instantiate(cfg.model)
     if adapter is not None:
         load_fused(pipe, adapter)
@@ -195,7 +208,6 @@ def ensure_images(cfg: DictConfig, folder: RoundDir, prompts: list[str], generat
         seconds = compile_unet(pipe, batch, backend=backend)
         log.info("torch.compile (%s) of the UNet took %.1f s", backend, seconds)
     run_round(pipe, prompts, generation, folder)
-    return folder
 
 
 # ----------------------------------------------------------------------------- scoring and results

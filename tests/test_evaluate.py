@@ -5,15 +5,18 @@ from __future__ import annotations
 import csv
 import json
 import math
+import threading
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from filelock import FileLock
 from hydra import compose, initialize_config_dir
 from PIL import Image
 
 from mitune import evaluate as ev
+from mitune.artifacts import RoundDir
 from mitune.io import read_jsonl
 from mitune.metrics import CATEGORY_METRICS, MetricInputError
 
@@ -209,6 +212,24 @@ def test_base_model_job_writes_a_tidy_table_and_reuses_its_images(eval_config, t
     monkeypatch.undo()
     ev.evaluate(eval_config(*overrides, "eval.seed=7"))
     assert sorted(p.name.rsplit("_", 1)[0] for p in (images / "round_0").iterdir()) == ["cfg5_n2_seed1", "cfg5_n2_seed7"]
+
+
+def test_a_second_job_for_the_same_images_waits_for_the_writer_then_reuses_them(eval_config, tiny_sd_path, tmp_path,
+                                                                                 monkeypatch):
+    """Two selections' round-0 jobs in a parallel sweep share one folder: only one may write it."""
+    images = tmp_path / "images"
+    overrides = [*FAST, f"model.path_or_id={tiny_sd_path}", f"eval.image_root={images}"]
+    first = ev.evaluate(eval_config(*overrides))
+    [folder] = (images / "round_0").iterdir()
+    monkeypatch.setattr(ev, "run_round", lambda *a, **k: pytest.fail("a folder being written was generated again"))
+    result: list = []
+    with FileLock(str(RoundDir(folder).lock)):  # another job is writing it
+        waiting = threading.Thread(target=lambda: result.append(ev.evaluate(eval_config(*overrides))))
+        waiting.start()
+        waiting.join(timeout=3)
+        assert waiting.is_alive() and not result
+    waiting.join(timeout=60)
+    assert [r["value"] for r in result[0]] == [r["value"] for r in first]
 
 
 def test_compiled_unet_gives_the_same_images_in_its_own_folder(eval_config, tiny_sd_path, tmp_path, caplog):
