@@ -53,7 +53,7 @@ toy-model: $(STAMP)
 	$(PY) -m mitune.toy.base_model
 
 # The toy benchmark (docs/toy/): per training seed, {mi, random, toy_oracle, phrase_mi} selection trained on 75 train
-# prompts, one round; mi, random and toy_oracle three rounds on seeds 0-2 (TOY_ROUND_*; the cost: docs/toy/README.md).
+# prompts, one round, and three on seeds 0-2 (TOY_ROUND_*; the cost: docs/toy/README.md).
 # Each run is evaluated (with the base model) after every round at CFG 3 and 7.5 on 50 unseen in-distribution
 # prompts x 6 images. The M/k sensitivity (TOY_MK: M candidates, top k; MI selection, one round, seeds 0-2) adds
 # runs beside them. Then the tables, paired contrasts with bootstrap CIs, the rounds' diagnostics and plots,
@@ -63,7 +63,7 @@ TOY := outputs/toy-eval
 TOY_SEEDS := 0 1 2 3 4
 TOY_SELECTIONS := mi random toy_oracle phrase_mi
 TOY_ROUNDS := 3
-TOY_ROUND_SELECTIONS := mi random toy_oracle
+TOY_ROUND_SELECTIONS := mi random toy_oracle phrase_mi
 TOY_ROUND_SEEDS := 0 1 2
 TOY_MK := M4-k1 M16-k1 M8-k2 M8-k4 M32-k1
 TOY_MK_SEEDS := 0 1 2
@@ -79,6 +79,7 @@ TOY_RUNS := $(call toy_runs,$(TOY_ROUND_SELECTIONS),$(TOY_ROUND_SEEDS)) \
 toy_selection = $(firstword $(subst -seed, ,$(1)))
 toy_seed = $(lastword $(subst -seed, ,$(1)))
 toy_rounds = $(if $(filter $(1),$(call toy_runs,$(TOY_ROUND_SELECTIONS),$(TOY_ROUND_SEEDS))),$(TOY_ROUNDS),1)
+toy_wandb = logger.wandb.name=toy-$(1) logger.wandb.group=$(2)
 toy_mk = $(patsubst $(2)%,%,$(filter $(2)%,$(subst -, ,$(1))))
 # One thread per process: the toy model's ops are too small to gain from more, and the numbers then do not
 # depend on the machine's core count.
@@ -98,22 +99,23 @@ toy-eval: $(addprefix toy-run-,$(TOY_RUNS)) $(addprefix toy-mk-,$(call toy_runs,
 	mkdir -p docs/toy/mk && cp $(addprefix $(TOY)/mk/summary/,table1.md table1.csv contrasts.csv contrasts.md) docs/toy/mk/
 
 # One run (<selection>-seed<n>): its rounds, then every round's evaluation (round 0, the base model, is shared
-# by a seed's runs: the first job writes its images, the others wait and reuse them).
+# by a seed's runs: the first job writes its images, the others wait and reuse them). Runs are single Hydra
+# runs, not one sweep, so parallel targets share no sweep record; W&B groups them by their folder.
 toy-run-%: toy-started
-	$(PY) -m mitune.run -m +experiment=toy generation.selection=$(call toy_selection,$*) seed=$(call toy_seed,$*) \
-		rounds=$(call toy_rounds,$*) resume=true hydra.sweep.dir=$(TOY)/train hydra.sweep.subdir=$*
+	$(PY) -m mitune.run +experiment=toy generation.selection=$(call toy_selection,$*) seed=$(call toy_seed,$*) \
+		rounds=$(call toy_rounds,$*) resume=true hydra.run.dir=$(TOY)/train/$* $(call toy_wandb,$*,$(TOY)/train)
 	$(PY) -m mitune.evaluate -m +experiment=toy_eval generation.selection=$(call toy_selection,$*) \
 		seed=$(call toy_seed,$*) eval.round=$$(seq -s, 0 $(call toy_rounds,$*)) generation.guidance_scale=$(TOY_CFGS) \
 		toy_dir=$(TOY)
 
 # One M/k run (M<m>-k<k>-seed<n>): MI selection of the top k of m candidates, one round, and its evaluation.
 toy-mk-%: toy-started
-	$(PY) -m mitune.run -m +experiment=toy generation.num_candidates=$(call toy_mk,$*,M) \
+	$(PY) -m mitune.run +experiment=toy generation.num_candidates=$(call toy_mk,$*,M) \
 		generation.top_k=$(call toy_mk,$*,k) seed=$(call toy_mk,$*,seed) resume=true \
-		hydra.sweep.dir=$(TOY)/mk/train hydra.sweep.subdir=mi-$*
+		hydra.run.dir=$(TOY)/mk/train/mi-$* $(call toy_wandb,mi-$*,$(TOY)/mk/train)
 	$(PY) -m mitune.evaluate -m +experiment=toy_eval seed=$(call toy_mk,$*,seed) eval.round=1 \
 		generation.guidance_scale=$(TOY_CFGS) toy_dir=$(TOY) run_dir=$(TOY)/mk/train/mi-$* \
-		eval.method=mi-$(subst -seed$(call toy_mk,$*,seed),,$*) hydra.sweep.dir=$(TOY)/mk/eval
+		eval.method=mi-$(subst -seed$(call toy_mk,$*,seed),,$*) hydra.sweep.dir=$(TOY)/mk/eval/mi-$*
 
 toy-started: $(STAMP)
 	mkdir -p $(TOY)/summary && date +%s > $(TOY)/summary/.started

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import json
+import subprocess
 from collections import Counter
 from pathlib import Path
 
@@ -112,18 +113,58 @@ def test_fine_tuning_on_the_oracles_picks_beats_fine_tuning_on_random_picks(task
     assert mean["toy_oracle"] > mean["random"], mean
 
 
-def make_value(name: str) -> str:
-    make = (REPO / "Makefile").read_text()
-    return next(line.split(":=", 1)[1].strip() for line in make.splitlines() if line.startswith(f"{name} :="))
+ECHO_ARGS = "python3 -c 'import json, sys; print(json.dumps(sys.argv[1:]))'"
 
 
-def test_the_make_target_composes_every_stage(task_config):
-    """``make toy-eval``'s overrides compose (the Makefile is the source of the commands)."""
-    first = [f"generation.selection={make_value('TOY_SELECTIONS').split(',')[0]}", "seed=0"]
-    train_cfg = task_config("config", ["+experiment=toy", *first], Path("unused"))
-    eval_cfg = task_config("evaluate", ["+experiment=toy_eval", *first, "toy_dir=outputs/toy-eval"], Path("unused"))
-    assert train_cfg.generation.selection == eval_cfg.eval.method == "mi"
-    assert eval_cfg.run_dir == "outputs/toy-eval/train/mi-seed0" and list(eval_cfg.eval.alignment) == ["toy_oracle"]
+def make_commands(target: str, tmp_path: Path) -> list[list[str]]:
+    """The arguments of each Python command a ``make`` target runs (the Makefile is the source of the commands),
+    with the interpreter replaced by one that prints its arguments as JSON."""
+    venv = tmp_path / "venv"
+    result = subprocess.run(["make", "--no-print-directory", "-C", str(REPO), target, f"PY={ECHO_ARGS}",
+                             f"VENV={venv}", f"TOY={tmp_path / 'toy'}", "-o", f"{venv}/.installed"],
+                            capture_output=True, text=True, check=True)
+    return [json.loads(line) for line in result.stdout.splitlines() if line.startswith("[")]
+
+
+def overrides(args: list[str]) -> dict[str, str]:
+    return dict(arg.split("=", 1) for arg in args if "=" in arg)
+
+
+def compose_first(task_config, task: str, args: list[str]):
+    """The task's config at the first point of the command's sweep (Hydra's own keys left out)."""
+    first = [f"{k}={v.split(',')[0]}" for k, v in overrides(args).items() if not k.startswith("hydra.")]
+    return task_config(task, first, Path("unused"))
+
+
+@pytest.mark.parametrize("run,rounds", [("mi-seed0", 3), ("toy_oracle-seed2", 3), ("phrase_mi-seed3", 1),
+                                        ("random-seed4", 1)])
+def test_a_run_target_trains_its_rounds_and_evaluates_each(task_config, tmp_path, run, rounds):
+    train_args, eval_args = make_commands(f"toy-run-{run}", tmp_path)
+    assert train_args[:2] == ["-m", "mitune.run"] and eval_args[:2] == ["-m", "mitune.evaluate"]
+    train_cfg = compose_first(task_config, "config", train_args)
+    eval_cfg = compose_first(task_config, "evaluate", eval_args)
+    selection, seed = run.split("-seed")
+    assert (train_cfg.generation.selection, train_cfg.seed, train_cfg.rounds) == (selection, int(seed), rounds)
+    assert overrides(eval_args)["eval.round"] == ",".join(map(str, range(rounds + 1)))
+    assert overrides(eval_args)["generation.guidance_scale"] == "3.0,7.5"
+    trained = Path(overrides(train_args)["hydra.run.dir"])
+    assert Path(eval_cfg.run_dir) == trained and eval_cfg.eval.method == selection and eval_cfg.eval.seed == int(seed)
+    assert list(eval_cfg.eval.alignment) == ["toy_oracle"]
+    # Single runs, not one shared sweep: W&B names each by its run and groups them by their folder.
+    assert (train_cfg.logger.wandb.name, train_cfg.logger.wandb.group) == (f"toy-{run}", str(trained.parent))
+
+
+def test_an_mk_target_selects_the_top_k_of_m_by_mi_and_evaluates_it_as_its_own_method(task_config, tmp_path):
+    train_args, eval_args = make_commands("toy-mk-M16-k2-seed1", tmp_path)
+    train_cfg = compose_first(task_config, "config", train_args)
+    eval_cfg = compose_first(task_config, "evaluate", eval_args)
+    assert (train_cfg.generation.num_candidates, train_cfg.generation.top_k, train_cfg.seed) == (16, 2, 1)
+    assert (train_cfg.generation.selection, train_cfg.rounds) == ("mi", 1)
+    trained = Path(overrides(train_args)["hydra.run.dir"])
+    assert Path(eval_cfg.run_dir) == trained and trained.name == "mi-M16-k2-seed1"
+    assert (eval_cfg.eval.method, eval_cfg.eval.seed, overrides(eval_args)["eval.round"]) == ("mi-M16-k2", 1, "1")
+    # The base model's images are the main benchmark's (shared per seed), so M/k runs pair with its runs.
+    assert eval_cfg.eval.image_root == f"{tmp_path / 'toy'}/images"
 
 
 def test_the_test_prompts_are_unseen_prompts_of_the_training_distribution(task_config):
