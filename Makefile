@@ -52,8 +52,9 @@ data: $(STAMP)
 toy-model: $(STAMP)
 	$(PY) -m mitune.toy.base_model
 
-# The toy benchmark (docs/toy/): per training seed, {mi, random, toy_oracle, phrase_mi} selection trained on 75 train
-# prompts, one round, and three on seeds 0-2 (TOY_ROUND_*; the cost: docs/toy/README.md).
+# The toy benchmark (docs/toy/): per training seed 0-4, five selectors (MI, phrase MI, random, the oracle and the
+# most objects drawn) each trained on 75 train prompts, one round; the first four three rounds on seeds 0-2
+# (TOY_ROUND_*; the cost: docs/toy/README.md).
 # Each run is evaluated (with the base model) after every round at CFG 3 and 7.5 on 50 unseen in-distribution
 # prompts x 6 images. The M/k sensitivity (TOY_MK: M candidates, top k; MI selection, one round, seeds 0-2) adds
 # runs beside them. Then the tables, paired contrasts with bootstrap CIs, the rounds' diagnostics and plots,
@@ -61,14 +62,14 @@ toy-model: $(STAMP)
 # targets: `make -j2 toy-eval` runs two at a time.
 TOY := outputs/toy-eval
 TOY_SEEDS := 0 1 2 3 4
-TOY_SELECTIONS := mi random toy_oracle phrase_mi
+TOY_SELECTIONS := mi random toy_oracle phrase_mi toy_objects
 TOY_ROUNDS := 3
 TOY_ROUND_SELECTIONS := mi random toy_oracle phrase_mi
 TOY_ROUND_SEEDS := 0 1 2
 TOY_MK := M4-k1 M16-k1 M8-k2 M8-k4 M32-k1
 TOY_MK_SEEDS := 0 1 2
 TOY_CFGS := 3.0,7.5
-TOY_CONTRASTS := toy_oracle-random mi-random mi-base toy_oracle-base random-base mi-toy_oracle phrase_mi-random phrase_mi-mi
+TOY_CONTRASTS := toy_oracle-random mi-random mi-base toy_oracle-base random-base mi-toy_oracle phrase_mi-random phrase_mi-mi toy_objects-random mi-toy_objects
 TOY_MK_CONTRASTS := $(foreach c,$(TOY_MK),mi-$(c)-mi mi-$(c)-random)
 TOY_DOCS := table1.md table1.csv contrasts.csv contrasts.md rounds.png rounds.csv wall_time.txt
 TOY_ANALYSIS := cdf_toy_oracle.png cdf_toy_objects.png kendall_toy_oracle.json kendall_toy_objects.json

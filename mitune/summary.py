@@ -206,8 +206,11 @@ def table1(rows: Sequence[Row], cfg: float) -> tuple[list[str], list[list[Any]]]
         raise SummaryError(f"no alignment results at CFG {cfg:g}; evaluated CFGs: {found}")
     columns = alignment_columns(at_cfg)
     point = {(model_key(row), row["category"], row["metric"]): row for row in at_cfg}
+    seeds = {model_key(row): row.get("seeds", 1) for row in at_cfg}
+    mixed = len(set(seeds.values())) > 1  # then each label says its number of seeds
     header = ["model", "method", "round"] + [column_name(c, m, columns) + s for c, m in columns for s in STATS]
-    body = [[label(m, r), m or "base", r] + [stat for c, metric in columns for stat in stats(point.get(((m, r), c, metric)))]
+    body = [[label(m, r) + (f" ({seeds[(m, r)]} seed{'s' * (seeds[(m, r)] > 1)})" if mixed else ""), m or "base", r]
+            + [stat for c, metric in columns for stat in stats(point.get(((m, r), c, metric)))]
             for m, r in model_order(at_cfg)]
     return header, body
 
@@ -383,8 +386,9 @@ def summarize(dirs: Sequence[str | os.PathLike], out: str | os.PathLike, *, cfg:
     for g in [cfg] if isinstance(cfg, (int, float)) else cfg:
         header, body = table1(means, g)
         note, md_header, md_body = mean_pm_std(header, body)
-        seeds = max(row["seeds"] for row in means)
-        spread = f"mean ± std across {seeds} seeds" if seeds > 1 else "mean ± std over images"
+        seeds = {row["seeds"] for row in means if math.isclose(row["cfg"], g)}
+        spread = ("mean ± std over images" if seeds == {1} else f"mean ± std across {seeds.pop()} seeds"
+                  if len(seeds) == 1 else "mean ± std across the seeds each row's label gives")
         metrics = ", ".join(sorted({metric for _, metric in alignment_columns(means)}))
         sections.append(markdown(f"Table 1 style: alignment at CFG {g:g} ({spread}, {note}; metric: {metrics})",
                                  md_header, md_body))

@@ -197,3 +197,18 @@ def test_table1_cells_give_n_when_it_differs():
     note, header, body = summary.mean_pm_std(*summary.table1(rows, 7.5))
     assert note == "n images per cell" and header == ["model", "method", "round", "color"]
     assert body == [["base", "base", 0, "0.075 ± 0.1 (n=20)"], ["mitune R=1", "mitune", 1, "0.175 ± 0.1 (n=10)"]]
+
+
+def test_table1_labels_give_the_seeds_when_rows_have_different_numbers_of_them(tmp_path):
+    """Later rounds trained on fewer seeds (the toy benchmark): a header with one seed count would misstate them."""
+    for seed in (1, 2, 3):
+        rows = [dict(row, seed=seed, value=row["value"] + seed / 100) for row in grid(categories=("color",), cfgs=(7.5,))
+                if row["round"] < 2 or seed < 3]
+        write_results(tmp_path / f"seed{seed}", rows)
+    summary.summarize([tmp_path], tmp_path / "out", cfg=7.5)
+    table = (tmp_path / "out" / "table1.md").read_text()
+    assert "mean ± std across the seeds each row's label gives" in table
+    assert "| base (3 seeds) | base | 0 | 0.095 ± 0.01 (n=60) |" in table
+    assert "| mitune R=2 (2 seeds) | mitune | 2 | 0.29 ± 0.0071 (n=40) |" in table
+    summary.summarize([tmp_path / "seed1", tmp_path / "seed2"], tmp_path / "two", cfg=7.5)
+    assert "mean ± std across 2 seeds" in (tmp_path / "two" / "table1.md").read_text()

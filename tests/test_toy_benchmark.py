@@ -137,7 +137,7 @@ def compose_first(task_config, task: str, args: list[str]):
 
 
 @pytest.mark.parametrize("run,rounds", [("mi-seed0", 3), ("toy_oracle-seed2", 3), ("phrase_mi-seed3", 1),
-                                        ("random-seed4", 1)])
+                                        ("random-seed4", 1), ("toy_objects-seed1", 1)])
 def test_a_run_target_trains_its_rounds_and_evaluates_each(task_config, tmp_path, run, rounds):
     train_args, eval_args = make_commands(f"toy-run-{run}", tmp_path)
     assert train_args[:2] == ["-m", "mitune.run"] and eval_args[:2] == ["-m", "mitune.evaluate"]
