@@ -84,25 +84,27 @@ toy_wandb = logger.wandb.name=toy-$(1) logger.wandb.group=$(2)
 toy_mk = $(patsubst $(2)%,%,$(filter $(2)%,$(subst -, ,$(1))))
 # One thread per process: the toy model's ops are too small to gain from more, and the numbers then do not
 # depend on the machine's core count.
-toy-eval: export OMP_NUM_THREADS := 1
-toy-eval: $(addprefix toy-run-,$(TOY_RUNS)) $(addprefix toy-mk-,$(call toy_runs,$(TOY_MK),$(TOY_MK_SEEDS)))
+toy-eval toy-run-% toy-mk-%: export OMP_NUM_THREADS := 1
+toy-eval: toy-started $(addprefix toy-run-,$(TOY_RUNS)) $(addprefix toy-mk-,$(call toy_runs,$(TOY_MK),$(TOY_MK_SEEDS)))
 	$(PY) -m mitune.analysis $(TOY)/train --metric toy_oracle toy_objects --out $(TOY)/summary
 	for r in $$(seq 1 $(TOY_ROUNDS)); do \
 		$(PY) -m mitune.analysis $(TOY)/train/mi-seed0/rounds/round_$$r --metric toy_oracle toy_objects \
 			--out $(TOY)/summary/round_$$r && mkdir -p docs/toy/round_$$r && \
 		cp $(addprefix $(TOY)/summary/round_$$r/,$(TOY_ANALYSIS)) docs/toy/round_$$r/ || exit 1; done
 	$(PY) -m mitune.summary $(TOY)/eval --out $(TOY)/summary --cfg 3.0 7.5 --contrast $(TOY_CONTRASTS)
+	$(PY) -m mitune.analysis $(TOY)/mk/train --metric toy_oracle toy_objects --out $(TOY)/mk/summary
 	$(PY) -m mitune.summary $(TOY)/mk/eval $(TOY)/eval/mi-seed* $(TOY)/eval/random-seed* --out $(TOY)/mk/summary \
 		--cfg 3.0 7.5 --contrast $(TOY_MK_CONTRASTS)
 	echo "make toy-eval: $$(( $$(date +%s) - $$(cat $(TOY)/summary/.started) )) s wall time, finished $$(date -u +%FT%TZ)" \
 		> $(TOY)/summary/wall_time.txt
 	cp $(addprefix $(TOY)/summary/,$(TOY_DOCS)) docs/toy/
-	mkdir -p docs/toy/mk && cp $(addprefix $(TOY)/mk/summary/,table1.md table1.csv contrasts.csv contrasts.md) docs/toy/mk/
+	mkdir -p docs/toy/mk && cp $(addprefix $(TOY)/mk/summary/,table1.md table1.csv contrasts.csv contrasts.md rounds.csv) \
+		docs/toy/mk/
 
 # One run (<selection>-seed<n>): its rounds, then every round's evaluation (round 0, the base model, is shared
 # by a seed's runs: the first job writes its images, the others wait and reuse them). Runs are single Hydra
 # runs, not one sweep, so parallel targets share no sweep record; W&B groups them by their folder.
-toy-run-%: toy-started
+toy-run-%: $(STAMP)
 	$(PY) -m mitune.run +experiment=toy generation.selection=$(call toy_selection,$*) seed=$(call toy_seed,$*) \
 		rounds=$(call toy_rounds,$*) resume=true hydra.run.dir=$(TOY)/train/$* $(call toy_wandb,$*,$(TOY)/train)
 	$(PY) -m mitune.evaluate -m +experiment=toy_eval generation.selection=$(call toy_selection,$*) \
@@ -110,7 +112,7 @@ toy-run-%: toy-started
 		toy_dir=$(TOY)
 
 # One M/k run (M<m>-k<k>-seed<n>): MI selection of the top k of m candidates, one round, and its evaluation.
-toy-mk-%: toy-started
+toy-mk-%: $(STAMP)
 	$(PY) -m mitune.run +experiment=toy generation.num_candidates=$(call toy_mk,$*,M) \
 		generation.top_k=$(call toy_mk,$*,k) seed=$(call toy_mk,$*,seed) resume=true \
 		hydra.run.dir=$(TOY)/mk/train/mi-$* $(call toy_wandb,mi-$*,$(TOY)/mk/train)
