@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test bench bench-gpu device-wheels data toy-model toy-eval toy-started
+.PHONY: install demo test bench bench-gpu device-wheels data toy-model toy-eval toy-summary toy-started
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -66,12 +66,12 @@ TOY_SELECTIONS := mi random toy_oracle phrase_mi toy_objects
 TOY_ROUNDS := 3
 TOY_ROUND_SELECTIONS := mi random toy_oracle phrase_mi
 TOY_ROUND_SEEDS := 0 1 2
-TOY_MK := M4-k1 M16-k1 M8-k2 M8-k4 M32-k1
+TOY_MK := M4-k1 M16-k1 M8-k2 M8-k4
 TOY_MK_SEEDS := 0 1 2
 TOY_CFGS := 3.0,7.5
-TOY_CONTRASTS := toy_oracle-random mi-random mi-base toy_oracle-base random-base mi-toy_oracle phrase_mi-random phrase_mi-mi toy_objects-random mi-toy_objects
+TOY_CONTRASTS := toy_oracle-random mi-random mi-base toy_oracle-base random-base mi-toy_oracle phrase_mi-random phrase_mi-mi phrase_mi-base toy_objects-random mi-toy_objects
 TOY_MK_CONTRASTS := $(foreach c,$(TOY_MK),mi-$(c)-mi mi-$(c)-random)
-TOY_DOCS := table1.md table1.csv contrasts.csv contrasts.md rounds.png rounds.csv wall_time.txt
+TOY_DOCS := table1.md table1.csv contrasts.csv contrasts.md rounds.png rounds.csv
 TOY_ANALYSIS := cdf_toy_oracle.png cdf_toy_objects.png kendall_toy_oracle.json kendall_toy_objects.json
 # Runs <selection>-seed<n>, the multi-round ones first (the longest); rounds of a run; M/k runs M<m>-k<k>-seed<n>.
 toy_runs = $(foreach s,$(1),$(foreach n,$(2),$(s)-seed$(n)))
@@ -84,8 +84,15 @@ toy_wandb = logger.wandb.name=toy-$(1) logger.wandb.group=$(2)
 toy_mk = $(patsubst $(2)%,%,$(filter $(2)%,$(subst -, ,$(1))))
 # One thread per process: the toy model's ops are too small to gain from more, and the numbers then do not
 # depend on the machine's core count.
-toy-eval toy-run-% toy-mk-%: export OMP_NUM_THREADS := 1
+toy-eval toy-summary toy-run-% toy-mk-%: export OMP_NUM_THREADS := 1
 toy-eval: toy-started $(addprefix toy-run-,$(TOY_RUNS)) $(addprefix toy-mk-,$(call toy_runs,$(TOY_MK),$(TOY_MK_SEEDS)))
+	$(MAKE) --no-print-directory toy-summary
+	echo "make toy-eval: $$(( $$(date +%s) - $$(cat $(TOY)/summary/.started) )) s wall time, finished $$(date -u +%FT%TZ)" \
+		> $(TOY)/summary/wall_time.txt
+	cp $(TOY)/summary/wall_time.txt docs/toy/
+
+# The tables, diagnostics and plots from the runs' saved images (also alone: `make toy-summary`).
+toy-summary: $(STAMP)
 	$(PY) -m mitune.analysis $(TOY)/train --metric toy_oracle toy_objects --out $(TOY)/summary
 	for r in $$(seq 1 $(TOY_ROUNDS)); do \
 		$(PY) -m mitune.analysis $(TOY)/train/mi-seed0/rounds/round_$$r --metric toy_oracle toy_objects \
@@ -93,10 +100,8 @@ toy-eval: toy-started $(addprefix toy-run-,$(TOY_RUNS)) $(addprefix toy-mk-,$(ca
 		cp $(addprefix $(TOY)/summary/round_$$r/,$(TOY_ANALYSIS)) docs/toy/round_$$r/ || exit 1; done
 	$(PY) -m mitune.summary $(TOY)/eval --out $(TOY)/summary --cfg 3.0 7.5 --contrast $(TOY_CONTRASTS)
 	$(PY) -m mitune.analysis $(TOY)/mk/train --metric toy_oracle toy_objects --out $(TOY)/mk/summary
-	$(PY) -m mitune.summary $(TOY)/mk/eval $(TOY)/eval/mi-seed* $(TOY)/eval/random-seed* --out $(TOY)/mk/summary \
-		--cfg 3.0 7.5 --contrast $(TOY_MK_CONTRASTS)
-	echo "make toy-eval: $$(( $$(date +%s) - $$(cat $(TOY)/summary/.started) )) s wall time, finished $$(date -u +%FT%TZ)" \
-		> $(TOY)/summary/wall_time.txt
+	$(PY) -m mitune.summary $(TOY)/mk/eval $(wildcard $(TOY)/eval/mi-seed*/round_[01]-* $(TOY)/eval/random-seed*/round_[01]-*) \
+		--out $(TOY)/mk/summary --cfg 3.0 7.5 --contrast $(TOY_MK_CONTRASTS)
 	cp $(addprefix $(TOY)/summary/,$(TOY_DOCS)) docs/toy/
 	mkdir -p docs/toy/mk && cp $(addprefix $(TOY)/mk/summary/,table1.md table1.csv contrasts.csv contrasts.md rounds.csv) \
 		docs/toy/mk/
