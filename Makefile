@@ -70,7 +70,7 @@ TOY_MK := M4-k1 M16-k1 M8-k2 M8-k4
 TOY_MK_SEEDS := 0 1 2
 TOY_CFGS := 3.0,7.5
 TOY_CONTRASTS := toy_oracle-random mi-random mi-base toy_oracle-base random-base mi-toy_oracle phrase_mi-random phrase_mi-mi phrase_mi-base toy_objects-random mi-toy_objects
-TOY_MK_CONTRASTS := $(foreach c,$(TOY_MK),mi-$(c)-mi mi-$(c)-random)
+TOY_MK_CONTRASTS := $(foreach c,$(TOY_MK),mi-$(c)-mi mi-$(c)-random mi-$(c)-base)
 TOY_DOCS := table1.md table1.csv contrasts.csv contrasts.md rounds.png rounds.csv
 TOY_ANALYSIS := cdf_toy_oracle.png cdf_toy_objects.png kendall_toy_oracle.json kendall_toy_objects.json
 # Runs <selection>-seed<n>, the multi-round ones first (the longest); rounds of a run; M/k runs M<m>-k<k>-seed<n>.

@@ -107,7 +107,7 @@ def contrast_row(name: str, category: str, r: int, cfg: float, cells: dict[tuple
 def contrast_table(jobs: Sequence[Job], metric: str, contrasts: Sequence[str], resamples: int = 10_000,
                    seed: int = 0) -> list[dict[str, Any]]:
     """One row (``COLUMNS``) per contrast, round >= 1, CFG and category (``all`` first), from the paired cells;
-    cells of one side only are skipped with one warning naming them."""
+    cells of one side only are skipped with one warning naming them (a point one side lacks entirely, silently)."""
     means, category = prompt_means(jobs, metric)
     methods = {method for method, _, _ in means} - {BASE}
     rows, skipped = [], []
@@ -116,6 +116,8 @@ def contrast_table(jobs: Sequence[Job], metric: str, contrasts: Sequence[str], r
         points = sorted({(r, g) for m, r, g in means if m in (a, b) and r > 0})
         for r, g in points:
             side_a, side_b = (means.get((m, 0, g) if m == BASE else (m, r, g), {}) for m in (a, b))
+            if not side_a or not side_b:  # a point one side never evaluated (a round it did not train): no row
+                continue
             for side, other in ((side_a, b), (side_b, a)):
                 alone = sorted({s or "none" for s, _ in side.keys() - (side_a.keys() & side_b.keys())})
                 if alone:

@@ -120,9 +120,10 @@ def test_base_is_round_zero_of_any_run_and_one_sided_cells_are_named(tmp_path, c
         write_job(tmp_path, "mi", 1, seed, noisy(lambda s, p: base(s, p) + 0.1, 0.05, 1))
         if seed != 2:
             write_job(tmp_path, "random", 1, seed, noisy(base, 0.05, 2))
+        write_job(tmp_path, "random", 2, seed, noisy(base, 0.05, 3))  # a round mi did not train: no row, no warning
     with caplog.at_level(logging.WARNING, logger="mitune.contrasts"):
         rows = table(tmp_path, "mi-base", "mi-random")
-    assert "mi-random round 1 CFG 7.5: cells of seed(s) 2 lack random" in caplog.text
+    assert "mi-random round 1 CFG 7.5: cells of seed(s) 2 lack random" in caplog.text and "round 2" not in caplog.text
     assert set(rows) == {(c, k, 1, 7.5) for c in ("mi-base", "mi-random") for k in ("all", "color", "shape")}
     assert rows[("mi-base", "all", 1, 7.5)]["n_seeds"] == 3 and rows[("mi-random", "all", 1, 7.5)]["n_seeds"] == 2
     assert 0 < rows[("mi-base", "all", 1, 7.5)]["ci_low"] < 0.1 < rows[("mi-base", "all", 1, 7.5)]["ci_high"]
