@@ -59,7 +59,7 @@ toy-model: $(STAMP)
 # prompts x 6 images. The M/k sensitivity (TOY_MK: M candidates, top k; MI selection, one round, seeds 0-2) adds
 # runs beside them. Then the tables, paired contrasts with bootstrap CIs, the rounds' diagnostics and plots,
 # copied into docs/toy/ with the wall time of this invocation (every stage resumes). Runs are independent
-# targets: `make -j2 toy-eval` runs two at a time.
+# targets: `make -j2 toy-eval` runs two at a time (about 3.3 h from scratch on 2 cores: docs/toy/README.md).
 TOY := outputs/toy-eval
 TOY_SEEDS := 0 1 2 3 4
 TOY_SELECTIONS := mi random toy_oracle phrase_mi toy_objects
@@ -69,7 +69,7 @@ TOY_ROUND_SEEDS := 0 1 2
 TOY_MK := M4-k1 M16-k1 M8-k2 M8-k4
 TOY_MK_SEEDS := 0 1 2
 TOY_CFGS := 3.0,7.5
-TOY_CONTRASTS := toy_oracle-random mi-random mi-base toy_oracle-base random-base mi-toy_oracle phrase_mi-random phrase_mi-mi phrase_mi-base toy_objects-random mi-toy_objects
+TOY_CONTRASTS := toy_oracle-random mi-random mi-base toy_oracle-base random-base mi-toy_oracle phrase_mi-random phrase_mi-mi phrase_mi-base toy_objects-random toy_objects-base mi-toy_objects
 TOY_MK_CONTRASTS := $(foreach c,$(TOY_MK),mi-$(c)-mi mi-$(c)-random mi-$(c)-base)
 TOY_DOCS := table1.md table1.csv contrasts.csv contrasts.md rounds.png rounds.csv
 TOY_ANALYSIS := cdf_toy_oracle.png cdf_toy_objects.png kendall_toy_oracle.json kendall_toy_objects.json
