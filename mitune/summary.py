@@ -200,19 +200,38 @@ STATS = ("", "_std", "_n")  # each Table 1 column: the mean, its std over images
 def table1(rows: Sequence[Row], cfg: float) -> tuple[list[str], list[list[Any]]]:
     """Alignment per category at one CFG: header and body, each column as (mean, std, n) over the images
     (None where a point was not evaluated)."""
-    at_cfg = [row for row in rows if row["kind"] == "alignment" and math.isclose(row["cfg"], cfg)]
+    at_cfg = alignment_at(rows, cfg)
     if not at_cfg:
         found = sorted({row["cfg"] for row in rows if row["kind"] == "alignment"})
         raise SummaryError(f"no alignment results at CFG {cfg:g}; evaluated CFGs: {found}")
     columns = alignment_columns(at_cfg)
     point = {(model_key(row), row["category"], row["metric"]): row for row in at_cfg}
-    seeds = {model_key(row): row.get("seeds", 1) for row in at_cfg}
+    seeds = seed_counts(at_cfg)
     mixed = len(set(seeds.values())) > 1  # then each label says its number of seeds
     header = ["model", "method", "round"] + [column_name(c, m, columns) + s for c, m in columns for s in STATS]
     body = [[label(m, r) + (f" ({seeds[(m, r)]} seed{'s' * (seeds[(m, r)] > 1)})" if mixed else ""), m or "base", r]
             + [stat for c, metric in columns for stat in stats(point.get(((m, r), c, metric)))]
             for m, r in model_order(at_cfg)]
     return header, body
+
+
+def alignment_at(rows: Sequence[Row], cfg: float) -> list[Row]:
+    return [row for row in rows if row["kind"] == "alignment" and math.isclose(row["cfg"], cfg)]
+
+
+def seed_counts(rows: Sequence[Row]) -> dict[tuple[str, int], int]:
+    """How many training seeds each model's (seed-averaged) rows come from; 1 for a single run's row."""
+    return {model_key(row): row.get("seeds", 1) for row in rows}
+
+
+def seed_spread(rows: Sequence[Row]) -> str:
+    """What a Table 1 cell's ± is: the std across seeds, or over images where every model has one seed."""
+    counts = set(seed_counts(rows).values())
+    if counts == {1}:
+        return "mean ± std over images"
+    if len(counts) == 1:
+        return f"mean ± std across {counts.pop()} seeds"
+    return "mean ± std across the seeds each row's label gives"
 
 
 def stats(row: Row | None) -> tuple[Any, Any, Any]:
@@ -386,9 +405,7 @@ def summarize(dirs: Sequence[str | os.PathLike], out: str | os.PathLike, *, cfg:
     for g in [cfg] if isinstance(cfg, (int, float)) else cfg:
         header, body = table1(means, g)
         note, md_header, md_body = mean_pm_std(header, body)
-        seeds = {row["seeds"] for row in means if math.isclose(row["cfg"], g)}
-        spread = ("mean ± std over images" if seeds == {1} else f"mean ± std across {seeds.pop()} seeds"
-                  if len(seeds) == 1 else "mean ± std across the seeds each row's label gives")
+        spread = seed_spread(alignment_at(means, g))
         metrics = ", ".join(sorted({metric for _, metric in alignment_columns(means)}))
         sections.append(markdown(f"Table 1 style: alignment at CFG {g:g} ({spread}, {note}; metric: {metrics})",
                                  md_header, md_body))
