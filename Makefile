@@ -70,7 +70,8 @@ TOY_MK := M4-k1 M16-k1 M8-k2 M8-k4
 TOY_MK_SEEDS := 0 1 2
 TOY_CFGS := 3.0,7.5
 TOY_CONTRASTS := toy_oracle-random mi-random mi-base toy_oracle-base random-base mi-toy_oracle phrase_mi-random phrase_mi-mi phrase_mi-base toy_objects-random toy_objects-base mi-toy_objects
-TOY_MK_CONTRASTS := $(foreach c,$(TOY_MK),mi-$(c)-mi mi-$(c)-random mi-$(c)-base)
+# The M/k tables hold the benchmark's mi, random and oracle runs of the M/k seeds too: M=8, k=1 and the control on them.
+TOY_MK_CONTRASTS := $(foreach c,$(TOY_MK),mi-$(c)-mi mi-$(c)-random mi-$(c)-base) mi-random mi-base toy_oracle-random
 TOY_DOCS := table1.md table1.csv contrasts.csv contrasts.md rounds.png rounds.csv
 TOY_ANALYSIS := cdf_toy_oracle.png cdf_toy_objects.png kendall_toy_oracle.json kendall_toy_objects.json
 # Runs <selection>-seed<n>, the multi-round ones first (the longest); rounds of a run; M/k runs M<m>-k<k>-seed<n>.
@@ -100,7 +101,7 @@ toy-summary: $(STAMP)
 		cp $(addprefix $(TOY)/summary/round_$$r/,$(TOY_ANALYSIS)) docs/toy/round_$$r/ || exit 1; done
 	$(PY) -m mitune.summary $(TOY)/eval --out $(TOY)/summary --cfg 3.0 7.5 --contrast $(TOY_CONTRASTS)
 	$(PY) -m mitune.analysis $(TOY)/mk/train --metric toy_oracle toy_objects --out $(TOY)/mk/summary
-	$(PY) -m mitune.summary $(TOY)/mk/eval $(wildcard $(TOY)/eval/mi-seed*/round_[01]-* $(TOY)/eval/random-seed*/round_[01]-*) \
+	$(PY) -m mitune.summary $(TOY)/mk/eval $(wildcard $(foreach s,mi random toy_oracle,$(TOY)/eval/$(s)-seed[$(subst $() ,,$(TOY_MK_SEEDS))]/round_[01]-*)) \
 		--out $(TOY)/mk/summary --cfg 3.0 7.5 --contrast $(TOY_MK_CONTRASTS)
 	cp $(addprefix $(TOY)/summary/,$(TOY_DOCS)) docs/toy/
 	mkdir -p docs/toy/mk && cp $(addprefix $(TOY)/mk/summary/,table1.md table1.csv contrasts.csv contrasts.md rounds.csv) \
