@@ -46,7 +46,7 @@ device-wheels: $(STAMP)
 	$(PY) -m pip wheel --quiet --no-deps -r benchmarks/device-requirements.txt -w .whl
 
 data: $(STAMP)
-	$(PY) -c "from mitune.prompts import download_compbench; print(download_compbench())"
+	$(PY) -c "from mitune.prompts.sources import download_compbench; print(download_compbench())"
 
 # Train the toy world's base model from scratch (CPU, ~25 min on 2 cores) into mitune/assets/toy-model.
 toy-model: $(STAMP)

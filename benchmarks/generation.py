@@ -5,7 +5,7 @@ latents; both include text encoding, sampling and VAE decoding. Runs are interle
 the median is reported, so drift of the machine hits both alike. Then the same generation
 with the UNet torch-compiled (``eval.compile``), and with the fine-tuned model of rounds
 2..R: DoRA layers as they train, peft's DoRA caching, and the adapter merged into the
-weights (``mitune.adapters.merged_adapters``, what the MI-rounds callback does). Writes a
+weights (``mitune.models.adapters.merged_adapters``, what the MI-rounds callback does). Writes a
 Markdown file under docs/benchmarks/.
 
     python benchmarks/generation.py [--batch 16] [--steps 50] [--repeats 7]
@@ -28,16 +28,12 @@ import peft
 import torch
 from peft.helpers import DoraCaching
 
-from mitune.adapters import AdapterConfig, add_adapters, merged_adapters
-from mitune.generation import GenerationConfig, Job, generate_batch
-from mitune.models import (
-    build_tiny_pipeline,
-    compile_unet,
-    ddpm_scheduler,
-    decode_latents,
-    latent_shape,
-    load_pipeline,
-)
+from mitune.models.adapters import AdapterConfig, add_adapters, merged_adapters
+from mitune.rounds.settings import GenerationConfig
+from mitune.rounds.generation import Job, generate_batch
+from mitune.models.builders import build_tiny_pipeline
+from mitune.models.loading import compile_unet, load_pipeline
+from mitune.mi.pipeline import ddpm_scheduler, decode_latents, latent_shape
 
 OUT = Path(__file__).resolve().parent.parent / "docs" / "benchmarks" / "generation_cpu.md"
 
@@ -119,7 +115,7 @@ def section_diffusers(pipe, prompts: list[str], config: GenerationConfig, repeat
 
 
 def section_compile(pipe, compiled, prompts: list[str], config: GenerationConfig, repeats: int) -> list[str]:
-    """The same generation with the UNet compiled (``mitune.models.compile_unet``, inductor).
+    """The same generation with the UNet compiled (``mitune.models.loading.compile_unet``, inductor).
 
     Inductor's on-disk cache is switched off, so the compile time is a first compile's."""
     torch._inductor.config.fx_graph_cache = False
@@ -209,7 +205,7 @@ def main() -> None:
         "",
         f"- machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, "
         f"Python {sys.version.split()[0]}, torch {torch.__version__}, diffusers {diffusers.__version__}",
-        f"- model: tiny random-init SD pipeline (`mitune.models.build_tiny_pipeline`), "
+        f"- model: tiny random-init SD pipeline (`mitune.models.builders.build_tiny_pipeline`), "
         f"latents {tuple(latent_shape(pipe, 1)[1:])}, UNet {sum(p.numel() for p in pipe.unet.parameters()):,} parameters",
         f"- work: batch {args.batch}, {args.steps} DDPM steps, CFG 7.5, text encoding + sampling + VAE decode",
         "",

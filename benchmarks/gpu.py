@@ -2,7 +2,7 @@
 
 A random-init UNet with SD-2.1-base's (or SDXL-base's) exact config, so nothing is downloaded;
 random 77-token text embeddings stand in for the text encoder. Measures
-``mitune.mi.sample_with_mi`` against the same DDPM/CFG loop without MI accumulation (the
+``mitune.mi.estimators.sample_with_mi`` against the same DDPM/CFG loop without MI accumulation (the
 overhead ratio, target <= 1.03), an optimizer step of accumulated micro-batches for DoRA, DoRA with
 mitune's norm cache and LoRA, peak memory, and MFU from FLOPs counted by ``torch.utils.flop_counter``. Runs on CPU at tiny sizes
 so that the code stays tested. Writes a Markdown file under docs/benchmarks/.
@@ -35,9 +35,10 @@ import torch.nn.functional as F
 from diffusers import DDPMScheduler, UNet2DConditionModel
 from torch.utils.flop_counter import FlopCounterMode
 
-from mitune.adapters import UNET_TARGETS, AdapterConfig, DoraNormCache, lora_config
-from mitune.mi import Embedding, EpsFn, ddpm_step, paired_eps, sample_with_mi, step_noise
-from mitune.models import SD21_BASE_UNET, SD_DDPM_CONFIG, resolve_device
+from mitune.models.adapters import UNET_TARGETS, AdapterConfig, DoraNormCache, lora_config
+from mitune.mi.estimators import Embedding, EpsFn, ddpm_step, paired_eps, sample_with_mi, step_noise
+from mitune.models.builders import SD21_BASE_UNET, SD_DDPM_CONFIG
+from mitune.models.loading import resolve_device
 
 DOCS = Path(__file__).resolve().parent.parent / "docs" / "benchmarks"
 TEXT_LENGTH = 77
@@ -114,7 +115,7 @@ def autocast(device: torch.device) -> contextlib.AbstractContextManager:
 
 
 def make_eps_fn(forward: Callable, device: torch.device) -> EpsFn:
-    """``forward`` (the UNet, maybe compiled) as ``mitune.mi``'s eps_fn."""
+    """``forward`` (the UNet, maybe compiled) as ``mitune.mi.estimators``'s eps_fn."""
 
     def eps_fn(z_t: torch.Tensor, t: torch.Tensor, emb: Embedding) -> torch.Tensor:
         with autocast(device):

@@ -21,18 +21,13 @@ from pathlib import Path
 import torch
 from scipy.stats import spearmanr
 
-from mitune import io as mio
-from mitune.generation import candidate_seed
-from mitune.mi import calibrated_proposal, pointwise_mi
-from mitune.models import (
-    SD_DDPM_CONFIG,
-    ddpm_scheduler,
-    encode_prompts,
-    load_pipeline,
-    null_embedding,
-    unet_eps_fn,
-)
-from mitune.prompts import load_toy
+from mitune.runs import io as mio
+from mitune.rounds.generation import candidate_seed
+from mitune.mi.estimators import calibrated_proposal, pointwise_mi
+from mitune.models.builders import SD_DDPM_CONFIG
+from mitune.mi.pipeline import ddpm_scheduler, encode_prompts, null_embedding, unet_eps_fn
+from mitune.models.loading import load_pipeline
+from mitune.toy.prompts import load_toy
 from mitune.rerank import RerankConfig
 from mitune.toy.base_model import MODEL_DIR
 from mitune.toy.gmm import NULL_CLASS, GaussianMixture

@@ -36,10 +36,12 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, LogLocator
 from scipy.optimize import nnls
 
-from mitune.artifacts import RoundDir
-from mitune.generation import GenerationConfig, Job, finish_round, micro_batches, rank_batches, run_round
-from mitune.io import save_figure
-from mitune.models import build_tiny_pipeline, load_pipeline
+from mitune.runs.artifacts import RoundDir
+from mitune.rounds.settings import GenerationConfig
+from mitune.rounds.generation import Job, finish_round, micro_batches, rank_batches, run_round
+from mitune.runs.io import save_figure
+from mitune.models.builders import build_tiny_pipeline
+from mitune.models.loading import load_pipeline
 
 ROOT = Path(__file__).resolve().parent.parent
 GPUS = {"H100": 989.0, "A100": 312.0}  # dense bf16 peak, TFLOP/s

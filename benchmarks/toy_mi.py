@@ -30,9 +30,9 @@ import numpy as np
 from scipy.stats import rankdata
 from tqdm.auto import tqdm
 
-from mitune import io as mio
-from mitune.models import load_pipeline
-from mitune.prompts import load_toy
+from mitune.runs import io as mio
+from mitune.models.loading import load_pipeline
+from mitune.toy.prompts import load_toy
 from mitune.rerank import RerankConfig, rerank
 from mitune.toy.base_model import MODEL_DIR
 from mitune.toy.oracle import detect, phrase_score, pixels, score_image

@@ -3,7 +3,7 @@
 The raw optimizer step of ``MITuneModule`` without Lightning: ``--accumulation`` micro-batches
 of q_sample at t ~ U[500, 1000), UNet forward, eps-MSE and backward, then grad-norm clipping
 at 1.0 and AdamW on the adapter weights. ``DoRA + norm cache`` is ``train.cache_dora_norm``
-(``mitune.adapters.DoraNormCache``): DoRA's weight norm once per optimizer step.
+(``mitune.models.adapters.DoraNormCache``): DoRA's weight norm once per optimizer step.
 Both adapters have the same rank, alpha and targets (the paper's: rank 32, alpha 32,
 attention + feed-forward); prompt embeddings are random tensors of the text encoder's
 shape, as training uses cached embeddings. Two UNets: the tiny test UNet, and one with
@@ -33,8 +33,9 @@ import torch
 import torch.nn.functional as F
 from diffusers import DDPMScheduler, UNet2DConditionModel
 
-from mitune.adapters import UNET_TARGETS, AdapterConfig, DoraNormCache, lora_config
-from mitune.models import SD21_BASE_UNET, SD_DDPM_CONFIG, TINY_MAX_LENGTH, build_tiny_pipeline, load_pipeline
+from mitune.models.adapters import UNET_TARGETS, AdapterConfig, DoraNormCache, lora_config
+from mitune.models.builders import SD21_BASE_UNET, SD_DDPM_CONFIG, TINY_MAX_LENGTH, build_tiny_pipeline
+from mitune.models.loading import load_pipeline
 
 OUT = Path(__file__).resolve().parent.parent / "docs" / "benchmarks" / "training_cpu.md"
 
@@ -62,7 +63,7 @@ def sd21_base_unet() -> UNet2DConditionModel:
 
 
 def make_case(unet: UNet2DConditionModel, variant: str, batch: int, latent: int, text_length: int) -> Case:
-    """``unet`` with the adapter, set up as ``mitune.adapters.add_adapters`` does for the UNet."""
+    """``unet`` with the adapter, set up as ``mitune.models.adapters.add_adapters`` does for the UNet."""
     base_params = sum(p.numel() for p in unet.parameters())
     unet.requires_grad_(False)
     torch.manual_seed(0)

@@ -37,10 +37,10 @@ import yaml
 from matplotlib.figure import Figure
 from scipy.stats import kendalltau
 
-from mitune.artifacts import RoundDir, RunDir
-from mitune.io import csv_text, read_jsonl, save_figure, write_json, write_text
+from mitune.runs.artifacts import RoundDir, RunDir
+from mitune.runs.io import csv_text, read_jsonl, save_figure, write_json, write_text
 from mitune.metrics import AlignmentMetric, build_alignment_metric, load_image_folder
-from mitune.selection import rank_by_score
+from mitune.rounds.selection import rank_by_score
 
 PAPER_RANKS = (1, 25, 50)
 PAPER_M = 50

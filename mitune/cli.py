@@ -1,5 +1,5 @@
 """``mitune export``, ``mitune merge`` and ``mitune rerank``: thin command-line wrappers over
-``mitune.adapters`` and ``mitune.rerank``."""
+``mitune.models.adapters`` and ``mitune.rerank``."""
 
 from __future__ import annotations
 
@@ -39,8 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="rank by MI, or by the smallest per-phrase conditional MI (default mi)")
     rerank.add_argument("--phrase", action="append", dest="phrases",
                         help="a phrase of the prompt to score (repeat; default: its noun phrases); needs --score phrase-mi")
-    rerank.add_argument("--steps", type=int, default=50, help="DDPM sampling steps (default 50)")
-    rerank.add_argument("--guidance", type=float, default=7.5, help="CFG scale (default 7.5)")
+    rerank.add_argument("--steps", type=int, help="DDPM sampling steps (default: the paper's)")
+    rerank.add_argument("--guidance", type=float, help="CFG scale (default: the paper's)")
     rerank.add_argument("--seed", type=int, default=0, help="base seed (default 0)")
     rerank.add_argument("--batch-size", type=int, default=8, help="candidates per UNet batch (default 8)")
     rerank.add_argument("--device", default="auto", help="cpu, cuda, ... (default: the GPU if there is one)")
@@ -52,14 +52,15 @@ def run_rerank(args: argparse.Namespace) -> str:
     """Check everything, then load the model, sample, rank and write; returns the table's path."""
     from diffusers.utils import logging as diffusers_logging
 
-    from mitune import io as mio
-    from mitune.models import load_pipeline
+    from mitune.runs import io as mio
+    from mitune.models.loading import load_pipeline
     from mitune.rerank import RerankConfig, check_request, rerank, write_ranking
     from mitune.toy.base_model import MODEL_DIR
 
+    sampling = {"guidance_scale": args.guidance, "num_inference_steps": args.steps}
     config = RerankConfig(n=args.n, score=args.score, phrases=tuple(args.phrases) if args.phrases else None,
-                          guidance_scale=args.guidance, num_inference_steps=args.steps, seed=args.seed,
-                          batch_size=args.batch_size)
+                          seed=args.seed, batch_size=args.batch_size,
+                          **{key: value for key, value in sampling.items() if value is not None})
     check_request(args.prompt, config)
     out = mio.check_writable(args.out)
     model = MODEL_DIR if args.model == "toy" else args.model
@@ -71,7 +72,7 @@ def run_rerank(args: argparse.Namespace) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     # Imported after parsing so that --help and usage errors answer without loading torch and diffusers.
-    from mitune.adapters import export_pipeline, merge_adapters
+    from mitune.models.adapters import export_pipeline, merge_adapters
 
     try:
         if args.command == "rerank":

@@ -5,13 +5,8 @@ annotations (``rounds=1.5`` or ``generation.num_candidates=abc`` fail naming the
 dataclass's ``__post_init__`` then checks ranges, and ``finite`` rejects NaN and inf, which
 are valid floats to OmegaConf.
 
-``TrainConfig`` lives here rather than in ``mitune.training`` so that evaluation can compose the
-training config without loading the training stack.
-
-Importing this module also registers each settings dataclass's defaults with Hydra's ConfigStore as
-``<group>/dataclass`` (generation, train, adapter): ``conf/<group>/paper.yaml`` extends that node, so
-the paper's numbers are written only once, as the dataclass defaults. Anything that composes
-``conf/`` (the entry points, tests) imports this module first.
+``register`` makes ``conf/`` composable: the settings' defaults as config nodes and the
+``${mitune.*}`` resolvers. Anything that composes ``conf/`` (the entry points, tests) calls it first.
 """
 
 from __future__ import annotations
@@ -24,50 +19,12 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from mitune.adapters import AdapterConfig
-from mitune.generation import GenerationConfig
+from mitune import ASSETS
+from mitune.models.adapters import AdapterConfig
+from mitune.rounds.settings import GenerationConfig, TrainConfig
+from mitune.runs.tracking import job_dirname, run_name, sweep_group
 
 T = TypeVar("T")
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """Optimisation settings; the defaults are the paper's (Table 8): AdamW lr 1e-4, betas
-    (0.9, 0.999), weight decay 1e-2, eps 1e-8, constant LR, batch 400, 300 iterations per round,
-    t ~ U(500, 1000). They are written only here: ``conf/train/paper.yaml`` composes them (see
-    ``mitune.config``); the gradient clipping (norm 1.0) is the Lightning Trainer's, in
-    ``conf/trainer/default.yaml``. Gradient accumulation is derived:
-    effective_batch = micro_batch x accumulation x devices (must divide exactly).
-    """
-
-    effective_batch: int = 400
-    micro_batch: int = 8
-    steps_per_round: int = 300
-    lr: float = 1e-4
-    betas: tuple[float, float] = (0.9, 0.999)
-    weight_decay: float = 1e-2
-    eps: float = 1e-8
-    t_min: int = 500
-    t_max: int = 1000
-    # diffusers' `proportion_empty_prompts`: the share of samples trained on the empty prompt, so the
-    # unconditional branch that CFG subtracts learns the round's images too. The paper: 0.
-    empty_prompt_prob: float = 0.0
-    train_text_encoder: bool = False
-    # DoRA's weight norm once per optimizer step instead of per micro-batch: exact, and faster with
-    # gradient accumulation (DoraNormCache, docs/benchmarks/training_cpu.md).
-    cache_dora_norm: bool = True
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        for name in ("effective_batch", "micro_batch", "steps_per_round"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"train.{name} must be >= 1, got {getattr(self, name)}")
-        if not 0 <= self.t_min < self.t_max:
-            raise ValueError(f"train.t_min/t_max must satisfy 0 <= t_min < t_max, got {self.t_min}, {self.t_max}")
-        if self.lr <= 0:
-            raise ValueError(f"train.lr must be > 0, got {self.lr}")
-        if not 0 <= self.empty_prompt_prob < 1:
-            raise ValueError(f"train.empty_prompt_prob must be in [0, 1), got {self.empty_prompt_prob}")
 
 
 @dataclass
@@ -107,8 +64,22 @@ def dataclass_node(schema: type) -> dict[str, Any]:
 
 
 SCHEMAS: dict[str, type] = {"generation": GenerationConfig, "train": TrainConfig, "adapter": AdapterConfig}
-for group, schema in SCHEMAS.items():
-    ConfigStore.instance().store(group=group, name="dataclass", node=dataclass_node(schema))
+
+
+def register() -> None:
+    """What ``conf/`` needs before Hydra composes it: each settings dataclass's defaults as
+    ``<group>/dataclass`` (``conf/<group>/paper.yaml`` extends it, so the paper's numbers are written
+    once, as the dataclass defaults) and the ``${mitune.*}`` resolvers. Called by the tasks that
+    compose ``conf/`` (at import, as ``@hydra.main`` composes before the task runs) and by tests."""
+    for group, schema in SCHEMAS.items():
+        ConfigStore.instance().store(group=group, name="dataclass", node=dataclass_node(schema))
+    # `${mitune.asset:toy-model}`: a file shipped with the package, wherever it is installed.
+    OmegaConf.register_new_resolver("mitune.asset", lambda name: str(ASSETS / name), replace=True)
+    # Sweep job dirs, W&B run names and groups (mitune.runs.tracking): `${mitune.job_dirname:}`,
+    # `${mitune.run_name:${task_name}}`, `${mitune.sweep_group:}`.
+    OmegaConf.register_new_resolver("mitune.job_dirname", job_dirname, replace=True)
+    OmegaConf.register_new_resolver("mitune.run_name", run_name, replace=True)
+    OmegaConf.register_new_resolver("mitune.sweep_group", sweep_group, replace=True)
 
 
 def finite(settings: Any, key: str) -> None:

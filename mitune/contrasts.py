@@ -28,7 +28,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from mitune.io import read_jsonl
+from mitune.runs.io import read_jsonl
 
 log = logging.getLogger(__name__)
 

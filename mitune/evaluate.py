@@ -9,7 +9,7 @@ value, n, ...) to the job dir and to W&B. With ``-m`` the jobs form the paper's 
 
 Generated images are cached under ``<run_dir>/eval/`` in a folder keyed by everything that
 decides them (round, CFG, N, seed, prompts, model and generation settings). They are written by
-``mitune.generation.run_round``, so a killed job resumes per prompt and a complete folder is
+``mitune.rounds.generation.run_round``, so a killed job resumes per prompt and a complete folder is
 reused without loading the diffusion model. Every check on settings, paths, prompts, metrics
 and reference sets runs before the first image is generated. A prompt source that gives each
 prompt a category (the toy world) gets one row per category and metric.
@@ -33,12 +33,13 @@ from filelock import FileLock
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from mitune.console import quiet_libraries  # first: quiets library loggers before the imports below load them
-from mitune.adapters import META_NAME, WEIGHTS_NAME, load_fused
-from mitune.artifacts import RESULT_COLUMNS, RESULTS, SCORES, RoundDir, RunDir, eval_images
-from mitune.config import typed  # also registers the settings' defaults the configs compose
-from mitune.generation import GenerationConfig, run_round
-from mitune.io import check_writable, csv_text, write_jsonl, write_text
+from mitune.runs.console import quiet_libraries  # first: quiets library loggers before the imports below load them
+from mitune.models.adapters import META_NAME, WEIGHTS_NAME, load_fused
+from mitune.runs.artifacts import RESULT_COLUMNS, RESULTS, SCORES, RoundDir, RunDir, eval_images
+from mitune.config import register, typed
+from mitune.rounds.settings import GenerationConfig
+from mitune.rounds.generation import finish_round, generate_round
+from mitune.runs.io import check_writable, csv_text, write_jsonl, write_text
 from mitune.metrics import (
     AlignmentMetric,
     MetricInputError,
@@ -49,11 +50,12 @@ from mitune.metrics import (
     load_images,
     metric_for_category,
 )
-from mitune.models import compile_unet
-from mitune.prompts import PromptSet, read_prompt_file
-from mitune.tracking import finish_wandb, make_loggers, run_config
+from mitune.models.loading import compile_unet
+from mitune.prompts.sources import PromptSet, read_prompt_file
+from mitune.runs.tracking import finish_wandb, make_loggers, run_config
 
 log = logging.getLogger(__name__)
+register()  # conf/ composes the settings' defaults and the ${mitune.*} resolvers
 
 MI_SAMPLING = "mi_sampling"  # mean MI of the evaluated images, computed while sampling them (free)
 
@@ -207,7 +209,8 @@ def generate_images(cfg: DictConfig, folder: RoundDir, prompts: list[str], gener
         batch = min(generation.micro_batch, len(prompts) * generation.num_candidates)
         seconds = compile_unet(pipe, batch, backend=backend)
         log.info("torch.compile (%s) of the UNet took %.1f s", backend, seconds)
-    run_round(pipe, prompts, generation, folder)
+    generate_round(pipe, prompts, generation, folder)
+    finish_round(folder, len(prompts))
 
 
 # ----------------------------------------------------------------------------- scoring and results
@@ -282,8 +285,9 @@ def evaluate(cfg: DictConfig) -> list[dict[str, Any]]:
     adapter = adapter_for_round(cfg.run_dir, point.round)
     prompt_set = eval_prompts(cfg)
     prompts = prompt_set.prompts
-    generation = replace(typed(cfg.generation, GenerationConfig, "generation"), num_candidates=point.num_images, top_k=1, seed=point.seed,
-                         selection="mi")  # nothing is selected; MI ranks the images for the analyses
+    # Nothing is selected: selection and top_k are fixed so that they play no part in the images' cache key.
+    generation = replace(typed(cfg.generation, GenerationConfig, "generation"), num_candidates=point.num_images, top_k=1,
+                         seed=point.seed, selection="mi")
     out_dir = check_writable(Path(cfg.paths.output_dir))
     if cfg.eval.quality and not cfg.eval.reference:
         raise MetricInputError(f"quality metrics {list(cfg.eval.quality)} need eval.reference=<folder of reference images>")

@@ -14,24 +14,16 @@ from typing import Literal
 
 import torch
 from diffusers import DiffusionPipeline
-from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
 from tqdm.auto import tqdm
 
-from mitune import io as mio
-from mitune.generation import candidate_seed, write_png
-from mitune.mi import PAPER, MIConfig, sample_with_mi
-from mitune.models import (
-    ddpm_scheduler,
-    decode_latents,
-    encode_prompts,
-    index_embedding,
-    latent_shape,
-    null_embedding,
-    unet_eps_fn,
-)
-from mitune.phrase_mi import check_prompt, phrase_embeddings, prompt_phrases, sample_with_phrase_mi
-from mitune.selection import rank_by_score
+from mitune.mi.estimators import MIConfig
+from mitune.mi.phrases import check_prompt, prompt_phrases
+from mitune.mi.pipeline import decode_latents
+from mitune.mi.sampler import PAPER_SAMPLING, SamplingConfig, sample
+from mitune.rounds.selection import rank_by_score
+from mitune.runs import io as mio
+from mitune.runs.seeds import candidate_seed
 
 
 Score = Literal["mi", "phrase-mi"]
@@ -59,11 +51,11 @@ class RerankConfig:
     n: int = 16
     score: Score = "mi"
     phrases: tuple[str, ...] | None = None
-    guidance_scale: float = 7.5
-    num_inference_steps: int = 50
+    guidance_scale: float = PAPER_SAMPLING.guidance_scale
+    num_inference_steps: int = PAPER_SAMPLING.num_inference_steps
     seed: int = 0
     batch_size: int = 8
-    mi: MIConfig = PAPER
+    mi: MIConfig = PAPER_SAMPLING.mi
 
     def __post_init__(self) -> None:
         if self.n < 1:
@@ -74,6 +66,12 @@ class RerankConfig:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
         if self.phrases is not None and self.score != "phrase-mi":
             raise ValueError("phrases are only used with score='phrase-mi'")
+        self.sampling  # noqa: B018  (checks the sampling settings)
+
+    @property
+    def sampling(self) -> SamplingConfig:
+        return SamplingConfig(guidance_scale=self.guidance_scale, num_inference_steps=self.num_inference_steps,
+                              mi=self.mi)
 
 
 def check_request(prompt: str, config: RerankConfig) -> tuple[str, list[str]]:
@@ -83,23 +81,6 @@ def check_request(prompt: str, config: RerankConfig) -> tuple[str, list[str]]:
     if config.score == "phrase-mi":
         phrases = prompt_phrases(prompt, list(config.phrases) if config.phrases is not None else None)
     return prompt, phrases
-
-
-@torch.no_grad()
-def sample_batch(pipe: DiffusionPipeline, prompt: str, phrases: list[str], seeds: list[int], config: RerankConfig
-                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """Latents, MI and (with phrases) phrase MI [B, P] of one batch of seeds."""
-    device, batch = pipe.unet.device, len(seeds)
-    generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
-    z_T = randn_tensor(latent_shape(pipe, batch), generator=generators, device=device, dtype=torch.float32)
-    null = index_embedding(null_embedding(pipe), torch.zeros(batch, dtype=torch.long, device=device))
-    common = dict(num_inference_steps=config.num_inference_steps, guidance_scale=config.guidance_scale,
-                  generator=generators, config=config.mi)
-    if not phrases:
-        emb = index_embedding(encode_prompts(pipe, [prompt]), torch.zeros(batch, dtype=torch.long, device=device))
-        return (*sample_with_mi(unet_eps_fn(pipe), z_T, emb, null, ddpm_scheduler(pipe), **common), None)
-    emb, rests = phrase_embeddings(pipe, prompt, phrases, batch)
-    return sample_with_phrase_mi(unet_eps_fn(pipe), z_T, emb, null, rests, ddpm_scheduler(pipe), **common)
 
 
 def rerank(pipe: DiffusionPipeline, prompt: str, config: RerankConfig = RerankConfig(), *,
@@ -114,13 +95,14 @@ def rerank(pipe: DiffusionPipeline, prompt: str, config: RerankConfig = RerankCo
     images, mi, per_phrase = [], [], []
     bar = tqdm(total=config.n, unit="img", desc="rerank", disable=not progress, dynamic_ncols=True)
     for start in range(0, config.n, config.batch_size):
-        latents, batch_mi, batch_phrase = sample_batch(pipe, prompt, phrases, seeds[start : start + config.batch_size],
-                                                       config)
-        images += decode_latents(pipe, latents)
-        mi.append(batch_mi.cpu())
-        if batch_phrase is not None:
-            per_phrase.append(batch_phrase.cpu())
-        bar.update(len(latents))
+        batch = seeds[start : start + config.batch_size]
+        samples = sample(pipe, [prompt] * len(batch), batch, config.sampling,
+                         phrases=[phrases] * len(batch) if phrases else None)
+        images += decode_latents(pipe, samples.latents)
+        mi.append(samples.mi.cpu())
+        if samples.phrase_mi is not None:
+            per_phrase.append(samples.phrase_mi.cpu())
+        bar.update(len(batch))
     bar.close()
     mi_all = torch.cat(mi)
     phrase_all = torch.cat(per_phrase) if per_phrase else torch.zeros(config.n, 0)
@@ -144,7 +126,7 @@ def write_ranking(candidates: list[Candidate], out_dir: str | Path) -> Path:
     out_dir = mio.check_writable(out_dir)
     rows = []
     for cand in candidates:
-        write_png(out_dir / image_name(cand), cand.image)
+        mio.write_png(out_dir / image_name(cand), cand.image)
         row = {"rank": cand.rank, "candidate": cand.index, "seed": cand.seed, "mi": cand.mi, "score": cand.score,
                "file_name": image_name(cand)}
         row.update({f"phrase_mi[{p}]": v for p, v in cand.phrase_mi.items()})

@@ -16,21 +16,24 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from mitune.console import quiet_libraries  # first: quiets library loggers before the imports below load them
-from mitune.adapters import AdapterConfig
-from mitune.artifacts import RunDir
-from mitune.callbacks import FinetuneData, MIRounds
-from mitune.checkpoint import SafetensorsCheckpointIO, latest_checkpoint, read_state
-from mitune.config import RunSettings, typed
-from mitune.generation import GenerationConfig
-from mitune.io import check_writable
-from mitune.preemption import EXIT_STATUS, Preempted, SigtermStop
-from mitune.prompts import over_length
-from mitune.rundir import check_config, exclusive, remove_temporaries
-from mitune.tracking import finish_wandb, make_loggers, run_config
-from mitune.training import MITuneModule, TrainConfig, accumulation_steps
+from mitune.runs.console import quiet_libraries  # first: quiets library loggers before the imports below load them
+from mitune.models.adapters import AdapterConfig
+from mitune.runs.artifacts import RunDir
+from mitune.rounds.data import FinetuneData
+from mitune.rounds.loop import MIRounds
+from mitune.runs.checkpoints import SafetensorsCheckpointIO, latest_checkpoint, read_state
+from mitune.config import RunSettings, register, typed
+from mitune.rounds.settings import GenerationConfig, TrainConfig
+from mitune.runs.io import check_writable
+from mitune.runs.preemption import EXIT_STATUS, Preempted, SigtermStop
+from mitune.prompts.sources import over_length
+from mitune.runs.record import check_config, exclusive, remove_temporaries
+from mitune.runs.tracking import finish_wandb, make_loggers, run_config
+from mitune.rounds.module import MITuneModule, accumulation_steps
+from mitune.rounds.selection import check_strategy
 
 log = logging.getLogger(__name__)
+register()  # conf/ composes the settings' defaults and the ${mitune.*} resolvers
 
 
 def resolve_resume(resume: bool | str, out_dir: Path) -> Path | None:
@@ -99,6 +102,7 @@ def train(cfg: DictConfig) -> float:
     train_config = typed(cfg.train, TrainConfig, "train")
     check_trainer(cfg.trainer, cfg.rounds)
     prompts = instantiate(cfg.data).prompts
+    check_strategy(generation.selection, prompts)
     out_dir = check_writable(Path(cfg.paths.output_dir))
     if not launching_process():
         return fit(cfg, prompts, generation, adapter, train_config, out_dir)

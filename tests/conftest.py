@@ -17,7 +17,7 @@ BENCHMARKS = REPO / "benchmarks"
 @pytest.fixture(scope="session")
 def tiny_sd_path(tmp_path_factory):
     """A saved random-init SD pipeline (32 px images, 16-token prompts)."""
-    from mitune.models import build_tiny_pipeline
+    from mitune.models.builders import build_tiny_pipeline
 
     return build_tiny_pipeline(tmp_path_factory.mktemp("tiny-sd"), kind="sd")
 
@@ -25,7 +25,7 @@ def tiny_sd_path(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_sdxl_path(tmp_path_factory):
     """A saved random-init SDXL pipeline (32 px images, 16-token prompts)."""
-    from mitune.models import build_tiny_pipeline
+    from mitune.models.builders import build_tiny_pipeline
 
     return build_tiny_pipeline(tmp_path_factory.mktemp("tiny-sdxl"), kind="sdxl")
 

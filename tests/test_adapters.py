@@ -12,8 +12,8 @@ from packaging.version import Version
 from peft.tuners.tuners_utils import BaseTunerLayer
 from safetensors.torch import load_file
 
-from mitune import adapters
-from mitune.adapters import (
+from mitune.models import adapters
+from mitune.models.adapters import (
     META_NAME,
     TEXT_ENCODERS,
     UNET_TARGETS,
@@ -27,7 +27,9 @@ from mitune.adapters import (
     save_adapters,
 )
 from mitune.cli import main as cli_main
-from mitune.models import SD21_BASE_UNET, encode_prompts, latent_shape, load_pipeline, unet_eps_fn
+from mitune.models.builders import SD21_BASE_UNET
+from mitune.mi.pipeline import encode_prompts, latent_shape, unet_eps_fn
+from mitune.models.loading import load_pipeline
 
 SMALL_LORA = AdapterConfig(rank=4, alpha=8, use_dora=False)  # alpha != rank: the saved config must carry it
 SMALL_DORA = AdapterConfig(rank=4, alpha=8, use_dora=True)

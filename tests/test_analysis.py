@@ -10,9 +10,10 @@ import pytest
 from PIL import Image
 
 from mitune import analysis
-from mitune.generation import GenerationConfig, run_round
-from mitune.io import read_jsonl, write_jsonl
-from mitune.models import load_pipeline
+from mitune.rounds.settings import GenerationConfig
+from mitune.rounds.generation import run_round
+from mitune.runs.io import read_jsonl, write_jsonl
+from mitune.models.loading import load_pipeline
 
 
 def synthetic_round(num_prompts: int, m: int) -> list[dict]:

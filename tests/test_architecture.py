@@ -13,8 +13,8 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[1] / "mitune"
 TASKS = {"mitune.run", "mitune.evaluate", "mitune.summary", "mitune.analysis", "mitune.cli", "mitune.__main__"}
 # Modules the toy world must stay out of, and that must not reach into generation.
-CORE = {"mitune.selection", "mitune.data", "mitune.metrics.mi", "mitune.generation", "mitune.training",
-        "mitune.callbacks", "mitune.metrics"}
+CORE = {"mitune.rounds.selection", "mitune.rounds.data", "mitune.metrics.mi", "mitune.rounds.generation", "mitune.rounds.module",
+        "mitune.rounds.callbacks", "mitune.metrics"}
 
 
 def module_name(path: Path) -> str:
@@ -46,9 +46,9 @@ def test_the_core_does_not_import_the_toy_world(module):
     assert not {name for name in SOURCES[module] if name.startswith("mitune.toy")}
 
 
-@pytest.mark.parametrize("module", ["mitune.selection", "mitune.data", "mitune.metrics.mi"])
+@pytest.mark.parametrize("module", ["mitune.rounds.selection", "mitune.rounds.data", "mitune.metrics.mi"])
 def test_the_training_set_selection_and_mi_metric_do_not_import_generation(module):
-    assert "mitune.generation" not in SOURCES[module]
+    assert "mitune.rounds.generation" not in SOURCES[module]
 
 
 def loaded_after(module: str) -> set[str]:
@@ -59,9 +59,9 @@ def loaded_after(module: str) -> set[str]:
 
 def test_importing_evaluate_does_not_load_the_training_stack():
     loaded = loaded_after("mitune.evaluate")
-    assert not loaded & {"mitune.run", "mitune.callbacks", "mitune.training", "mitune.summary", "lightning.pytorch"}
+    assert not loaded & {"mitune.run", "mitune.rounds.callbacks", "mitune.rounds.module", "mitune.summary", "lightning.pytorch"}
 
 
 def test_selection_data_and_the_mi_metric_load_neither_the_toy_world_nor_generation():
-    loaded = loaded_after("mitune.selection, mitune.data, mitune.metrics.mi")
-    assert not {name for name in loaded if name.startswith("mitune.toy") or name == "mitune.generation"}
+    loaded = loaded_after("mitune.rounds.selection, mitune.rounds.data, mitune.metrics.mi")
+    assert not {name for name in loaded if name.startswith("mitune.toy") or name == "mitune.rounds.generation"}

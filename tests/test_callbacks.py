@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from mitune.callbacks import describe, device_stats, per_prompt_z, plot_mi
-from mitune.generation import GenerationConfig
+from mitune.rounds.plots import describe, per_prompt_z, plot_mi
+from mitune.rounds.callbacks import device_stats
+from mitune.rounds.settings import GenerationConfig
 
 
 def test_selected_candidates_stand_above_their_prompt_whatever_its_mi_level():

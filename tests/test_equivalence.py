@@ -7,16 +7,9 @@ import pytest
 import torch
 from diffusers import DDPMScheduler
 
-from mitune.mi import sample_with_mi
-from mitune.models import (
-    ddpm_scheduler,
-    decode_latents,
-    encode_prompts,
-    latent_shape,
-    load_pipeline,
-    null_embedding,
-    unet_eps_fn,
-)
+from mitune.mi.estimators import sample_with_mi
+from mitune.mi.pipeline import ddpm_scheduler, decode_latents, encode_prompts, latent_shape, null_embedding, unet_eps_fn
+from mitune.models.loading import load_pipeline
 
 PROMPTS = ["a green bench and a blue bowl", "a cat on the left of a dog", "a red cube"]
 SEEDS = [11, 12, 13]

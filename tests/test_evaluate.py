@@ -16,8 +16,8 @@ from hydra import compose, initialize_config_dir
 from PIL import Image
 
 from mitune import evaluate as ev
-from mitune.artifacts import RoundDir
-from mitune.io import read_jsonl
+from mitune.runs.artifacts import RoundDir
+from mitune.runs.io import read_jsonl
 from mitune.metrics import CATEGORY_METRICS, MetricInputError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -203,7 +203,7 @@ def test_base_model_job_writes_a_tidy_table_and_reuses_its_images(eval_config, t
     assert folder.name.startswith("cfg5_n2_seed1_") and Path(table[0]["image_dir"]) == folder
 
     # Same point again: the complete folder is reused without loading the model; results are identical.
-    monkeypatch.setattr("mitune.models.tiny_default_pipeline", lambda *a, **k: pytest.fail("model loaded for cached images"))
+    monkeypatch.setattr("mitune.models.loading.tiny_default_pipeline", lambda *a, **k: pytest.fail("model loaded for cached images"))
     monkeypatch.setattr(ev, "run_round", lambda *a, **k: pytest.fail("cached images were generated again"))
     again = ev.evaluate(eval_config(*overrides))
     assert [r["value"] for r in again] == [r["value"] for r in rows]
@@ -287,7 +287,7 @@ def test_metric_of_ones_own_via_target(eval_config):
 
 
 def test_diffusiondb_sample_is_clean_disjoint_and_seeded():
-    from mitune.diffusiondb import sample_prompts
+    from mitune.prompts.diffusiondb import sample_prompts
 
     prompts = ["a cat", "a  cat", "  ", None, "a dog\non grass", "nsfw thing", "a bird", "a fish"]
     nsfw = [0.0, 0.0, 0.0, 0.0, 0.05, 0.9, 0.01, None]

@@ -10,9 +10,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from mitune import generation
-from mitune.generation import GenerationConfig, candidate_seed, run_round
-from mitune.models import load_pipeline
+from mitune.rounds import generation
+from mitune.rounds.settings import GenerationConfig
+from mitune.rounds.generation import candidate_seed, run_round
+from mitune.models.loading import load_pipeline
 
 PROMPTS = ["a red apple and a green book", "a cat on the left of a dog", "a blue car"]
 CONFIG = GenerationConfig(num_candidates=4, top_k=2, guidance_scale=5.0, num_inference_steps=3, micro_batch=5)

@@ -22,7 +22,7 @@ from mitune.metrics import (
     metric_for_category,
 )
 from mitune.metrics.quality import CMMD, FID, FrechetDistance, frechet_distance, rbf_mmd
-from mitune.prompts import COMPBENCH_CATEGORIES
+from mitune.prompts.sources import COMPBENCH_CATEGORIES
 from mitune.toy import world
 
 

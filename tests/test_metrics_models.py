@@ -6,7 +6,7 @@ import torch
 from PIL import Image
 
 from mitune.metrics import MetricInputError, build_alignment_metric, build_quality_metric
-from mitune.models import tiny_tokenizer
+from mitune.models.builders import tiny_tokenizer
 
 WORDS = ("a an the red blue green yellow cat dog bench bowl cake horse vase on left right of top bottom "
          "side next to near and yes no").split()

@@ -7,8 +7,8 @@ were checked against spaCy 3.8 with en_core_web_sm 3.8.0 (not installable here f
 
 import pytest
 
-from mitune.metrics.phrases import SpatialPrompt, find_relation, noun_chunks, parse_spatial, rule_noun_chunks
-from mitune.prompts import load_compbench
+from mitune.prompts.phrases import SpatialPrompt, find_relation, noun_chunks, parse_spatial, rule_noun_chunks
+from mitune.prompts.sources import load_compbench
 
 EXPECTED_CHUNKS = {
     "color": {
@@ -124,7 +124,7 @@ def test_spacy_is_used_when_loaded_and_the_rules_stand_in_with_a_warning_otherwi
     phrases._spacy_nlp.cache_clear()
     monkeypatch.setitem(sys.modules, "spacy", None)
     try:
-        with caplog.at_level("WARNING", logger="mitune.metrics.phrases"):
+        with caplog.at_level("WARNING", logger="mitune.prompts.phrases"):
             assert noun_chunks("a red cat and a dog") == ["a red cat", "a dog"]
         assert "rule-based noun-phrase chunker" in caplog.text
     finally:

@@ -23,8 +23,8 @@ import pytest
 import torch
 from diffusers import DDPMScheduler
 
-from mitune.models import SD_DDPM_CONFIG
-from mitune.mi import (
+from mitune.models.builders import SD_DDPM_CONFIG
+from mitune.mi.estimators import (
     PAPER,
     MIConfig,
     NonFiniteMIError,

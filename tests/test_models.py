@@ -14,21 +14,14 @@ from diffusers import (
 )
 from safetensors.torch import load_file
 
-from mitune.models import (
-    BOS,
-    EOS,
-    TINY_MAX_LENGTH,
-    UNK,
-    ModelLoadError,
-    build_tiny_pipeline,
+from mitune.models.builders import BOS, EOS, TINY_MAX_LENGTH, UNK, build_tiny_pipeline, tiny_tokenizer, tiny_vocab
+from mitune.models.loading import ModelLoadError, load_pipeline
+from mitune.mi.pipeline import (
     ddpm_scheduler,
     encode_prompts,
     index_embedding,
     latent_shape,
-    load_pipeline,
     null_embedding,
-    tiny_tokenizer,
-    tiny_vocab,
     unet_eps_fn,
     v_to_eps,
 )

@@ -17,17 +17,13 @@ import pytest
 import torch
 from diffusers import DDPMScheduler
 
-from mitune.generation import GenerationConfig, run_round
-from mitune.mi import pointwise_mi, sample_with_mi
-from mitune.models import (
-    SD_DDPM_CONFIG,
-    ddpm_scheduler,
-    encode_prompts,
-    load_pipeline,
-    null_embedding,
-    unet_eps_fn,
-)
-from mitune.phrase_mi import (
+from mitune.rounds.settings import GenerationConfig
+from mitune.rounds.generation import run_round
+from mitune.mi.estimators import pointwise_mi, sample_with_mi
+from mitune.models.builders import SD_DDPM_CONFIG
+from mitune.mi.pipeline import ddpm_scheduler, encode_prompts, null_embedding, unet_eps_fn
+from mitune.models.loading import load_pipeline
+from mitune.mi.phrases import (
     min_phrase_mi,
     phrase_mi,
     prompt_phrases,

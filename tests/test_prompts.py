@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from mitune.models import tiny_tokenizer
-from mitune.prompts import (
+from mitune.models.builders import tiny_tokenizer
+from mitune.prompts.sources import (
     COMPBENCH_CATEGORIES,
     compbench_file,
     load_compbench,
@@ -94,7 +94,7 @@ def test_fixture_category_file_with_crlf_and_duplicate():
 
 
 def test_toy_prompt_sets_are_balanced_and_disjoint():
-    from mitune.prompts import load_toy
+    from mitune.toy.prompts import load_toy
     from mitune.toy.world import CATEGORIES, category_of
 
     train, val = load_toy("train", 3).prompts, load_toy("val", 3).prompts

@@ -12,8 +12,9 @@ import torch
 from diffusers.utils.torch_utils import randn_tensor
 
 from mitune.cli import main as cli_main
-from mitune.mi import sample_with_mi
-from mitune.models import ddpm_scheduler, encode_prompts, latent_shape, load_pipeline, null_embedding, unet_eps_fn
+from mitune.mi.estimators import sample_with_mi
+from mitune.mi.pipeline import ddpm_scheduler, encode_prompts, latent_shape, null_embedding, unet_eps_fn
+from mitune.models.loading import load_pipeline
 from mitune.rerank import RerankConfig, rerank, write_ranking
 
 PROMPT = "a red apple and a green book"

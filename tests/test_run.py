@@ -23,11 +23,11 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
-from mitune.adapters import AdapterConfig
+from mitune.models.adapters import AdapterConfig
 from mitune.config import SCHEMAS, typed  # importing it registers the settings defaults that conf/ composes
-from mitune.generation import GenerationConfig
-from mitune.mi import MIConfig
-from mitune.training import TrainConfig
+from mitune.rounds.settings import GenerationConfig
+from mitune.mi.estimators import MIConfig
+from mitune.rounds.module import TrainConfig
 from mitune.run import train
 
 REPO = Path(__file__).resolve().parents[1]
@@ -77,7 +77,7 @@ def test_every_exp_composes_and_loads_its_prompts(exp):
 def test_every_paper_setup_composes_with_a_real_model(experiment):
     with initialize_config_dir(str(CONF), version_base="1.3"):
         cfg = compose("config", overrides=["+exp=color", f"+experiment={experiment}"])
-    assert cfg.model._target_ == "mitune.models.load_pipeline"
+    assert cfg.model._target_ == "mitune.models.loading.load_pipeline"
     assert cfg.model.path_or_id.startswith("stabilityai/")
     generation, train, adapter = instantiate(cfg.generation), instantiate(cfg.train), instantiate(cfg.adapter)
     assert (generation.num_candidates, generation.top_k, generation.guidance_scale) == (50, 1, 7.5)

@@ -15,13 +15,14 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from mitune.checkpoint import STATE, TENSORS, SafetensorsCheckpointIO, latest_checkpoint, read_state
-from mitune.artifacts import METADATA, RunDir
-from mitune.generation import GenerationConfig, round_settings, run_round, verify_round
-from mitune.models import load_pipeline
-from mitune.prompts import read_prompt_file
+from mitune.runs.checkpoints import STATE, TENSORS, SafetensorsCheckpointIO, latest_checkpoint, read_state
+from mitune.runs.artifacts import METADATA, RunDir
+from mitune.rounds.settings import GenerationConfig
+from mitune.rounds.generation import round_settings, run_round, verify_round
+from mitune.models.loading import load_pipeline
+from mitune.prompts.sources import read_prompt_file
 from mitune.run import train
-from mitune.rundir import RunDirError, exclusive
+from mitune.runs.record import RunDirError, exclusive
 
 RECORD = RunDir(Path()).config_record.name
 
@@ -265,7 +266,7 @@ def test_a_finished_round_with_other_settings_is_refused(round_dir):
 
 def test_a_second_run_on_a_locked_dir_fails_at_once_naming_the_holder(config, tiny_sd_path, tmp_path):
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; from pathlib import Path; from mitune.rundir import exclusive\n"
+        [sys.executable, "-c", "import sys, time; from pathlib import Path; from mitune.runs.record import exclusive\n"
          f"with exclusive(Path({str(tmp_path)!r})):\n    print('held', flush=True); time.sleep(60)"],
         stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
     try:

@@ -14,9 +14,9 @@ from diffusers import DDPMScheduler
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-import mitune.mi as mi_module
-from mitune.mi import ddpm_step, sample_with_mi, step_noise
-from mitune.models import SD_DDPM_CONFIG
+import mitune.mi.estimators as mi_module
+from mitune.mi.estimators import ddpm_step, sample_with_mi, step_noise
+from mitune.models.builders import SD_DDPM_CONFIG
 
 SHAPE = (3, 4, 8, 8)
 

@@ -2,7 +2,8 @@
 
 import pytest
 
-from mitune.generation import GenerationConfig, make_jobs, micro_batches
+from mitune.rounds.settings import GenerationConfig
+from mitune.rounds.generation import make_jobs, micro_batches
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 

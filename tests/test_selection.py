@@ -5,7 +5,7 @@ import pytest
 import torch
 from PIL import Image
 
-from mitune.selection import check_strategy, rank_by_score, select_top_k, selection_scores
+from mitune.rounds.selection import check_strategy, rank_by_score, select_top_k, selection_scores
 from mitune.toy.world import parse, render
 
 

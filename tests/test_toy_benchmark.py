@@ -16,10 +16,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mitune import analysis, summary
-from mitune.artifacts import RunDir
+from mitune import analysis
+from mitune import summary
+from mitune.runs.artifacts import RunDir
 from mitune.evaluate import evaluate
-from mitune.prompts import load_toy
+from mitune.toy.prompts import load_toy
 from mitune.run import train
 from mitune.toy.oracle import score_image
 from mitune.toy.world import CATEGORIES

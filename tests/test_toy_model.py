@@ -10,9 +10,11 @@ import pytest
 import torch
 from PIL import Image
 
-from mitune.generation import GenerationConfig, generate_batch, make_jobs
-from mitune.models import decode_latents, load_pipeline
-from mitune.prompts import load_toy
+from mitune.rounds.settings import GenerationConfig
+from mitune.rounds.generation import generate_batch, make_jobs
+from mitune.mi.pipeline import decode_latents
+from mitune.models.loading import load_pipeline
+from mitune.toy.prompts import load_toy
 from mitune.toy import base_model
 from mitune.toy.base_model import MODEL_DIR, SPLIT_SEED, ToyTrainConfig, complete_scene, training_pairs
 from mitune.toy.oracle import detect, score

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from mitune.tracking import name_part, run_name, sweep_group, wandb_offline_without_key
+from mitune.runs.tracking import name_part, run_name, sweep_group, wandb_offline_without_key
 
 
 def test_wandb_goes_offline_without_mode_or_key(monkeypatch):

@@ -14,15 +14,17 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from safetensors.torch import save_file
 from torch.utils.data import DataLoader, Dataset
 
-from mitune import checkpoint as ckpt
-from mitune.adapters import AdapterConfig
-from mitune.callbacks import FinetuneData, MIRounds
-from mitune.checkpoint import SafetensorsCheckpointIO, flatten, latest_checkpoint, unflatten
-from mitune.data import EMPTY_PROMPT, FinetuneSet
-from mitune.artifacts import METADATA, RoundDir
-from mitune.generation import GenerationConfig
-from mitune.models import encode_prompts, index_embedding, latent_shape, load_pipeline, null_embedding
-from mitune.training import MITuneModule, TrainConfig, accumulation_steps
+from mitune.runs import checkpoints as ckpt
+from mitune.models.adapters import AdapterConfig
+from mitune.rounds.data import FinetuneData
+from mitune.rounds.loop import MIRounds
+from mitune.runs.checkpoints import SafetensorsCheckpointIO, flatten, latest_checkpoint, unflatten
+from mitune.rounds.data import EMPTY_PROMPT, FinetuneSet
+from mitune.runs.artifacts import METADATA, RoundDir
+from mitune.rounds.settings import GenerationConfig
+from mitune.mi.pipeline import encode_prompts, index_embedding, latent_shape, null_embedding
+from mitune.models.loading import load_pipeline
+from mitune.rounds.module import MITuneModule, TrainConfig, accumulation_steps
 
 PROMPTS = ["a red cube", "a blue ball"]
 ADAPTER = AdapterConfig(rank=4, alpha=4)  # DoRA on attention + feed-forward, as the paper

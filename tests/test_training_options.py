@@ -6,9 +6,9 @@ import pytest
 import torch
 from peft.tuners.lora.dora import DoraLinearLayer
 
-from mitune.adapters import AdapterConfig
-from mitune.models import load_pipeline
-from mitune.training import MITuneModule, TrainConfig
+from mitune.models.adapters import AdapterConfig
+from mitune.models.loading import load_pipeline
+from mitune.rounds.module import MITuneModule, TrainConfig
 
 PROMPTS = ["a red cat", "a blue dog"]
 

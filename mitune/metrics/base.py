@@ -18,7 +18,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from tqdm.auto import tqdm
 
-from mitune.artifacts import METADATA
+from mitune.runs.artifacts import METADATA
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 

@@ -1,6 +1,6 @@
 """BLIP-VQA with T2I-CompBench's protocol (attribute binding: color, shape, texture).
 
-For each noun phrase of the prompt (spaCy ``noun_chunks``, see ``mitune.metrics.phrases``) BLIP
+For each noun phrase of the prompt (spaCy ``noun_chunks``, see ``mitune.prompts.phrases``) BLIP
 is asked "<phrase>?"; the phrase's score is P(yes) from the answer decoder's first token,
 renormalised over {yes, no} (T2I-CompBench's ``vqa_prob``: ``p_yes / (p_yes + p_no)`` after
 the decoder's BOS token); the image's score is the product over the first ``max_phrases``
@@ -19,7 +19,7 @@ from PIL import Image
 
 from mitune.metrics.base import AlignmentMetric, MetricInputError
 from mitune.metrics.hub import local_model
-from mitune.metrics.phrases import noun_chunks
+from mitune.prompts.phrases import noun_chunks
 
 QUESTION_MAX_TOKENS = 35  # BLIP's VQA question length (T2I-CompBench truncates to it too)
 

@@ -1,7 +1,7 @@
 """MI-TUNE's own signal as an evaluation metric: standalone point-wise MI of finished images.
 
 Images are encoded with the pipeline's VAE (the posterior mean, so encoding is deterministic)
-at the pipeline's default size, and ``mitune.mi.pointwise_mi`` averages ``n_draws`` draws of
+at the pipeline's default size, and ``mitune.mi.estimators.pointwise_mi`` averages ``n_draws`` draws of
 (t, noise) with the pipeline's own denoiser. Each (image, prompt) pair gets its own generator
 seeded from ``seed``, the prompt and the image's pixels, so a score does not depend on the
 batch or on the other images.
@@ -17,18 +17,11 @@ from diffusers import DiffusionPipeline
 from PIL import Image
 from tqdm.auto import tqdm
 
-from mitune.seeds import mix_seed
+from mitune.runs.seeds import mix_seed
 from mitune.metrics.base import AlignmentMetric, MetricInputError, batches
-from mitune.mi import PAPER, MIConfig, pointwise_mi
-from mitune.models import (
-    ddpm_scheduler,
-    default_size,
-    encode_prompts,
-    is_sdxl,
-    load_pipeline,
-    null_embedding,
-    unet_eps_fn,
-)
+from mitune.mi.estimators import PAPER, MIConfig, pointwise_mi
+from mitune.mi.pipeline import ddpm_scheduler, default_size, encode_prompts, is_sdxl, null_embedding, unet_eps_fn
+from mitune.models.loading import load_pipeline
 
 
 def image_digest(image: Image.Image) -> str:

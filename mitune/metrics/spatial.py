@@ -1,6 +1,6 @@
 """2D-spatial alignment with T2I-CompBench's (UniDet_eval/2D_spatial_eval.py) scoring rule.
 
-The prompt "A <relation> B" is parsed (``mitune.metrics.phrases.parse_spatial``), each object's
+The prompt "A <relation> B" is parsed (``mitune.prompts.phrases.parse_spatial``), each object's
 highest-confidence box is detected, and::
 
     both found:  score = 0.25 * conf_A + 0.25 * conf_B + position(relation, box_A, box_B) / 2
@@ -28,7 +28,7 @@ from PIL import Image
 
 from mitune.metrics.base import AlignmentMetric, MetricInputError
 from mitune.metrics.hub import local_model
-from mitune.metrics.phrases import SpatialPrompt, parse_spatial
+from mitune.prompts.phrases import SpatialPrompt, parse_spatial
 
 Box = tuple[float, float, float, float]  # x_min, y_min, x_max, y_max in pixels
 NEAR_RELATIONS = ("next to", "near", "on side of")

@@ -29,9 +29,20 @@ from tqdm import tqdm
 from transformers import CLIPTextModel
 
 from mitune import ASSETS
-from mitune.models import SD_DDPM_CONFIG, _tiny_text_config, tiny_tokenizer
+from mitune.models.builders import SD_DDPM_CONFIG, tiny_text_config, tiny_tokenizer
 from mitune.toy.world import (
-    COLORS, RELATIONS, SHAPES, SIZES, TEXTURES, Obj, Scene, Split, prompt, render, sample_scene, split_prompts,
+    COLORS,
+    RELATIONS,
+    SHAPES,
+    SIZES,
+    TEXTURES,
+    Obj,
+    Scene,
+    Split,
+    prompt,
+    render,
+    sample_scene,
+    split_prompts,
 )
 
 log = logging.getLogger(__name__)
@@ -55,7 +66,7 @@ def build_toy_pipeline(seed: int = 0) -> StableDiffusionPipeline:
     """Random-init toy architecture: 32 px images, 4x16x16 latents, a 1.7M-parameter UNet."""
     torch.manual_seed(seed)
     tokenizer = tiny_tokenizer(toy_vocab(), MAX_LENGTH)
-    text_config = _tiny_text_config(tokenizer)
+    text_config = tiny_text_config(tokenizer)
     text_config.hidden_size, text_config.intermediate_size = 64, 128
     text_encoder = CLIPTextModel(text_config)
     vae = AutoencoderKL(
@@ -258,22 +269,22 @@ def train_toy_model(config: ToyTrainConfig) -> tuple[StableDiffusionPipeline, di
 def oracle_scores(pipe: StableDiffusionPipeline, per_category: int = 4, images: int = 4, cfg: float = 7.5,
                   steps: int = 25) -> dict[str, dict[str, float]]:
     """Mean oracle score per category on train and held-out test prompts (for the model card)."""
-    from mitune.generation import GenerationConfig, generate_batch, make_jobs, micro_batches
-    from mitune.models import decode_latents
-    from mitune.prompts import load_toy
+    from mitune.mi.pipeline import decode_latents
+    from mitune.mi.sampler import SamplingConfig, sample
+    from mitune.runs.seeds import candidate_seed
     from mitune.toy.oracle import score_image
+    from mitune.toy.prompts import load_toy
     from mitune.toy.world import category_of
 
-    config = GenerationConfig(num_candidates=images, guidance_scale=cfg, num_inference_steps=steps, micro_batch=64,
-                              seed=12345)
+    config, batch = SamplingConfig(guidance_scale=cfg, num_inference_steps=steps), 64
     result = {}
     for which in ("train", "val"):
         prompts = load_toy(which, per_category, SPLIT_SEED).prompts
+        rows = [(p, candidate_seed(12345, p, c)) for p in prompts for c in range(images)]
         per_category_scores: dict[str, list[float]] = {}
-        for batch in micro_batches(make_jobs(prompts, config), config.micro_batch):
-            latents = generate_batch(pipe, prompts, batch, config)[0]
-            for job, image in zip(batch, decode_latents(pipe, latents)):
-                text = prompts[job.prompt_id]
+        for start in range(0, len(rows), batch):
+            texts, seeds = zip(*rows[start : start + batch])
+            for text, image in zip(texts, decode_latents(pipe, sample(pipe, texts, seeds, config).latents)):
                 per_category_scores.setdefault(category_of(text), []).append(score_image(text, image))
         result[which] = {c: round(float(np.mean(v)), 3) for c, v in per_category_scores.items()}
         result[which]["all"] = round(float(np.mean([x for v in per_category_scores.values() for x in v])), 3)

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 ClassEpsFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
-"""``eps_fn(z_t, t, class_ids)``: ``mitune.mi``'s EpsFn with class ids as the embedding."""
+"""``eps_fn(z_t, t, class_ids)``: ``mitune.mi.estimators``'s EpsFn with class ids as the embedding."""
 
 NULL_CLASS = -1
 """Embedding value that means "no prompt": eps_fn then returns the unconditional eps."""

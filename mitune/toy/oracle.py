@@ -28,16 +28,7 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage
 
-from mitune.toy.world import (
-    BACKGROUND,
-    BIG_MIN_EXTENT,
-    COLORS,
-    INK,
-    PALETTE,
-    Obj,
-    parse,
-    relation_holds,
-)
+from mitune.toy.world import BACKGROUND, BIG_MIN_EXTENT, COLORS, INK, PALETTE, Obj, parse, relation_holds
 
 MIN_AREA = 6
 """Components smaller than this (px) are noise; the smallest drawn object has 25 px."""

@@ -21,7 +21,7 @@ from lightning.fabric.plugins import CheckpointIO
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from mitune.io import atomic_dir
+from mitune.runs.io import atomic_dir
 
 TENSORS, STATE = "tensors.safetensors", "state.json"
 CHECKSUM = "mitune_tensors_sha256"

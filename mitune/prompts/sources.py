@@ -17,7 +17,7 @@ log = logging.getLogger(__name__)
 
 COMPBENCH_CATEGORIES = ("color", "shape", "texture", "spatial", "non_spatial", "complex")
 COMPBENCH_SPLITS = ("train", "val")
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]
 # Where prompt files are looked for, in order: $MITUNE_COMPBENCH_DIR, the shared data folder
 # beside a checkout, then `make data`'s download folder.
 COMPBENCH_DIRS = (REPO_ROOT.parent / "shared" / "data" / "t2i-compbench", REPO_ROOT / "data" / "t2i-compbench")
@@ -142,7 +142,7 @@ def download_compbench(dest: str | os.PathLike = COMPBENCH_DIRS[-1]) -> Path:
     """Fetch the original prompt files (MIT licence) from the T2I-CompBench repository."""
     from urllib.request import urlopen
 
-    from mitune.io import write_text
+    from mitune.runs.io import write_text
 
     dest = Path(dest)
     for category in COMPBENCH_CATEGORIES:
@@ -152,20 +152,3 @@ def download_compbench(dest: str | os.PathLike = COMPBENCH_DIRS[-1]) -> Path:
                 write_text(dest / name, response.read().decode("utf-8"))
             log.info("downloaded %s", dest / name)
     return dest
-
-
-TOY_SPLITS = {"train": "train", "val": "test"}
-"""Toy splits named like T2I-CompBench's: ``val`` holds the held-out bindings."""
-
-
-def load_toy(split: str = "train", per_category: int = 8, split_seed: int = 0, limit: int | None = None,
-             skip: int = 0) -> PromptSet:
-    """Toy-world prompts (``mitune.toy.world``), the same number from each category, after the first
-    ``skip`` of each: ``split=train, skip=n`` is an in-distribution test set for a run trained on ``n``."""
-    from mitune.toy.world import balanced_prompts, category_of
-
-    if split not in TOY_SPLITS:
-        raise ValueError(f"unknown toy split {split!r}; expected one of {tuple(TOY_SPLITS)}")
-    prompts = balanced_prompts(TOY_SPLITS[split], per_category, split_seed, skip)
-    cleaned = clean_prompts(prompts, f"toy world {split} (split seed {split_seed})", limit)
-    return replace(cleaned, categories=[category_of(p) for p in cleaned.prompts])

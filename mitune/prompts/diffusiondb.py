@@ -1,6 +1,6 @@
 """DiffusionDB prompt files for ``experiments/grid_diffusiondb.yaml`` (train and held-out test).
 
-``python -m mitune.diffusiondb --out data/diffusiondb`` reads the prompt column of the
+``python -m mitune.prompts.diffusiondb --out data/diffusiondb`` reads the prompt column of the
 ``poloclub/diffusiondb`` metadata table (2M images, one parquet file, no images downloaded)
 with ``datasets``, drops prompts flagged NSFW, blank and duplicate ones, and writes two
 disjoint random samples: ``train.txt`` (fine-tuning) and ``test.txt`` (evaluation).
@@ -12,7 +12,7 @@ import argparse
 import random
 from pathlib import Path
 
-from mitune.io import write_text
+from mitune.runs.io import write_text
 
 METADATA_URL = "hf://datasets/poloclub/diffusiondb/metadata.parquet"
 
@@ -44,7 +44,7 @@ def export_prompts(out_dir: str | Path, num_train: int = 2000, num_test: int = 5
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m mitune.diffusiondb", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m mitune.prompts.diffusiondb", description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="data/diffusiondb", help="output folder (default: data/diffusiondb)")
     parser.add_argument("--num-train", type=int, default=2000)
     parser.add_argument("--num-test", type=int, default=500)

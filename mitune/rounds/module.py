@@ -13,13 +13,19 @@ import torch.nn.functional as F
 from diffusers import DiffusionPipeline
 from lightning.pytorch.loggers import WandbLogger
 
-from mitune.adapters import AdapterConfig, DoraNormCache, add_adapters
-from mitune.checkpoint import latest_checkpoint, progress_key
-from mitune.config import TrainConfig
-from mitune.data import EMPTY_PROMPT
-from mitune.mi import Embedding
-from mitune.models import (
-    ddpm_scheduler, encode_prompts, index_embedding, is_sdxl, null_embedding, replace_rows, unet_eps_fn,
+from mitune.models.adapters import AdapterConfig, DoraNormCache, add_adapters
+from mitune.runs.checkpoints import latest_checkpoint, progress_key
+from mitune.rounds.settings import TrainConfig
+from mitune.rounds.data import EMPTY_PROMPT
+from mitune.mi.estimators import Embedding
+from mitune.mi.pipeline import (
+    ddpm_scheduler,
+    encode_prompts,
+    index_embedding,
+    is_sdxl,
+    null_embedding,
+    replace_rows,
+    unet_eps_fn,
 )
 
 

@@ -9,14 +9,36 @@ devices, and a resumed run sees exactly the samples it would have seen.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
+import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from mitune.seeds import mix_seed
+from mitune.rounds.settings import TrainConfig
+from mitune.runs.artifacts import RoundDir
+from mitune.runs.seeds import mix_seed
 
 EMPTY_PROMPT = -1
 """The prompt index of a sample trained on the empty prompt (``FinetuneSet``'s ``empty_prompt_prob``)."""
+
+
+@dataclass(frozen=True)
+class RoundSet:
+    """What a round hands to its fine-tuning: the selected latents, the round's prompts, and each
+    latent's index into them."""
+
+    round_index: int
+    latents: torch.Tensor
+    prompts: list[str]
+    prompt_index: torch.Tensor
+
+    @classmethod
+    def from_round(cls, round_index: int, round_dir: RoundDir) -> RoundSet:
+        rows = round_dir.selected_rows()
+        prompts = list(dict.fromkeys(row["prompt"] for row in rows))
+        position = {p: i for i, p in enumerate(prompts)}
+        return cls(round_index, round_dir.latents(rows), prompts, torch.tensor([position[row["prompt"]] for row in rows]))
 
 
 class FinetuneSet(Dataset):
@@ -39,9 +61,9 @@ class FinetuneSet(Dataset):
         self.prompt_index: torch.Tensor | None = None
         self._perms: dict[int, torch.Tensor] = {}
 
-    def load(self, round_index: int, latents: torch.Tensor, prompt_index: torch.Tensor) -> None:
-        """Serve round ``round_index``'s set: its latents and each one's index into the round's prompts."""
-        self.round_index, self.latents, self.prompt_index = round_index, latents, prompt_index
+    def load(self, round_set: RoundSet) -> None:
+        """Serve a round's set."""
+        self.round_index, self.latents, self.prompt_index = round_set.round_index, round_set.latents, round_set.prompt_index
         self._perms = {}
 
     def __len__(self) -> int:
@@ -113,3 +135,28 @@ class ResumableLoader(DataLoader):
         epoch, _ = self.progress()
         if state["epoch"] == epoch:
             self.rank_sampler.skip = state["processed"] * self.batch_size
+
+
+class FinetuneData(L.LightningDataModule):
+    """Serves the current round's set (handed over by ``mitune.rounds.loop.MIRounds``); a resumed epoch
+    continues after its last completed batch."""
+
+    def __init__(self, train: TrainConfig) -> None:
+        super().__init__()
+        self.train = train
+        self.dataset = FinetuneSet(train.steps_per_round * train.effective_batch, seed=train.seed,
+                                   t_range=(train.t_min, train.t_max), empty_prompt_prob=train.empty_prompt_prob)
+
+    def train_dataloader(self) -> ResumableLoader:
+        trainer = self.trainer
+        return ResumableLoader(self.dataset, self.train.micro_batch, trainer.global_rank, trainer.world_size,
+                               lambda: (epoch_index(trainer), trainer.fit_loop.epoch_loop.batch_progress.current.processed))
+
+
+def epoch_index(trainer: L.Trainer) -> int:
+    """The epoch being trained, also while a checkpoint is being restored.
+
+    ``trainer.current_epoch`` lags by one there when the checkpoint was written at the end
+    of an epoch; the count of fully processed epochs does not.
+    """
+    return trainer.fit_loop.epoch_progress.current.processed

@@ -29,7 +29,7 @@ HARMLESS_WARNINGS = [
     # The frozen base model stays in eval mode on purpose (it has no dropout or batch statistics);
     # only the adapter layers train.
     (r"Found \d+ module\(s\) in eval mode at the start of training", r"lightning\.pytorch\.loops\.fit_loop"),
-    # A resume finds the run's own checkpoints in its checkpoint folder (mitune.rundir: one run per dir).
+    # A resume finds the run's own checkpoints in its checkpoint folder (mitune.runs.record: one run per dir).
     (r"Checkpoint directory .* exists and is not empty", r"lightning\.pytorch\.callbacks\.model_checkpoint"),
 ]
 

@@ -23,8 +23,8 @@ from typing import Any
 import yaml
 from filelock import FileLock, Timeout
 
-from mitune.artifacts import RunDir
-from mitune.io import write_text
+from mitune.runs.artifacts import RunDir
+from mitune.runs.io import write_text
 
 # Keys (and their sub-keys) that may differ on a resume: how many rounds, where and how it runs,
 # what it logs and how often it checkpoints. Numerics on another device count or accelerator
@@ -34,6 +34,29 @@ MUTABLE = (
     "trainer.accelerator", "trainer.devices", "trainer.num_nodes", "trainer.strategy",
     "trainer.log_every_n_steps", "trainer.enable_progress_bar",
 )
+
+
+# Where the ``_target_``s a record names went when mitune's modules moved into sub-packages (0.1 -> 0.2):
+# a record made before reads as if made now, so those runs resume; the record file is left as written.
+MOVED_TARGETS = {
+    "mitune.generation.GenerationConfig": "mitune.rounds.settings.GenerationConfig",
+    "mitune.mi.MIConfig": "mitune.mi.estimators.MIConfig",
+    "mitune.config.TrainConfig": "mitune.rounds.settings.TrainConfig",
+    "mitune.adapters.AdapterConfig": "mitune.models.adapters.AdapterConfig",
+    "mitune.prompts.load_toy": "mitune.toy.prompts.load_toy",
+    "mitune.loggers.ResumableCSVLogger": "mitune.runs.loggers.ResumableCSVLogger",
+    **{f"mitune.callbacks.{name}": f"mitune.rounds.callbacks.{name}"
+       for name in ("StepCheckpoint", "LearningRate", "samples_per_second", "DeviceStats", "RoundProgressBar")},
+}
+
+
+def migrated(tree: Any) -> Any:
+    """A recorded config with moved ``_target_``s renamed (``MOVED_TARGETS``)."""
+    if isinstance(tree, dict):
+        return {k: MOVED_TARGETS.get(v, v) if k == "_target_" else migrated(v) for k, v in tree.items()}
+    if isinstance(tree, list):
+        return [migrated(v) for v in tree]
+    return tree
 
 
 class RunDirError(RuntimeError):
@@ -82,7 +105,7 @@ def check_config(run_dir: Path, config: dict[str, Any], resume: bool) -> None:
         old = yaml.safe_load(record.read_text(encoding="utf-8"))
     except yaml.YAMLError as err:
         raise RunDirError(f"{record} is corrupt ({err}); restore it or start a new run dir") from err
-    diff = differences(old or {}, config)
+    diff = differences(migrated(old or {}), config)
     if diff:
         raise RunDirError(
             f"run dir {run_dir} was made with another config; one run dir holds one run, so it is not reused:\n  "
@@ -124,7 +147,7 @@ def holder(run_dir: Path) -> str:
 
 
 def remove_temporaries(run_dir: Path) -> list[Path]:
-    """Delete what an interrupted atomic write left behind (``mitune.io``'s ``.name.tmp`` files and
+    """Delete what an interrupted atomic write left behind (``mitune.runs.io``'s ``.name.tmp`` files and
     ``.name.tmp-*`` dirs), inside the run dir only and without following links."""
     removed = []
     for folder, dirs, files in os.walk(run_dir):

@@ -4,7 +4,7 @@
 of the null prompt: the KL between the reverse chains conditioned on the whole prompt and on
 the rest. A phrase the image ignores (a neglected object or attribute) adds little beyond the
 rest, so its conditional MI is small. Phrases default to the prompt's noun phrases
-(``mitune.metrics.phrases.noun_chunks``); any words of the prompt can be given instead.
+(``mitune.prompts.phrases.noun_chunks``); any words of the prompt can be given instead.
 
 Cost in UNet rows (one row = one latent through the UNet): standalone, 2 per draw per phrase
 per latent; fused into sampling, P more per latent per step for P phrases on top of CFG's 2
@@ -18,8 +18,8 @@ import re
 import torch
 from diffusers import DDPMScheduler, DiffusionPipeline
 
-from mitune.metrics.phrases import find_relation, noun_chunks
-from mitune.mi import (
+from mitune.prompts.phrases import find_relation, noun_chunks
+from mitune.mi.estimators import (
     PAPER,
     Embedding,
     EpsFn,
@@ -30,7 +30,7 @@ from mitune.mi import (
     fused_sampling,
     pointwise_mi,
 )
-from mitune.models import ddpm_scheduler, encode_prompts, index_embedding, unet_eps_fn
+from mitune.mi.pipeline import ddpm_scheduler, encode_prompts, index_embedding, unet_eps_fn
 
 JOINERS = ("and", "or", ",", "with")
 """Words left dangling at either end of the rest prompt once a phrase is cut out."""
@@ -146,11 +146,11 @@ def sample_with_phrase_mi(
     return z, check_finite(accs[0]), torch.stack([check_finite(acc) for acc in accs[1:]], dim=1)
 
 
-def rest_embeddings(pipe: DiffusionPipeline, prompts: list[str]) -> tuple[list[Embedding], torch.Tensor]:
+def rest_embeddings(pipe: DiffusionPipeline, prompts: list[str], phrases: list[list[str]]
+                    ) -> tuple[list[Embedding], torch.Tensor]:
     """Rest-prompt embeddings for a batch of (possibly different) prompts, phrase k of row r in
     the k-th embedding, and a [B, P] mask of the real ones: a prompt with fewer phrases than
     the batch's most fills its slots with itself (a zero gap, masked out)."""
-    phrases = [prompt_phrases(p) for p in prompts]
     width = max(len(ph) for ph in phrases)
     valid = torch.tensor([[k < len(ph) for k in range(width)] for ph in phrases])
     texts = [rest_prompt(p, ph[k]) if k < len(ph) else p for k in range(width) for p, ph in zip(prompts, phrases)]

@@ -7,9 +7,9 @@ spells those names, knows when a folder is complete and reads its rows, so the s
 construction::
 
     <run dir>/                        RunDir
-      run_config.yaml                 the resolved config the dir is tied to (mitune.rundir)
-      .mitune.lock                    one writer at a time (mitune.rundir)
-      checkpoints/                    Lightning checkpoints (mitune.checkpoint)
+      run_config.yaml                 the resolved config the dir is tied to (mitune.runs.record)
+      .mitune.lock                    one writer at a time (mitune.runs.record)
+      checkpoints/                    Lightning checkpoints (mitune.runs.checkpoints)
       adapter/                        the newest round's adapter (diffusers' LoRA layout)
       rounds/progress.json            rounds trained and the global step at the last round's end
       rounds/round_<r>/               RoundDir of round r, with adapter/ (the model after round r)
@@ -20,8 +20,9 @@ construction::
       images/000012_003.png           every candidate (prompt 12, candidate 3)
       latents/000012.safetensors      "latents" [M, C, h, w] and "mi" [M] of one prompt
       mi_maps/000012_003.png          the MI map over the image (generation.save_mi_maps)
-      parts/000012.jsonl              one prompt's rows; its presence marks the prompt as done
-      metadata.jsonl                  all rows, merged from parts/ when the folder is finished
+      parts/000012.jsonl              one prompt's candidate rows; its presence marks the prompt as done
+      metadata.jsonl                  all rows, merged from parts/ when the folder is finished (with score,
+                                      rank and selected in a training round)
       summary.json                    MI statistics, written last: the folder is complete
       mi_hist.png                     training rounds: the MI histogram
 
@@ -39,7 +40,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from mitune.io import read_jsonl, write_json
+from mitune.runs.io import read_jsonl, write_json, write_jsonl
 
 METADATA = "metadata.jsonl"
 RESULTS = "results.csv"
@@ -52,7 +53,8 @@ RESULT_COLUMNS = ["method", "category", "round", "cfg", "metric", "kind", "value
 
 @dataclass(frozen=True)
 class RoundDir:
-    """An image folder written by ``mitune.generation.run_round``: a training round or an evaluation point."""
+    """An image folder written by ``mitune.rounds.generation.generate_round``: a training round (completed by
+    ``mitune.rounds.selection.select_round``) or an evaluation point."""
 
     path: Path
 
@@ -101,6 +103,11 @@ class RoundDir:
     @staticmethod
     def mi_map_name(prompt_id: int, candidate: int) -> str:
         return f"mi_maps/{prompt_id:06d}_{candidate:03d}.png"
+
+    def complete(self, rows: list[dict[str, Any]], stats: dict[str, Any]) -> None:
+        """Write every row, then the statistics: the completion marker goes last."""
+        write_jsonl(self.metadata, rows)
+        write_json(self.summary_file, stats)
 
     def is_complete(self) -> bool:
         """The one completion marker: ``summary.json`` is written after every other file of the folder."""

@@ -1,0 +1,101 @@
+"""The training loop's generic callbacks: step checkpoints, the per-round progress bar, learning rate,
+throughput and device statistics (``conf/callbacks/default.yaml``)."""
+
+from __future__ import annotations
+
+import lightning as L
+from lightning.pytorch.callbacks import ModelCheckpoint, ThroughputMonitor, TQDMProgressBar
+from lightning.pytorch.callbacks.progress.tqdm_progress import convert_inf
+
+
+class StepCheckpoint(ModelCheckpoint):
+    """Mid-round checkpoints every N optimizer steps, taken only right after a step.
+
+    Lightning would also save between the micro-batches of an accumulated step (losing the
+    gradients gathered so far) and on an epoch's last batch before the epoch has ended
+    (from which it cannot resume); the round-end checkpoint covers the latter.
+    """
+
+    def on_train_batch_end(self, trainer: L.Trainer, *args, **kwargs) -> None:
+        done = trainer.fit_loop.epoch_loop.batch_progress.current.ready
+        if done % trainer.accumulate_grad_batches == 0 and done < trainer.num_training_batches:
+            super().on_train_batch_end(trainer, *args, **kwargs)
+
+
+def samples_per_second(window_size: int = 10) -> ThroughputMonitor:
+    """Lightning's throughput monitor (train/device/samples_per_sec), counting latents per batch."""
+    return ThroughputMonitor(batch_size_fn=lambda batch: batch["latents"].shape[0], window_size=window_size)
+
+
+class RoundProgressBar(TQDMProgressBar):
+    """Lightning's training bar, one per round (an epoch is a round) and named by it, without the logger version.
+
+    Each round's bar is made when the round's training starts, after its generation bar has closed, and
+    closed when it ends.
+    """
+
+    def __init__(self, images_per_batch: int = 1) -> None:
+        super().__init__(leave=True)
+        self.images_per_batch = images_per_batch
+        self.bar_round = -1
+
+    @property
+    def train_description(self) -> str:
+        return f"round_{self.trainer.current_epoch + 1} train"
+
+    def init_train_tqdm(self):
+        """Counted in images, as the generation bar is."""
+        bar = super().init_train_tqdm()
+        bar.unit, bar.unit_scale = "img", self.images_per_batch
+        return bar
+
+    def on_train_start(self, trainer: L.Trainer, *_) -> None:
+        """The bar of the round about to train; made here too, as a run resumed mid-round gets no epoch start."""
+        self.round_bar(trainer)
+
+    def on_train_epoch_start(self, trainer: L.Trainer, *_) -> None:
+        if self.bar_round != trainer.current_epoch:
+            self.round_bar(trainer)
+
+    def round_bar(self, trainer: L.Trainer) -> None:
+        self.train_progress_bar = self.init_train_tqdm()
+        self.train_progress_bar.reset(total=convert_inf(self.total_train_batches))
+        self.bar_round = trainer.current_epoch
+
+    def get_metrics(self, trainer: L.Trainer, module: L.LightningModule) -> dict:
+        metrics = super().get_metrics(trainer, module)
+        metrics.pop("v_num", None)
+        return metrics
+
+
+class LearningRate(L.Callback):
+    """``train/lr`` at every optimizer step (Lightning's LearningRateMonitor names it after the optimizer class)."""
+
+    def on_before_optimizer_step(self, trainer: L.Trainer, module: L.LightningModule, optimizer) -> None:
+        module.log("train/lr", optimizer.param_groups[0]["lr"])
+
+
+class DeviceStats(L.Callback):
+    """Memory (and CPU load) once per optimizer step under ``device/``.
+
+    Lightning's DeviceStatsMonitor logs every statistic the accelerator has (dozens on a GPU) before
+    and after every batch; W&B records the machine's metrics itself, so the loggers get only these.
+    """
+
+    def on_train_batch_end(self, trainer: L.Trainer, module: L.LightningModule, outputs, batch, batch_idx: int) -> None:
+        if (batch_idx + 1) % trainer.accumulate_grad_batches == 0:
+            module.log_dict(device_stats(trainer.accelerator.get_device_stats(module.device)))
+
+
+# Accelerator statistic -> (logged name, scale): CUDA's torch.cuda.memory_stats, the CPU's psutil figures.
+DEVICE_STATS = {
+    "allocated_bytes.all.current": ("device/memory_gb", 1e-9),
+    "allocated_bytes.all.peak": ("device/peak_memory_gb", 1e-9),
+    "cpu_percent": ("device/cpu_percent", 1.0),
+    "cpu_vm_percent": ("device/ram_percent", 1.0),
+}
+
+
+def device_stats(stats: dict[str, float]) -> dict[str, float]:
+    """The figures worth a plot out of an accelerator's statistics."""
+    return {name: float(stats[key]) * scale for key, (name, scale) in DEVICE_STATS.items() if key in stats}

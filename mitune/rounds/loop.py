@@ -1,0 +1,134 @@
+"""Algorithm 1, R times: generate, score, select, fine-tune, as one Lightning epoch per round.
+
+    for r in 1..R:                                     (epoch r)
+        round_dir = generate_round(model, prompts)     M candidates per prompt, each with its MI (Algorithm 2)
+        select_round(round_dir)                        the top-k of each prompt by the strategy's score
+        fine-tune on RoundSet.from_round(r, round_dir) steps_per_round optimizer steps of the adapters
+        save the adapter after round r
+
+``MIRounds`` (a Lightning callback) runs the first two lines when epoch r starts, with the model as it
+stands after round r-1 (the base model for r=1) and after epoch r-1's checkpoint is written (a kill during
+a 24-hour round resumes that round, not the training before it). It then hands the round's set to the
+data module and the round's prompts to the module: the hand-off is ``RoundSet``. Lightning sized the
+epoch before the round existed, since ``FinetuneSet`` has a fixed length.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import lightning as L
+from diffusers import DiffusionPipeline
+from lightning.pytorch.loggers import WandbLogger
+from matplotlib.figure import Figure
+
+from mitune.models.adapters import merged_adapters, save_adapters
+from mitune.rounds.data import FinetuneData, RoundSet, epoch_index
+from mitune.rounds.generation import generate_round, round_settings
+from mitune.rounds.module import MITuneModule
+from mitune.rounds.plots import describe, plot_round
+from mitune.rounds.selection import sampling_scores, select_round, verify_round
+from mitune.rounds.settings import GenerationConfig
+from mitune.runs.artifacts import RoundDir, RunDir
+from mitune.runs.io import save_figure
+
+
+class MIRounds(L.Callback):
+    """Runs generation rounds with the current model and keeps each round's set and adapter."""
+
+    def __init__(self, prompts: list[str], generation: GenerationConfig, run_dir: str | Path, *, base_model: str,
+                 log_images: int = 16, stop: Callable[[], None] | None = None) -> None:
+        self.prompts = prompts
+        self.generation = generation
+        self.run = RunDir(Path(run_dir))
+        self.base_model = base_model
+        self.log_images = log_images
+        self.stop = stop  # raises between generation batches once a stop (SIGTERM) is requested
+
+    def on_train_start(self, trainer: L.Trainer, module: MITuneModule) -> None:
+        """The round being trained; also here because a run resumed mid-round gets no epoch start."""
+        self.start_round(trainer, module)
+
+    def on_train_epoch_start(self, trainer: L.Trainer, module: MITuneModule) -> None:
+        self.start_round(trainer, module)
+
+    def start_round(self, trainer: L.Trainer, module: MITuneModule) -> None:
+        """Generate and select the epoch's round (or reuse it), then hand its set to the data and the module."""
+        data = trainer.datamodule
+        if not isinstance(data, FinetuneData):
+            raise TypeError(f"MIRounds trains on a FinetuneData data module, got {type(data).__name__}")
+        r = epoch_index(trainer) + 1
+        if data.dataset.round_index == r:
+            return
+        round_set = RoundSet.from_round(r, self.ensure_round(trainer, module, r))
+        module.set_prompts(round_set.prompts)
+        data.dataset.load(round_set)
+
+    def ensure_round(self, trainer: L.Trainer, module: MITuneModule, r: int) -> RoundDir:
+        """Generate and select round r unless it is complete; every rank generates a share of the prompts,
+        rank 0 selects."""
+        out = self.run.round(r)
+        if out.is_complete():
+            if trainer.is_global_zero:  # may rebuild the metadata and the plot: one writer
+                verify_round(out, round_settings(module.pipe, self.prompts, self.generation), len(self.prompts),
+                             self.generation)
+                if not out.histogram.is_file():  # killed between the round's end and its plot
+                    save_figure(out.histogram, self.histogram(out, r), dpi=100)
+            trainer.strategy.barrier("mitune-round-verified")
+            return out
+        training = module.unet.training
+        module.unet.eval()
+        with merged_adapters(module.pipe):  # base-model speed; the weights come back bit-exact
+            generate_round(module.pipe, self.prompts, self.generation, out, scores=sampling_scores(self.generation.selection),
+                           progress=trainer.is_global_zero, rank=trainer.global_rank, world_size=trainer.world_size,
+                           stop=self.stop)
+        module.unet.train(training)
+        trainer.strategy.barrier("mitune-round")
+        if trainer.is_global_zero:  # every rank's prompts are in
+            self.log_round(trainer, r, out, select_round(out, len(self.prompts), self.generation))
+        trainer.strategy.barrier("mitune-round-done")
+        return out
+
+    def on_train_epoch_end(self, trainer: L.Trainer, module: MITuneModule) -> None:
+        """Keep the adapter of the round just trained (and the latest one as the run's result)."""
+        if trainer.is_global_zero:
+            r = trainer.current_epoch + 1
+            for target in (self.run.round(r).adapter, self.run.adapter):
+                save_adapters(module.pipe, target, base_model=self.base_model, config=module.adapter_config)
+            self.run.write_progress(r, trainer.global_step)
+
+    def log_round(self, trainer: L.Trainer, r: int, out: RoundDir, stats: dict[str, float]) -> None:
+        """Per-round MI statistics, an MI histogram and an image table."""
+        rows = out.rows()
+        logged = {"round/index": r, "round/mean_mi": stats["mean_mi"], "round/median_mi": stats["median_mi"],
+                  "round/topk_mi": stats["mean_selected_mi"], "round/selection_margin": stats["selection_margin"]}
+        save_figure(out.histogram, self.histogram(out, r), dpi=100)
+        for logger in trainer.loggers:
+            logger.log_metrics(logged, step=trainer.global_step)
+            if isinstance(logger, WandbLogger):
+                logger.log_image("round/mi_hist", [str(out.histogram)], step=trainer.global_step)
+                logger.log_table(
+                    "round/images",
+                    columns=["round", "prompt", "image", "mi", "rank", "selected"],
+                    data=[[r, row["prompt"], wandb_image(out.path / row["file_name"]), row["mi"], row["rank"],
+                           row["selected"]] for row in rows[: self.log_images]],
+                    step=trainer.global_step,
+                )
+
+    def histogram(self, out: RoundDir, r: int) -> Figure:
+        return plot_round(out.rows(), f"round {r}: {describe(self.generation)}")
+
+
+def wandb_image(path: Path):
+    import wandb
+
+    return wandb.Image(str(path))
+
+
+def run_round(pipe: DiffusionPipeline, prompts: list[str], config: GenerationConfig, round_dir: RoundDir | str | Path,
+              **kwargs) -> RoundDir:
+    """One round's data in one process, as ``MIRounds`` makes it: generate and score, then select."""
+    out = generate_round(pipe, prompts, config, round_dir, scores=sampling_scores(config.selection), **kwargs)
+    select_round(out, len(prompts), config)
+    return out

@@ -1,0 +1,106 @@
+"""Algorithm 1's settings, typed: one round's sampling and selection (``GenerationConfig``) and its
+fine-tuning (``TrainConfig``). The defaults are the paper's and are written only here (sampling in
+``mitune.mi.sampler.SamplingConfig``): ``conf/<group>/paper.yaml`` composes them (``mitune.config``).
+
+Plain dataclasses with range checks, so evaluation can type its config without loading the training
+stack, and a strategy's name is checked by ``mitune.rounds.selection`` before any generation.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from mitune.mi.estimators import MIConfig
+from mitune.mi.sampler import PAPER_SAMPLING, SamplingConfig
+
+SEED_MODES = ("per_prompt", "shared")
+
+
+def check_top_k(num_candidates: int, k: int) -> None:
+    if num_candidates < 1:
+        raise ValueError(f"num_candidates (M) must be >= 1, got {num_candidates}")
+    if not 1 <= k <= num_candidates:
+        raise ValueError(f"top_k must be in [1, M={num_candidates}], got {k}")
+
+
+@dataclass(frozen=True)
+class GenerationConfig:
+    """One round's sampling and selection settings.
+
+    The defaults are the paper's (Algorithm 1): M=50 candidates, top-1 by MI, sampled as
+    ``SamplingConfig`` (CFG 7.5, 50 DDPM steps with sigma_t^2 = beta_t), a distinct seed per
+    (prompt, candidate). The sampling keys stay flat (``generation.guidance_scale=``) as users sweep them.
+    """
+
+    num_candidates: int = 50
+    top_k: int = 1
+    guidance_scale: float = PAPER_SAMPLING.guidance_scale
+    num_inference_steps: int = PAPER_SAMPLING.num_inference_steps
+    micro_batch: int = 50
+    seed: int = 0
+    seed_mode: str = "per_prompt"  # or "shared"
+    variance_type: str = PAPER_SAMPLING.variance_type
+    # Algorithm 2 adds no noise at the last step; True adds it as diffusers' DDPM does at t=1.
+    last_step_noise: bool = PAPER_SAMPLING.last_step_noise
+    # Also keep each candidate's MI map: "mi_maps" in the latents file and an overlay PNG.
+    save_mi_maps: bool = False
+    # Rank candidates by: mi (MI-TUNE), phrase_mi (smallest per-phrase conditional MI; P more
+    # UNet rows per step for P phrases), random (the control) or an alignment metric's name
+    # (mitune.rounds.selection; toy_oracle is the toy world's upper bound).
+    selection: str = "mi"
+    mi: MIConfig = field(default_factory=MIConfig)
+
+    def __post_init__(self) -> None:
+        check_top_k(self.num_candidates, self.top_k)
+        self.sampling  # noqa: B018  (checks the sampling settings)
+        if self.micro_batch < 1:
+            raise ValueError(f"micro_batch must be >= 1, got {self.micro_batch}")
+        if self.seed_mode not in SEED_MODES:
+            raise ValueError(f"seed_mode must be 'per_prompt' or 'shared', got {self.seed_mode!r}")
+        if self.save_mi_maps and self.selection == "phrase_mi":
+            raise ValueError("save_mi_maps is not available with selection=phrase_mi")
+
+    @property
+    def sampling(self) -> SamplingConfig:
+        return SamplingConfig(guidance_scale=self.guidance_scale, num_inference_steps=self.num_inference_steps,
+                              variance_type=self.variance_type, last_step_noise=self.last_step_noise, mi=self.mi)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation settings; the defaults are the paper's (Table 8): AdamW lr 1e-4, betas
+    (0.9, 0.999), weight decay 1e-2, eps 1e-8, constant LR, batch 400, 300 iterations per round,
+    t ~ U(500, 1000). They are written only here: ``conf/train/paper.yaml`` composes them (see
+    ``mitune.config``); the gradient clipping (norm 1.0) is the Lightning Trainer's, in
+    ``conf/trainer/default.yaml``. Gradient accumulation is derived:
+    effective_batch = micro_batch x accumulation x devices (must divide exactly).
+    """
+
+    effective_batch: int = 400
+    micro_batch: int = 8
+    steps_per_round: int = 300
+    lr: float = 1e-4
+    betas: tuple[float, float] = (0.9, 0.999)
+    weight_decay: float = 1e-2
+    eps: float = 1e-8
+    t_min: int = 500
+    t_max: int = 1000
+    # diffusers' `proportion_empty_prompts`: the share of samples trained on the empty prompt, so the
+    # unconditional branch that CFG subtracts learns the round's images too. The paper: 0.
+    empty_prompt_prob: float = 0.0
+    train_text_encoder: bool = False
+    # DoRA's weight norm once per optimizer step instead of per micro-batch: exact, and faster with
+    # gradient accumulation (DoraNormCache, docs/benchmarks/training_cpu.md).
+    cache_dora_norm: bool = True
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("effective_batch", "micro_batch", "steps_per_round"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"train.{name} must be >= 1, got {getattr(self, name)}")
+        if not 0 <= self.t_min < self.t_max:
+            raise ValueError(f"train.t_min/t_max must satisfy 0 <= t_min < t_max, got {self.t_min}, {self.t_max}")
+        if self.lr <= 0:
+            raise ValueError(f"train.lr must be > 0, got {self.lr}")
+        if not 0 <= self.empty_prompt_prob < 1:
+            raise ValueError(f"train.empty_prompt_prob must be in [0, 1), got {self.empty_prompt_prob}")
