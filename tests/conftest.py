@@ -41,7 +41,9 @@ def task_config():
     group) give a single run's values."""
     from hydra import compose, initialize_config_dir
 
-    import mitune.config  # noqa: F401  (registers the ${mitune.*} resolvers and the settings' defaults conf/ composes)
+    import mitune.config
+
+    mitune.config.register()  # the ${mitune.*} resolvers and the settings' defaults conf/ composes
 
     def make(name: str, overrides: list[str] | tuple[str, ...], output_dir: Path):
         with initialize_config_dir(str(REPO / "conf"), version_base="1.3"):

@@ -11,7 +11,7 @@ from PIL import Image
 
 from mitune import analysis
 from mitune.rounds.settings import GenerationConfig
-from mitune.rounds.generation import run_round
+from mitune.rounds.loop import run_round
 from mitune.runs.io import read_jsonl, write_jsonl
 from mitune.models.loading import load_pipeline
 

@@ -8,7 +8,9 @@ from pathlib import Path
 import pytest
 from hydra import compose, initialize_config_dir
 
-import mitune.config  # noqa: F401  (registers the settings dataclasses' defaults that conf/ composes)
+import mitune.config
+
+mitune.config.register()  # the settings dataclasses' defaults that conf/ composes
 
 ROOT = Path(__file__).resolve().parent.parent
 CONF = ROOT / "conf"

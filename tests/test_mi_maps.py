@@ -12,7 +12,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from mitune.rounds.settings import GenerationConfig
-from mitune.rounds.generation import run_round
+from mitune.rounds.loop import run_round
 from mitune.mi.maps import heat, overlay
 from mitune.models.loading import load_pipeline
 
@@ -22,8 +22,8 @@ CONFIG = GenerationConfig(num_candidates=3, top_k=1, guidance_scale=5.0, num_inf
 
 def test_round_saves_maps_that_sum_to_mi_without_changing_the_round(tiny_sd_path, tmp_path):
     pipe = load_pipeline(str(tiny_sd_path))
-    plain = run_round(pipe, PROMPTS, CONFIG, tmp_path / "plain", progress=False).round_dir
-    mapped = run_round(pipe, PROMPTS, replace(CONFIG, save_mi_maps=True), tmp_path / "maps", progress=False).round_dir
+    plain = run_round(pipe, PROMPTS, CONFIG, tmp_path / "plain", progress=False).path
+    mapped = run_round(pipe, PROMPTS, replace(CONFIG, save_mi_maps=True), tmp_path / "maps", progress=False).path
     for pid in range(len(PROMPTS)):
         name = f"latents/{pid:06d}.safetensors"
         with_maps, without = load_file(str(mapped / name)), load_file(str(plain / name))

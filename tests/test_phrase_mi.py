@@ -18,7 +18,7 @@ import torch
 from diffusers import DDPMScheduler
 
 from mitune.rounds.settings import GenerationConfig
-from mitune.rounds.generation import run_round
+from mitune.rounds.loop import run_round
 from mitune.mi.estimators import pointwise_mi, sample_with_mi
 from mitune.models.builders import SD_DDPM_CONFIG
 from mitune.mi.pipeline import ddpm_scheduler, encode_prompts, null_embedding, unet_eps_fn
@@ -134,7 +134,8 @@ def test_phrase_mi_of_the_whole_prompt_is_plain_mi(tiny_sd_path):
 
 def test_rest_embeddings_pad_short_prompts_and_min_ignores_the_padding(tiny_sd_path):
     pipe = load_pipeline(str(tiny_sd_path))
-    rests, valid = rest_embeddings(pipe, ["a red square and a yellow circle", "a blue car"])
+    prompts = ["a red square and a yellow circle", "a blue car"]
+    rests, valid = rest_embeddings(pipe, prompts, [prompt_phrases(p) for p in prompts])
     assert len(rests) == 2 and valid.tolist() == [[True, True], [True, False]]
     expected = encode_prompts(pipe, ["a yellow circle", "", "a red square", "a blue car"])
     torch.testing.assert_close(torch.cat(rests), expected)
@@ -148,9 +149,9 @@ def test_generation_round_selects_by_the_smallest_phrase_mi(tiny_sd_path, tmp_pa
     pipe = load_pipeline(str(tiny_sd_path))
     prompts = ["a red apple and a green book", "a blue car"]
     config = GenerationConfig(num_candidates=3, top_k=1, num_inference_steps=3, micro_batch=4)
-    plain = run_round(pipe, prompts, config, tmp_path / "plain", progress=False).round_dir
+    plain = run_round(pipe, prompts, config, tmp_path / "plain", progress=False).path
     phrased = run_round(pipe, prompts, replace(config, selection="phrase_mi"), tmp_path / "phrase", progress=False)
-    rows = [json.loads(line) for line in (phrased.round_dir / "metadata.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in (phrased.path / "metadata.jsonl").read_text().splitlines()]
     plain_rows = [json.loads(line) for line in (plain / "metadata.jsonl").read_text().splitlines()]
     assert [r["mi"] for r in rows] == pytest.approx([r["mi"] for r in plain_rows], rel=1e-4)
     for pid in range(2):

@@ -18,7 +18,9 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.override_parser.types import Glob
 from hydra.utils import instantiate
 
-import mitune.config  # noqa: F401  (registers the config resolvers and the settings defaults conf/ composes)
+import mitune.config
+
+mitune.config.register()  # the config resolvers and the settings defaults conf/ composes
 
 REPO = Path(__file__).resolve().parents[1]
 CONF = REPO / "conf"

@@ -256,6 +256,8 @@ def test_bad_input_exits_non_zero_naming_the_key(tmp_path):
         ("adapter.rank=0", ValueError, "rank"),
         ("resume=/nonexistent.ckpt", FileNotFoundError, "resume checkpoint /nonexistent.ckpt does not exist"),
         ("trainer.precision=bf16-true", ValueError, "trainer.precision=bf16-true would train the adapter weights in half"),
+        ("generation.selection=toy_oracle", ValueError, "selection=toy_oracle: .* is not a toy-world prompt"),
+        ("generation.selection=no_such_score", ValueError, "generation.selection must be one of"),
     ],
 )
 def test_bad_input_fails_before_the_model_loads(task_config, tmp_path, override, error, msg):

@@ -1,0 +1,85 @@
+# The toy benchmark (docs/toy/), included by the Makefile: `make -j2 toy-eval` (about 3.3 h on 2 cores).
+#
+# The runs, one make target each (toy-run-<selection>-seed<n>, toy-mk-M<m>-k<k>-seed<n>):
+#
+#   selection                       seeds       rounds   what
+#   mi, random, toy_oracle,         0 1 2       3        MI-TUNE, the control's two sides, phrase MI
+#     phrase_mi
+#   mi, random, toy_oracle,         3 4         1
+#     phrase_mi
+#   toy_objects                     0-4         1        the busy-image control (most objects drawn)
+#   M/k: mi, M in {4, 16} at k=1,   0 1 2       1        E.1's sensitivity (TOY_MK)
+#     k in {2, 4} at M=8
+#
+# Each run trains on 75 train prompts and is evaluated (with the base model, round 0) after every round at
+# CFG 3 and 7.5 on 50 unseen in-distribution prompts x 6 images. Then the tables, paired contrasts with
+# bootstrap CIs, the rounds' diagnostics and plots are copied into docs/toy/ with the invocation's wall
+# time (every stage resumes).
+TOY := outputs/toy-eval
+TOY_SEEDS := 0 1 2 3 4
+TOY_SELECTIONS := mi random toy_oracle phrase_mi toy_objects
+TOY_ROUNDS := 3
+TOY_ROUND_SELECTIONS := mi random toy_oracle phrase_mi
+TOY_ROUND_SEEDS := 0 1 2
+TOY_MK := M4-k1 M16-k1 M8-k2 M8-k4
+TOY_MK_SEEDS := 0 1 2
+TOY_CFGS := 3.0,7.5
+TOY_CONTRASTS := toy_oracle-random mi-random mi-base toy_oracle-base random-base mi-toy_oracle phrase_mi-random phrase_mi-mi phrase_mi-base toy_objects-random toy_objects-base mi-toy_objects
+# The M/k tables hold the benchmark's mi, random and oracle runs of the M/k seeds too: M=8, k=1 and the control on them.
+TOY_MK_CONTRASTS := $(foreach c,$(TOY_MK),mi-$(c)-mi mi-$(c)-random mi-$(c)-base) mi-random mi-base toy_oracle-random
+TOY_DOCS := table1.md table1.csv contrasts.csv contrasts.md rounds.png rounds.csv
+TOY_ANALYSIS := cdf_toy_oracle.png cdf_toy_objects.png kendall_toy_oracle.json kendall_toy_objects.json
+# Runs <selection>-seed<n>, the multi-round ones first (the longest); rounds of a run; M/k runs M<m>-k<k>-seed<n>.
+toy_runs = $(foreach s,$(1),$(foreach n,$(2),$(s)-seed$(n)))
+TOY_RUNS := $(call toy_runs,$(TOY_ROUND_SELECTIONS),$(TOY_ROUND_SEEDS)) \
+	$(filter-out $(call toy_runs,$(TOY_ROUND_SELECTIONS),$(TOY_ROUND_SEEDS)),$(call toy_runs,$(TOY_SELECTIONS),$(TOY_SEEDS)))
+toy_selection = $(firstword $(subst -seed, ,$(1)))
+toy_seed = $(lastword $(subst -seed, ,$(1)))
+toy_rounds = $(if $(filter $(1),$(call toy_runs,$(TOY_ROUND_SELECTIONS),$(TOY_ROUND_SEEDS))),$(TOY_ROUNDS),1)
+toy_wandb = logger.wandb.name=toy-$(1) logger.wandb.group=$(2)
+toy_mk = $(patsubst $(2)%,%,$(filter $(2)%,$(subst -, ,$(1))))
+# One thread per process: the toy model's ops are too small to gain from more, and the numbers then do not
+# depend on the machine's core count.
+toy-eval toy-summary toy-run-% toy-mk-%: export OMP_NUM_THREADS := 1
+toy-eval: toy-started $(addprefix toy-run-,$(TOY_RUNS)) $(addprefix toy-mk-,$(call toy_runs,$(TOY_MK),$(TOY_MK_SEEDS)))
+	$(MAKE) --no-print-directory toy-summary
+	echo "make toy-eval: $$(( $$(date +%s) - $$(cat $(TOY)/summary/.started) )) s wall time, finished $$(date -u +%FT%TZ)" \
+		> $(TOY)/summary/wall_time.txt
+	cp $(TOY)/summary/wall_time.txt docs/toy/
+
+# The tables, diagnostics and plots from the runs' saved images (also alone: `make toy-summary`).
+toy-summary: $(STAMP)
+	$(PY) -m mitune.analysis $(TOY)/train --metric toy_oracle toy_objects --out $(TOY)/summary
+	for r in $$(seq 1 $(TOY_ROUNDS)); do \
+		$(PY) -m mitune.analysis $(TOY)/train/mi-seed0/rounds/round_$$r --metric toy_oracle toy_objects \
+			--out $(TOY)/summary/round_$$r && mkdir -p docs/toy/round_$$r && \
+		cp $(addprefix $(TOY)/summary/round_$$r/,$(TOY_ANALYSIS)) docs/toy/round_$$r/ || exit 1; done
+	$(PY) -m mitune.summary $(TOY)/eval --out $(TOY)/summary --cfg 3.0 7.5 --contrast $(TOY_CONTRASTS)
+	$(PY) -m mitune.analysis $(TOY)/mk/train --metric toy_oracle toy_objects --out $(TOY)/mk/summary
+	$(PY) -m mitune.summary $(TOY)/mk/eval $(wildcard $(foreach s,mi random toy_oracle,$(TOY)/eval/$(s)-seed[$(subst $() ,,$(TOY_MK_SEEDS))]/round_[01]-*)) \
+		--out $(TOY)/mk/summary --cfg 3.0 7.5 --contrast $(TOY_MK_CONTRASTS)
+	cp $(addprefix $(TOY)/summary/,$(TOY_DOCS)) docs/toy/
+	mkdir -p docs/toy/mk && cp $(addprefix $(TOY)/mk/summary/,table1.md table1.csv contrasts.csv contrasts.md rounds.csv) \
+		docs/toy/mk/
+
+# One run (<selection>-seed<n>): its rounds, then every round's evaluation (round 0, the base model, is shared
+# by a seed's runs: the first job writes its images, the others wait and reuse them). Runs are single Hydra
+# runs, not one sweep, so parallel targets share no sweep record; W&B groups them by their folder.
+toy-run-%: $(STAMP)
+	$(PY) -m mitune.run +experiment=toy generation.selection=$(call toy_selection,$*) seed=$(call toy_seed,$*) \
+		rounds=$(call toy_rounds,$*) resume=true hydra.run.dir=$(TOY)/train/$* $(call toy_wandb,$*,$(TOY)/train)
+	$(PY) -m mitune.evaluate -m +experiment=toy_eval generation.selection=$(call toy_selection,$*) \
+		seed=$(call toy_seed,$*) eval.round=$$(seq -s, 0 $(call toy_rounds,$*)) generation.guidance_scale=$(TOY_CFGS) \
+		toy_dir=$(TOY)
+
+# One M/k run (M<m>-k<k>-seed<n>): MI selection of the top k of m candidates, one round, and its evaluation.
+toy-mk-%: $(STAMP)
+	$(PY) -m mitune.run +experiment=toy generation.num_candidates=$(call toy_mk,$*,M) \
+		generation.top_k=$(call toy_mk,$*,k) seed=$(call toy_mk,$*,seed) resume=true \
+		hydra.run.dir=$(TOY)/mk/train/mi-$* $(call toy_wandb,mi-$*,$(TOY)/mk/train)
+	$(PY) -m mitune.evaluate -m +experiment=toy_eval seed=$(call toy_mk,$*,seed) eval.round=1 \
+		generation.guidance_scale=$(TOY_CFGS) toy_dir=$(TOY) run_dir=$(TOY)/mk/train/mi-$* \
+		eval.method=mi-$(subst -seed$(call toy_mk,$*,seed),,$*) hydra.sweep.dir=$(TOY)/mk/eval/mi-$*
+
+toy-started: $(STAMP)
+	mkdir -p $(TOY)/summary && date +%s > $(TOY)/summary/.started
