@@ -63,7 +63,7 @@ def seeds(batch: int) -> list[int]:
 
 def run_mitune(pipe, prompts: list[str], config: GenerationConfig) -> None:
     jobs = [Job(i, 0, s) for i, s in enumerate(seeds(len(prompts)))]
-    latents = generate_batch(pipe, prompts, jobs, config)[0]
+    latents = generate_batch(pipe, prompts, jobs, config).latents
     decode_latents(pipe, latents)
 
 

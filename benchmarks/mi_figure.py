@@ -18,7 +18,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from matplotlib.figure import Figure
 
 from mitune.runs import io as mio
-from mitune.rounds.generation import candidate_seed
+from mitune.runs.seeds import candidate_seed
 from mitune.mi.estimators import sample_with_mi
 from mitune.mi.maps import overlay
 from mitune.mi.pipeline import (

@@ -22,7 +22,7 @@ import torch
 from scipy.stats import spearmanr
 
 from mitune.runs import io as mio
-from mitune.rounds.generation import candidate_seed
+from mitune.runs.seeds import candidate_seed
 from mitune.mi.estimators import calibrated_proposal, pointwise_mi
 from mitune.models.builders import SD_DDPM_CONFIG
 from mitune.mi.pipeline import ddpm_scheduler, encode_prompts, null_embedding, unet_eps_fn
@@ -91,7 +91,7 @@ def toy_row(num_prompts: int, per_prompt: int, draws: int) -> str:
     """The toy model's own samples (8 per prompt), MI by each sampler; the pilot is other prompts."""
     pipe = load_pipeline(str(MODEL_DIR))
     pipe.set_progress_bar_config(disable=True)
-    from mitune.rerank import sample_batch
+    from mitune.mi.sampler import sample
 
     prompts = load_toy("val", 4).prompts[:: max(1, 20 // num_prompts)][:num_prompts]
     pilot_prompt = load_toy("train", 1).prompts[0]
@@ -99,7 +99,7 @@ def toy_row(num_prompts: int, per_prompt: int, draws: int) -> str:
     config = RerankConfig(n=per_prompt, num_inference_steps=25)
     for text in [pilot_prompt, *prompts]:
         seeds = [candidate_seed(0, text, c) for c in range(per_prompt)]
-        latents.append(sample_batch(pipe, text, [], seeds, config)[0])
+        latents.append(sample(pipe, [text] * per_prompt, seeds, config.sampling).latents)
         texts += [text] * per_prompt
     z0 = torch.cat(latents)
     emb, null = encode_prompts(pipe, texts), null_embedding(pipe, len(texts))

@@ -4,7 +4,7 @@ Measured on CPU with the tiny random-init pipeline: the full ``run_round`` (text
 with fused MI, VAE decode, PNG + safetensors writes, selection, metadata) into temporary dirs,
 1 torch thread per process, median of repeats after one warm-up round per point. Ranks are
 separate processes sharing one round dir, as the Lightning DDP path does: rank r takes every W-th
-micro-batch (whole prompts), then ``finish_round`` runs once. A cost model (per micro-batch + per image + fixed)
+micro-batch (whole prompts) with ``generate_round``, then ``select_round`` runs once. A cost model (per micro-batch + per image + fixed)
 is fitted to the single-rank points and predicts the multi-rank ones. The GPU section is modelled, not measured: UNet FLOPs of SD-2.1-base and
 SDXL counted on the meta device, divided by peak x an assumed MFU. Writes scaling.md and scaling.png.
 
@@ -38,7 +38,9 @@ from scipy.optimize import nnls
 
 from mitune.runs.artifacts import RoundDir
 from mitune.rounds.settings import GenerationConfig
-from mitune.rounds.generation import Job, finish_round, micro_batches, rank_batches, run_round
+from mitune.rounds.generation import Job, generate_round, micro_batches, rank_batches
+from mitune.rounds.loop import run_round
+from mitune.rounds.selection import select_round
 from mitune.runs.io import save_figure
 from mitune.models.builders import build_tiny_pipeline
 from mitune.models.loading import load_pipeline
@@ -145,7 +147,7 @@ def worker(spec: dict) -> None:
     print("ready", flush=True)
     for line in sys.stdin:
         start = time.process_time()
-        run_round(pipe, prompts, config, line.strip(), progress=False, rank=spec["rank"], world_size=spec["world_size"])
+        generate_round(pipe, prompts, config, line.strip(), progress=False, rank=spec["rank"], world_size=spec["world_size"])
         print("done", time.process_time() - start, flush=True)
 
 
@@ -166,10 +168,12 @@ def spawn(cmd: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
 
 
 def measure_ranks(pipe_path: Path, p: Point, steps: int, repeats: int, tmp: Path) -> Point:
-    """W worker processes share each round dir; timed from 'go' to the merged metadata, start-up excluded."""
+    """W worker processes share each round dir, then it is selected once; timed from 'go' to the merged metadata,
+    start-up excluded."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     spec = {"pipe": str(pipe_path), "prompts": p.prompts, "candidates": p.candidates, "micro_batch": p.micro_batch,
             "steps": steps, "world_size": p.world_size}
+    config = make_config(p.candidates, p.micro_batch, steps)  # the workers' (selection runs here, once)
     logs = [tmp / f"rank{r}_of_{p.world_size}.log" for r in range(p.world_size)]  # stderr: loading bars, warnings
     procs = [spawn([sys.executable, __file__, "--worker", json.dumps({**spec, "rank": r})], env, log)
              for r, log in enumerate(logs)]
@@ -179,8 +183,7 @@ def measure_ranks(pipe_path: Path, p: Point, steps: int, repeats: int, tmp: Path
             proc.stdin.write(f"{round_dir}\n")
             proc.stdin.flush()
         cpu = [float(expect(proc, "done", log)[0]) for proc, log in zip(procs, logs)]
-        if p.world_size > 1:
-            finish_round(round_dir, p.prompts)
+        select_round(round_dir, p.prompts, config)
         return cpu
 
     try:
@@ -323,7 +326,7 @@ def report(argv: list[str], args: argparse.Namespace, points: list[Point], coef:
         f"encoding, {args.steps} DDPM steps with CFG 7.5 and fused MI, VAE decode, PNG + safetensors writes, top-1 "
         f"selection, metadata); median of {args.repeats} repeats after a warm-up round per point",
         f"- devices: W worker processes (1 thread each, started and warmed up before timing) share one round dir, "
-        f"rank r taking every W-th micro-batch (whole prompts), then `finish_round` once, as under Lightning DDP; this machine has "
+        f"rank r taking every W-th micro-batch (whole prompts), then `select_round` once, as under Lightning DDP; this machine has "
         f"{os.cpu_count()} cores, so W={os.cpu_count()} is the most it can measure",
         "- cost model: time = a x micro-batches + c x images + d on rank 0 (the busiest: ranks take every W-th batch "
         "group and only the last can be short). Sampling, decode and writes all grow with images, so they share c. Fitted "

@@ -37,13 +37,14 @@ import yaml
 from matplotlib.figure import Figure
 from scipy.stats import kendalltau
 
-from mitune.runs.artifacts import RoundDir, RunDir
-from mitune.runs.io import csv_text, read_jsonl, save_figure, write_json, write_text
 from mitune.metrics import AlignmentMetric, build_alignment_metric, load_image_folder
 from mitune.rounds.selection import rank_by_score
+from mitune.rounds.settings import GenerationConfig
+from mitune.runs.artifacts import RoundDir, RunDir
+from mitune.runs.io import csv_text, read_jsonl, save_figure, write_json, write_text
 
 PAPER_RANKS = (1, 25, 50)
-PAPER_M = 50
+PAPER_M = GenerationConfig().num_candidates
 
 
 @dataclass(frozen=True)
@@ -209,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--score-key", help="column of --scores to use (required with --scores)")
     parser.add_argument("--metric-kwargs", type=json.loads, default={}, help="JSON constructor arguments of --metric")
     parser.add_argument("--ranks", type=int, nargs="+", default=list(PAPER_RANKS), help="MI ranks (default 1 25 50)")
-    parser.add_argument("--reference-m", type=int, default=PAPER_M, help="M the ranks refer to (default 50)")
+    parser.add_argument("--reference-m", type=int, default=PAPER_M, help=f"M the ranks refer to (default: the paper's {PAPER_M})")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
     try:

@@ -52,9 +52,9 @@ def run_rerank(args: argparse.Namespace) -> str:
     """Check everything, then load the model, sample, rank and write; returns the table's path."""
     from diffusers.utils import logging as diffusers_logging
 
-    from mitune.runs import io as mio
     from mitune.models.loading import load_pipeline
     from mitune.rerank import RerankConfig, check_request, rerank, write_ranking
+    from mitune.runs import io as mio
     from mitune.toy.base_model import MODEL_DIR
 
     sampling = {"guidance_scale": args.guidance, "num_inference_steps": args.steps}

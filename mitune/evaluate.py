@@ -34,12 +34,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from mitune.runs.console import quiet_libraries  # first: quiets library loggers before the imports below load them
-from mitune.models.adapters import META_NAME, WEIGHTS_NAME, load_fused
-from mitune.runs.artifacts import RESULT_COLUMNS, RESULTS, SCORES, RoundDir, RunDir, eval_images
 from mitune.config import register, typed
-from mitune.rounds.settings import GenerationConfig
-from mitune.rounds.generation import finish_round, generate_round
-from mitune.runs.io import check_writable, csv_text, write_jsonl, write_text
 from mitune.metrics import (
     AlignmentMetric,
     MetricInputError,
@@ -50,8 +45,13 @@ from mitune.metrics import (
     load_images,
     metric_for_category,
 )
+from mitune.models.adapters import META_NAME, WEIGHTS_NAME, load_fused
 from mitune.models.loading import compile_unet
 from mitune.prompts.sources import PromptSet, read_prompt_file
+from mitune.rounds.generation import finish_round, generate_round
+from mitune.rounds.settings import GenerationConfig
+from mitune.runs.artifacts import RESULT_COLUMNS, RESULTS, SCORES, RoundDir, RunDir, eval_images
+from mitune.runs.io import check_writable, csv_text, write_jsonl, write_text
 from mitune.runs.tracking import finish_wandb, make_loggers, run_config
 
 log = logging.getLogger(__name__)

@@ -25,7 +25,6 @@ from mitune.rounds.selection import rank_by_score
 from mitune.runs import io as mio
 from mitune.runs.seeds import candidate_seed
 
-
 Score = Literal["mi", "phrase-mi"]
 SCORES = ("mi", "phrase-mi")
 TABLE = "ranking.csv"

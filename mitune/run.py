@@ -17,20 +17,20 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from mitune.runs.console import quiet_libraries  # first: quiets library loggers before the imports below load them
+from mitune.config import RunSettings, register, typed
 from mitune.models.adapters import AdapterConfig
-from mitune.runs.artifacts import RunDir
+from mitune.prompts.sources import over_length
 from mitune.rounds.data import FinetuneData
 from mitune.rounds.loop import MIRounds
-from mitune.runs.checkpoints import SafetensorsCheckpointIO, latest_checkpoint, read_state
-from mitune.config import RunSettings, register, typed
-from mitune.rounds.settings import GenerationConfig, TrainConfig
-from mitune.runs.io import check_writable
-from mitune.runs.preemption import EXIT_STATUS, Preempted, SigtermStop
-from mitune.prompts.sources import over_length
-from mitune.runs.record import check_config, exclusive, remove_temporaries
-from mitune.runs.tracking import finish_wandb, make_loggers, run_config
 from mitune.rounds.module import MITuneModule, accumulation_steps
 from mitune.rounds.selection import check_strategy
+from mitune.rounds.settings import GenerationConfig, TrainConfig
+from mitune.runs.artifacts import RunDir
+from mitune.runs.checkpoints import SafetensorsCheckpointIO, latest_checkpoint, read_state
+from mitune.runs.io import check_writable
+from mitune.runs.preemption import EXIT_STATUS, Preempted, SigtermStop
+from mitune.runs.record import check_config, exclusive, remove_temporaries
+from mitune.runs.tracking import finish_wandb, make_loggers, run_config
 
 log = logging.getLogger(__name__)
 register()  # conf/ composes the settings' defaults and the ${mitune.*} resolvers

@@ -39,8 +39,8 @@ from typing import Any
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
-from mitune.runs.artifacts import RESULT_COLUMNS, RESULTS, SCORES
 from mitune.contrasts import BASE, COLUMNS as CONTRAST_COLUMNS, ContrastError, Job, contrast_table, contrasts_markdown
+from mitune.runs.artifacts import RESULT_COLUMNS, RESULTS, SCORES
 from mitune.runs.io import csv_text, save_figure, write_text
 from mitune.runs.tracking import setup_wandb
 

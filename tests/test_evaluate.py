@@ -24,7 +24,7 @@ REPO = Path(__file__).resolve().parents[1]
 CONF = REPO / "conf"
 FIXTURES = REPO / "tests" / "fixtures"
 TOY_PROMPTS = ["a red square", "a blue circle and a green triangle"]
-FAST = ["model=tiny", "data=demo", "generation.num_inference_steps=3", "eval.num_images=2", "eval.category=toy", "eval.alignment=[toy_oracle]",
+FAST = ["scale=smoke", "model=tiny", "data=demo", "eval.num_images=2", "eval.category=toy", "eval.alignment=[toy_oracle]",
         f"data.prompts=[{','.join(TOY_PROMPTS)}]"]
 
 
@@ -204,7 +204,7 @@ def test_base_model_job_writes_a_tidy_table_and_reuses_its_images(eval_config, t
 
     # Same point again: the complete folder is reused without loading the model; results are identical.
     monkeypatch.setattr("mitune.models.loading.tiny_default_pipeline", lambda *a, **k: pytest.fail("model loaded for cached images"))
-    monkeypatch.setattr(ev, "run_round", lambda *a, **k: pytest.fail("cached images were generated again"))
+    monkeypatch.setattr(ev, "generate_round", lambda *a, **k: pytest.fail("cached images were generated again"))
     again = ev.evaluate(eval_config(*overrides))
     assert [r["value"] for r in again] == [r["value"] for r in rows]
 
@@ -221,7 +221,7 @@ def test_a_second_job_for_the_same_images_waits_for_the_writer_then_reuses_them(
     overrides = [*FAST, f"model.path_or_id={tiny_sd_path}", f"eval.image_root={images}"]
     first = ev.evaluate(eval_config(*overrides))
     [folder] = (images / "round_0").iterdir()
-    monkeypatch.setattr(ev, "run_round", lambda *a, **k: pytest.fail("a folder being written was generated again"))
+    monkeypatch.setattr(ev, "generate_round", lambda *a, **k: pytest.fail("a folder being written was generated again"))
     result: list = []
     with FileLock(str(RoundDir(folder).lock)):  # another job is writing it
         waiting = threading.Thread(target=lambda: result.append(ev.evaluate(eval_config(*overrides))))

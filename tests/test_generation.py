@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from mitune.models.loading import load_pipeline
 from mitune.rounds import generation
 from mitune.rounds.loop import run_round
-from mitune.rounds.selection import check_strategy, select_round
+from mitune.rounds.selection import select_round
 from mitune.rounds.settings import GenerationConfig
 from mitune.runs.artifacts import RoundDir
 from mitune.runs.seeds import candidate_seed
@@ -169,11 +169,10 @@ def test_random_selection_keeps_the_candidates_and_changes_only_the_choice(pipe,
         assert {r["candidate"] for r in mine if r["selected"]} == {r["candidate"] for r in best}
 
 
-def test_oracle_selection_rejects_prompts_outside_the_toy_grammar():
-    """Selection is out of generation: the strategy check (``mitune.run.train`` makes it before the model
-    loads, tests/test_run.py) names the prompt the selecting metric cannot score."""
+def test_oracle_selection_rejects_prompts_outside_the_toy_grammar(pipe, tmp_path):
     with pytest.raises(ValueError, match="selection=toy_oracle: .* is not a toy-world prompt"):
-        check_strategy("toy_oracle", PROMPTS)
+        run_round(pipe, PROMPTS, replace(CONFIG, selection="toy_oracle"), tmp_path / "round", progress=False)
+    assert not (tmp_path / "round").exists()
 
 
 def test_rank_groups_hold_lcm_jobs_so_shares_stay_balanced():

@@ -114,7 +114,7 @@ class FakeSpacy:
 def test_spacy_is_used_when_loaded_and_the_rules_stand_in_with_a_warning_otherwise(monkeypatch, caplog):
     import sys
 
-    from mitune.metrics import phrases
+    from mitune.prompts import phrases
 
     monkeypatch.setattr(phrases, "_spacy_nlp", lambda: FakeSpacy())
     assert noun_chunks("a red cat") == ["a", "red", "cat"]

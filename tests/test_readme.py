@@ -101,3 +101,13 @@ def test_offline_command_runs(command, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert (out / "adapter" / "pytorch_lora_weights.safetensors").is_file()
     assert f"outputs in {out}" in result.stdout
+
+
+def test_the_mi_library_example_runs_as_written(monkeypatch):
+    """The README's "MI as a library" block, run from the repository root on the toy model it names."""
+    [block] = re.findall(r"## MI as a library\n\n```python\n(.*?)```", (REPO / "README.md").read_text(), flags=re.S)
+    monkeypatch.chdir(REPO)
+    scope: dict = {}
+    exec(compile(block, "README.md", "exec"), scope)
+    assert scope["out"].latents.shape[0] == len(scope["mi"]) == 4
+    assert (scope["out"].mi > 0).all() and (scope["mi"] > 0).all()

@@ -24,22 +24,19 @@ from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
 from mitune.models.adapters import AdapterConfig
-from mitune.config import SCHEMAS, typed  # importing it registers the settings defaults that conf/ composes
+from mitune.config import SCHEMAS, register, typed
 from mitune.rounds.settings import GenerationConfig
 from mitune.mi.estimators import MIConfig
 from mitune.rounds.module import TrainConfig
 from mitune.run import train
+
+register()  # the settings defaults and the ${mitune.*} resolvers conf/ composes
 
 REPO = Path(__file__).resolve().parents[1]
 CONF = REPO / "conf"
 FIXTURES = REPO / "tests" / "fixtures"
 EXPS = sorted(p.stem for p in (CONF / "exp").glob("*.yaml"))
 PAPER_SETUPS = ("sd21_paper", "sd21_authors_code", "sdxl_paper")
-SMALL = [
-    "generation.num_candidates=3", "generation.num_inference_steps=4", "generation.micro_batch=6",
-    "train.effective_batch=4", "train.micro_batch=2", "train.steps_per_round=3", "adapter.rank=4", "adapter.alpha=4",
-    "callbacks.step_checkpoint.every_n_train_steps=1", "callbacks.throughput.window_size=2",
-]
 
 
 def cli(*args: str, tiny: Path, timeout: float = 300, **extra_env: str) -> subprocess.CompletedProcess:
@@ -77,7 +74,7 @@ def test_every_exp_composes_and_loads_its_prompts(exp):
 def test_every_paper_setup_composes_with_a_real_model(experiment):
     with initialize_config_dir(str(CONF), version_base="1.3"):
         cfg = compose("config", overrides=["+exp=color", f"+experiment={experiment}"])
-    assert cfg.model._target_ == "mitune.models.loading.load_pipeline"
+    assert cfg.model._target_ == "mitune.models.load_pipeline"
     assert cfg.model.path_or_id.startswith("stabilityai/")
     generation, train, adapter = instantiate(cfg.generation), instantiate(cfg.train), instantiate(cfg.adapter)
     assert (generation.num_candidates, generation.top_k, generation.guidance_scale) == (50, 1, 7.5)
@@ -148,7 +145,7 @@ def test_authors_code_settings():
 
 def test_two_rounds_end_to_end_with_logs(tiny_sd_path, tmp_path):
     out = tmp_path / "run"
-    result = cli(*SMALL, "data.limit=2", "rounds=2", f"hydra.run.dir={out}", tiny=tiny_sd_path)
+    result = cli("scale=smoke", "data.limit=2", "rounds=2", f"hydra.run.dir={out}", tiny=tiny_sd_path)
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"outputs in {out}" in result.stdout
     for r in (1, 2):
@@ -203,7 +200,7 @@ def wandb_records(run_dir: Path) -> list:
 
 def test_cfg_sweep_has_one_root_named_jobs_and_grouped_wandb_runs(tiny_sd_path, tmp_path):
     sweep = tmp_path / "sweep"
-    result = cli("-m", "generation.guidance_scale=2.5,7.5", *SMALL, "data.limit=1", "rounds=2",
+    result = cli("-m", "generation.guidance_scale=2.5,7.5", "scale=smoke", "data.limit=1", "rounds=2",
                  f"hydra.sweep.dir={sweep}", tiny=tiny_sd_path, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     assert sorted(p.name for p in sweep.iterdir()) == [
@@ -226,7 +223,7 @@ def test_cfg_sweep_has_one_root_named_jobs_and_grouped_wandb_runs(tiny_sd_path, 
 
 def test_multirun_over_all_exps_and_cfg(tiny_sd_path, tmp_path):
     result = cli("-m", "+exp=glob(*)", "generation.guidance_scale=2.5,7.5", "data.limit=1", "rounds=1",
-                 "logger=csv", *SMALL, f"hydra.sweep.dir={tmp_path}", tiny=tiny_sd_path, timeout=900,
+                 "logger=csv", "scale=smoke", f"hydra.sweep.dir={tmp_path}", tiny=tiny_sd_path, timeout=900,
                  MITUNE_COMPBENCH_DIR=str(FIXTURES / "compbench"))
     assert result.returncode == 0, result.stderr[-3000:]
     jobs = sorted(p.parent.parent.name for p in tmp_path.glob("*/adapter/pytorch_lora_weights.safetensors"))
@@ -237,7 +234,7 @@ def test_multirun_over_all_exps_and_cfg(tiny_sd_path, tmp_path):
 def test_bad_input_exits_non_zero_naming_the_key(tmp_path):
     """The real command ends with an error status and the message; every case is checked in-process below."""
     missing_model = tmp_path / "never-built"
-    result = cli(*SMALL, "generation.top_k=5", f"hydra.run.dir={tmp_path / 'run'}", tiny=missing_model)
+    result = cli("scale=smoke", "generation.top_k=5", f"hydra.run.dir={tmp_path / 'run'}", tiny=missing_model)
     assert result.returncode != 0
     assert re.search(r"top_k must be in \[1, M=3\], got 5", result.stderr), result.stderr[-2000:]
     assert not missing_model.exists()
@@ -262,7 +259,7 @@ def test_bad_input_exits_non_zero_naming_the_key(tmp_path):
 )
 def test_bad_input_fails_before_the_model_loads(task_config, tmp_path, override, error, msg):
     missing_model = tmp_path / "never-built"
-    cfg = task_config("config", tiny_overrides(*SMALL, override, tiny=missing_model), tmp_path / "run")
+    cfg = task_config("config", tiny_overrides("scale=smoke", override, tiny=missing_model), tmp_path / "run")
     with pytest.raises(error, match=msg):
         train(cfg)
     assert not missing_model.exists()
@@ -294,7 +291,7 @@ def uninterrupted(tiny_sd_path, tmp_path_factory):
     return out
 
 
-KILL_ARGS = [*SMALL, "data.limit=4", "rounds=2", "logger=csv"]
+KILL_ARGS = ["scale=smoke", "data.limit=4", "rounds=2", "logger=csv"]
 
 
 @pytest.mark.slow
@@ -332,7 +329,7 @@ def test_run_killed_in_each_phase_resumes_identically(tiny_sd_path, tmp_path, un
 @pytest.mark.slow
 def test_two_process_ddp_matches_one_process(tiny_sd_path, tmp_path):
     """2 CPU processes (gloo): rounds sharded across ranks, gradients all-reduced instead of accumulated."""
-    args = [*SMALL, "data.limit=3", "rounds=2", "logger=csv"]
+    args = ["scale=smoke", "data.limit=3", "rounds=2", "logger=csv"]
     one, two = tmp_path / "one", tmp_path / "two"
     # One CPU thread everywhere (Lightning's default for DDP ranks unless OMP_NUM_THREADS is set), so kernels
     # agree bit for bit whatever the caller exported.

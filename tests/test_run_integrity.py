@@ -18,7 +18,9 @@ from safetensors.torch import load_file
 from mitune.runs.checkpoints import STATE, TENSORS, SafetensorsCheckpointIO, latest_checkpoint, read_state
 from mitune.runs.artifacts import METADATA, RunDir
 from mitune.rounds.settings import GenerationConfig
-from mitune.rounds.generation import round_settings, run_round, verify_round
+from mitune.rounds.generation import round_settings
+from mitune.rounds.loop import run_round
+from mitune.rounds.selection import verify_round
 from mitune.models.loading import load_pipeline
 from mitune.prompts.sources import read_prompt_file
 from mitune.run import train
@@ -27,18 +29,14 @@ from mitune.runs.record import RunDirError, exclusive
 RECORD = RunDir(Path()).config_record.name
 
 REPO = Path(__file__).resolve().parents[1]
-SMALL = [
-    "data=demo", "data.limit=2", "generation.num_candidates=2", "generation.num_inference_steps=3",
-    "generation.micro_batch=4", "train.effective_batch=4", "train.micro_batch=2", "train.steps_per_round=2",
-    "adapter.rank=4", "adapter.alpha=4", "callbacks.step_checkpoint.every_n_train_steps=1", "logger=csv", "rounds=1",
-]
+RUN = ["scale=smoke", "data=demo", "data.limit=2", "logger=csv", "rounds=1"]
 
 
 @pytest.fixture(scope="session")
 def config(task_config):
     """``config(run_dir, tiny, *overrides)``: a small run of the tiny model in ``run_dir``."""
     return lambda run_dir, tiny, *overrides: task_config(
-        "config", ["model=tiny", f"model.path_or_id={tiny}", *SMALL, *overrides], run_dir)
+        "config", ["model=tiny", f"model.path_or_id={tiny}", *RUN, *overrides], run_dir)
 
 
 def snapshot(run_dir: Path) -> dict[str, bytes]:
@@ -60,10 +58,10 @@ def finished(config, tiny_sd_path, tmp_path_factory):
 @pytest.mark.parametrize("overrides, changed", [
     (["generation.guidance_scale=3.0"], ["generation.guidance_scale: 7.5 -> 3.0"]),
     (["generation.guidance_scale=3.0", "resume=true"], ["generation.guidance_scale: 7.5 -> 3.0"]),
-    (["generation.num_candidates=3", "data.limit=3", "resume=true"],
-     ["data.limit: 2 -> 3", "generation.num_candidates: 2 -> 3"]),
+    (["generation.num_candidates=4", "data.limit=3", "resume=true"],
+     ["data.limit: 2 -> 3", "generation.num_candidates: 3 -> 4"]),
     (["resume=true", "train.lr=1e-2", "train.steps_per_round=8"],
-     ["train.lr: 0.0001 -> 0.01", "train.steps_per_round: 2 -> 8"]),
+     ["train.lr: 0.0001 -> 0.01", "train.steps_per_round: 3 -> 8"]),
 ], ids=["cfg", "cfg-resume", "M-and-prompts", "training-settings"])
 def test_another_config_in_a_finished_run_dir_is_refused(config, tiny_sd_path, finished, overrides, changed):
     before = snapshot(finished)
@@ -227,38 +225,38 @@ def round_dir(tiny_sd_path, tmp_path):
     pipe = load_pipeline(str(tiny_sd_path))
     prompts, generation = ["a red cube", "a blue ball"], GenerationConfig(num_candidates=2, num_inference_steps=2)
     run_round(pipe, prompts, generation, tmp_path, progress=False)
-    return tmp_path, round_settings(pipe, prompts, generation)
+    return tmp_path, round_settings(pipe, prompts, generation), generation
 
 
 def test_a_metadata_file_missing_lines_is_rebuilt_from_parts(round_dir):
-    out, settings = round_dir
+    out, settings, generation = round_dir
     whole = (out / METADATA).read_bytes()
     (out / METADATA).write_bytes(b"".join(whole.splitlines(keepends=True)[:2]))
-    verify_round(out, settings, 2, 2)
+    verify_round(out, settings, 2, generation)
     assert (out / METADATA).read_bytes() == whole
 
 
 def test_a_damaged_metadata_file_without_its_parts_is_refused(round_dir):
-    out, settings = round_dir
+    out, settings, generation = round_dir
     (out / METADATA).write_text("")
     (out / "parts" / "000001.jsonl").unlink()
     with pytest.raises(ValueError, match="parts/000001.jsonl is missing"):
-        verify_round(out, settings, 2, 2)
+        verify_round(out, settings, 2, generation)
 
 
 def test_a_deleted_selected_image_is_named(round_dir):
-    out, settings = round_dir
+    out, settings, generation = round_dir
     selected = next(json.loads(x) for x in (out / METADATA).read_text().splitlines() if json.loads(x)["selected"])
     (out / selected["file_name"]).unlink()
     with pytest.raises(FileNotFoundError, match=selected["file_name"]):
-        verify_round(out, settings, 2, 2)
+        verify_round(out, settings, 2, generation)
 
 
 def test_a_finished_round_with_other_settings_is_refused(round_dir):
-    out, settings = round_dir
+    out, settings, generation = round_dir
     other = {**settings, "generation": {**settings["generation"], "guidance_scale": 3.0}}
     with pytest.raises(ValueError, match=r"different settings \(generation\)"):
-        verify_round(out, other, 2, 2)
+        verify_round(out, other, 2, generation)
 
 
 # ----------------------------------------------------------------------------- case 7: one writer
@@ -354,3 +352,31 @@ def test_a_byte_order_mark_is_dropped(tmp_path, caplog):
 def test_a_directory_is_not_a_prompt_file(tmp_path):
     with pytest.raises(IsADirectoryError, match="is a directory"):
         read_prompt_file(tmp_path)
+
+
+def test_a_record_written_before_the_sub_packages_still_resumes_and_still_refuses_a_change(finished):
+    """Run records name ``_target_``s; those that moved with the sub-packages are read under their new names."""
+    import yaml
+
+    from mitune.runs.record import MOVED_TARGETS, check_config
+
+    record = finished / RECORD
+    current = yaml.safe_load(record.read_text(encoding="utf-8"))
+    renamed = {new: old for old, new in MOVED_TARGETS.items()}
+
+    def as_before(tree):
+        if isinstance(tree, dict):
+            return {k: renamed.get(v, v) if k == "_target_" else as_before(v) for k, v in tree.items()}
+        return tree
+
+    before = as_before(current)
+    assert before["generation"]["_target_"] == "mitune.generation.GenerationConfig"
+    assert before["train"]["_target_"] == "mitune.config.TrainConfig"
+    record.write_text(yaml.safe_dump(before, sort_keys=True), encoding="utf-8")
+    try:
+        check_config(finished, current, resume=True)
+        changed = {**current, "train": {**current["train"], "lr": 1.0}}
+        with pytest.raises(RunDirError, match=r"train\.lr: 0\.0001 -> 1\.0"):
+            check_config(finished, changed, resume=True)
+    finally:
+        record.write_text(yaml.safe_dump(current, sort_keys=True), encoding="utf-8")

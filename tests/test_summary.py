@@ -140,9 +140,7 @@ def test_train_once_evaluate_the_grid_and_summarise(task_config, tiny_sd_path, t
     monkeypatch.setenv("WANDB_MODE", "offline")
     run_dir, sweep, out = tmp_path / "run", tmp_path / "sweep", tmp_path / "summary"
     train(task_config("config", [
-        "model=tiny", "data=demo", f"model.path_or_id={tiny_sd_path}", PROMPTS, "rounds=2", "logger=csv",
-        "generation.num_candidates=3", "generation.num_inference_steps=3", "generation.micro_batch=6",
-        "train.effective_batch=4", "train.micro_batch=2", "train.steps_per_round=2", "adapter.rank=4", "adapter.alpha=4",
+        "scale=smoke", "model=tiny", "data=demo", f"model.path_or_id={tiny_sd_path}", PROMPTS, "rounds=2", "logger=csv",
     ], run_dir))
     reference = tmp_path / "reference"
     reference.mkdir()
@@ -150,7 +148,7 @@ def test_train_once_evaluate_the_grid_and_summarise(task_config, tiny_sd_path, t
     for i in range(6):
         Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(reference / f"{i}.png")
     evaluate_grid("model=tiny", "data=demo", f"model.path_or_id={tiny_sd_path}", PROMPTS, f"run_dir={run_dir}",
-                  "eval.round=0,1,2", "generation.guidance_scale=2.5,7.5", "generation.num_inference_steps=3",
+                  "eval.round=0,1,2", "generation.guidance_scale=2.5,7.5", "scale=smoke",
                   "eval.num_images=2", "eval.category=toy", "eval.alignment=[toy_oracle]", "eval.quality=[fid]",
                   f"eval.reference={reference}",
                   "+eval.metric_kwargs.fid.extractor._target_=tests.test_evaluate.ColorFeatures",

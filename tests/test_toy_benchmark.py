@@ -26,8 +26,7 @@ from mitune.toy.oracle import score_image
 from mitune.toy.world import CATEGORIES
 
 REPO = Path(__file__).resolve().parents[1]
-SMALL = ["rounds=1", "data.per_category=1", "generation.num_candidates=3", "generation.num_inference_steps=3",
-         "train.effective_batch=4", "train.micro_batch=4", "train.steps_per_round=2", "logger=csv"]
+SMOKE = ["scale=smoke", "rounds=1", "data.per_category=1", "logger=csv"]
 SELECTIONS = ("random", "toy_oracle")
 
 
@@ -37,10 +36,10 @@ def benchmark(task_config, tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("toy-eval")
     for selection in SELECTIONS:
         run_dir = root / "train" / f"{selection}-seed0"
-        train(task_config("config", [*SMALL, "+experiment=toy", f"generation.selection={selection}", "seed=0"], run_dir))
+        train(task_config("config", [*SMOKE, "+experiment=toy", f"generation.selection={selection}", "seed=0"], run_dir))
         for r in (0, 1):
             job = root / "eval" / f"{selection}-seed0" / f"round_{r}-cfg_7.5"
-            evaluate(task_config("evaluate", [*SMALL, "+experiment=toy_eval", f"toy_dir={root}", "seed=0",
+            evaluate(task_config("evaluate", [*SMOKE, "+experiment=toy_eval", f"toy_dir={root}", "seed=0",
                                               "eval.num_images=3", f"generation.selection={selection}",
                                               f"eval.round={r}", "generation.guidance_scale=7.5"], job))
     return root

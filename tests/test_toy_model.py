@@ -28,7 +28,7 @@ def toy_pipe():
 
 def generate(pipe, prompts, n=2, steps=25, cfg=7.5):
     config = GenerationConfig(num_candidates=n, guidance_scale=cfg, num_inference_steps=steps, micro_batch=64)
-    latents = generate_batch(pipe, prompts, make_jobs(prompts, config), config)[0]
+    latents = generate_batch(pipe, prompts, make_jobs(prompts, config), config).latents
     return [np.asarray(im) for im in decode_latents(pipe, latents)]
 
 

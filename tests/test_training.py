@@ -19,7 +19,7 @@ from mitune.models.adapters import AdapterConfig
 from mitune.rounds.data import FinetuneData
 from mitune.rounds.loop import MIRounds
 from mitune.runs.checkpoints import SafetensorsCheckpointIO, flatten, latest_checkpoint, unflatten
-from mitune.rounds.data import EMPTY_PROMPT, FinetuneSet
+from mitune.rounds.data import EMPTY_PROMPT, FinetuneSet, RoundSet
 from mitune.runs.artifacts import METADATA, RoundDir
 from mitune.rounds.settings import GenerationConfig
 from mitune.mi.pipeline import encode_prompts, index_embedding, latent_shape, null_embedding
@@ -46,8 +46,14 @@ def tiny_set(module: MITuneModule, steps: int, batch: int, t_range: tuple[int, i
 def loaded_set(latents: torch.Tensor, prompt_index: torch.Tensor, length: int, t_range: tuple[int, int]) -> FinetuneSet:
     """A set with round 1's latents loaded, as the rounds callback loads them."""
     dataset = FinetuneSet(length, seed=0, t_range=t_range)
-    dataset.load(1, latents, prompt_index)
+    dataset.load(round_set(latents, prompt_index))
     return dataset
+
+
+def round_set(latents: torch.Tensor, prompt_index: torch.Tensor) -> RoundSet:
+    """Round 1's set: ``latents``, each of the prompt ``prompt_index`` points to."""
+    prompts = [f"prompt {i}" for i in range(int(prompt_index.max()) + 1)]
+    return RoundSet(1, latents, prompts, prompt_index)
 
 
 def fit(module: MITuneModule, dataset: Dataset, micro_batch: int, accumulate: int, steps: int,
@@ -184,7 +190,7 @@ def test_empty_prompt_samples_keep_their_t_and_noise_and_come_at_the_configured_
     latents = torch.zeros(3, 4, 2, 2)
     plain = loaded_set(latents, torch.arange(3), 2000, (500, 1000))
     dropping = FinetuneSet(2000, seed=0, t_range=(500, 1000), empty_prompt_prob=0.25)
-    dropping.load(1, latents, torch.arange(3))
+    dropping.load(round_set(latents, torch.arange(3)))
     items = [(plain[i], dropping[i]) for i in range(2000)]
     assert all(torch.equal(a["t"], b["t"]) and torch.equal(a["noise"], b["noise"]) for a, b in items)
     empty = [b["prompt"].item() == EMPTY_PROMPT for _, b in items]

@@ -17,11 +17,11 @@ from diffusers import DiffusionPipeline
 from PIL import Image
 from tqdm.auto import tqdm
 
-from mitune.runs.seeds import mix_seed
 from mitune.metrics.base import AlignmentMetric, MetricInputError, batches
 from mitune.mi.estimators import PAPER, MIConfig, pointwise_mi
 from mitune.mi.pipeline import ddpm_scheduler, default_size, encode_prompts, is_sdxl, null_embedding, unet_eps_fn
 from mitune.models.loading import load_pipeline
+from mitune.runs.seeds import mix_seed
 
 
 def image_digest(image: Image.Image) -> str:

@@ -19,8 +19,8 @@ from PIL import Image
 from mitune.metrics.base import AlignmentMetric
 from mitune.metrics.blip_vqa import BlipVQAMetric
 from mitune.metrics.clip_score import CompBenchCLIPMetric
-from mitune.prompts.phrases import parse_spatial
 from mitune.metrics.spatial import SpatialMetric
+from mitune.prompts.phrases import parse_spatial
 
 
 def _key(prompt: str) -> str:

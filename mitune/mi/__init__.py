@@ -6,9 +6,18 @@ It imports no Lightning, Hydra, run-dir code or metrics (``tests/test_architectu
     from mitune.mi import pointwise_mi, sample_with_mi
 """
 
-from mitune.mi.estimators import PAPER, Embedding, EpsFn, MIConfig, NonFiniteMIError, kappa, pointwise_mi, sample_with_mi
+from mitune.mi.estimators import (
+    PAPER,
+    Embedding,
+    EpsFn,
+    MIConfig,
+    NonFiniteMIError,
+    kappa,
+    pointwise_mi,
+    sample_with_mi,
+)
 from mitune.mi.phrases import phrase_mi, prompt_phrases, sample_with_phrase_mi
-from mitune.mi.pipeline import decode_latents, ddpm_scheduler, encode_prompts, null_embedding, unet_eps_fn
+from mitune.mi.pipeline import ddpm_scheduler, decode_latents, encode_prompts, null_embedding, unet_eps_fn
 from mitune.mi.sampler import PAPER_SAMPLING, Samples, SamplingConfig, sample
 
 __all__ = [

@@ -18,7 +18,6 @@ import re
 import torch
 from diffusers import DDPMScheduler, DiffusionPipeline
 
-from mitune.prompts.phrases import find_relation, noun_chunks
 from mitune.mi.estimators import (
     PAPER,
     Embedding,
@@ -31,6 +30,7 @@ from mitune.mi.estimators import (
     pointwise_mi,
 )
 from mitune.mi.pipeline import ddpm_scheduler, encode_prompts, index_embedding, unet_eps_fn
+from mitune.prompts.phrases import find_relation, noun_chunks
 
 JOINERS = ("and", "or", ",", "with")
 """Words left dangling at either end of the rest prompt once a phrase is cut out."""

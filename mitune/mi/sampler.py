@@ -17,7 +17,14 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from mitune.mi.estimators import PAPER, MIConfig, sample_with_mi
 from mitune.mi.phrases import min_phrase_mi, rest_embeddings, sample_with_phrase_mi
-from mitune.mi.pipeline import ddpm_scheduler, encode_prompts, index_embedding, latent_shape, null_embedding, unet_eps_fn
+from mitune.mi.pipeline import (
+    ddpm_scheduler,
+    encode_prompts,
+    index_embedding,
+    latent_shape,
+    null_embedding,
+    unet_eps_fn,
+)
 
 VARIANCE_TYPES = ("fixed_large", "fixed_small")
 

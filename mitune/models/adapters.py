@@ -30,8 +30,8 @@ from peft.utils import get_peft_model_state_dict
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from mitune.runs.io import atomic_dir, write_json
 from mitune.models.loading import load_pipeline
+from mitune.runs.io import atomic_dir, write_json
 
 WEIGHTS_NAME = "pytorch_lora_weights.safetensors"  # diffusers' LORA_WEIGHT_NAME_SAFE
 META_NAME = "mitune_adapter.json"

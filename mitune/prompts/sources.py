@@ -10,7 +10,7 @@ import logging
 import os
 import unicodedata
 from collections import Counter
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 log = logging.getLogger(__name__)

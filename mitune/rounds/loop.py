@@ -28,7 +28,7 @@ from mitune.rounds.data import FinetuneData, RoundSet, epoch_index
 from mitune.rounds.generation import generate_round, round_settings
 from mitune.rounds.module import MITuneModule
 from mitune.rounds.plots import describe, plot_round
-from mitune.rounds.selection import sampling_scores, select_round, verify_round
+from mitune.rounds.selection import check_strategy, sampling_scores, select_round, verify_round
 from mitune.rounds.settings import GenerationConfig
 from mitune.runs.artifacts import RoundDir, RunDir
 from mitune.runs.io import save_figure
@@ -128,7 +128,9 @@ def wandb_image(path: Path):
 
 def run_round(pipe: DiffusionPipeline, prompts: list[str], config: GenerationConfig, round_dir: RoundDir | str | Path,
               **kwargs) -> RoundDir:
-    """One round's data in one process, as ``MIRounds`` makes it: generate and score, then select."""
+    """One round's data in one process, as ``MIRounds`` makes it: generate and score, then select. A strategy
+    that cannot rank these prompts fails before any sampling."""
+    check_strategy(config.selection, prompts)
     out = generate_round(pipe, prompts, config, round_dir, scores=sampling_scores(config.selection), **kwargs)
     select_round(out, len(prompts), config)
     return out

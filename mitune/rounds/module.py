@@ -13,10 +13,6 @@ import torch.nn.functional as F
 from diffusers import DiffusionPipeline
 from lightning.pytorch.loggers import WandbLogger
 
-from mitune.models.adapters import AdapterConfig, DoraNormCache, add_adapters
-from mitune.runs.checkpoints import latest_checkpoint, progress_key
-from mitune.rounds.settings import TrainConfig
-from mitune.rounds.data import EMPTY_PROMPT
 from mitune.mi.estimators import Embedding
 from mitune.mi.pipeline import (
     ddpm_scheduler,
@@ -27,6 +23,10 @@ from mitune.mi.pipeline import (
     replace_rows,
     unet_eps_fn,
 )
+from mitune.models.adapters import AdapterConfig, DoraNormCache, add_adapters
+from mitune.rounds.data import EMPTY_PROMPT
+from mitune.rounds.settings import TrainConfig
+from mitune.runs.checkpoints import latest_checkpoint, progress_key
 
 
 def accumulation_steps(effective_batch: int, micro_batch: int, world_size: int = 1) -> int:
