@@ -180,6 +180,7 @@ def read_results(path: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(f))
 
 
+@pytest.mark.slow
 def test_base_model_job_writes_a_tidy_table_and_reuses_its_images(eval_config, tiny_sd_path, tmp_path, monkeypatch):
     reference = write_images(tmp_path / "ref", 4)
     images = tmp_path / "images"
@@ -214,6 +215,7 @@ def test_base_model_job_writes_a_tidy_table_and_reuses_its_images(eval_config, t
     assert sorted(p.name.rsplit("_", 1)[0] for p in (images / "round_0").iterdir()) == ["cfg5_n2_seed1", "cfg5_n2_seed7"]
 
 
+@pytest.mark.slow
 def test_a_second_job_for_the_same_images_waits_for_the_writer_then_reuses_them(eval_config, tiny_sd_path, tmp_path,
                                                                                  monkeypatch):
     """Two selections' round-0 jobs in a parallel sweep share one folder: only one may write it."""
@@ -232,6 +234,7 @@ def test_a_second_job_for_the_same_images_waits_for_the_writer_then_reuses_them(
     assert [r["value"] for r in result[0]] == [r["value"] for r in first]
 
 
+@pytest.mark.slow
 def test_compiled_unet_gives_the_same_images_in_its_own_folder(eval_config, tiny_sd_path, tmp_path, caplog):
     """eval.compile names a torch.compile backend; "eager" runs the dynamo path without a C compiler."""
     images = tmp_path / "images"
@@ -246,6 +249,7 @@ def test_compiled_unet_gives_the_same_images_in_its_own_folder(eval_config, tiny
         assert np.abs(a - b).max() <= 1  # same model, same noise; rounding may differ by one level
 
 
+@pytest.mark.slow
 def test_killed_job_resumes_its_images(eval_config, tiny_sd_path, tmp_path):
     overrides = [*FAST, f"model.path_or_id={tiny_sd_path}", f"eval.image_root={tmp_path / 'images'}"]
     ev.evaluate(eval_config(*overrides))
@@ -260,6 +264,7 @@ def test_killed_job_resumes_its_images(eval_config, tiny_sd_path, tmp_path):
     assert after == before
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "damage,msg",
     [

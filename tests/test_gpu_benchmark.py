@@ -11,6 +11,7 @@ def gpu(load_benchmark):
     return load_benchmark("gpu")
 
 
+@pytest.mark.slow
 def test_main_writes_report_on_cpu(gpu, tmp_path):
     out = tmp_path / "gpu_cpu.md"
     argv = ["--device", "cpu", "--latent", "8", "--gen-batches", "1", "--steps", "2", "--train-batch", "1",
@@ -44,6 +45,7 @@ def test_sdxl_config_has_sdxl_base_parameter_count(gpu):
     assert sum(p.numel() for p in unet.parameters()) == 2_567_463_684  # stabilityai/stable-diffusion-xl-base-1.0
 
 
+@pytest.mark.slow
 def test_generation_only_run_has_no_training_section(gpu, tmp_path):
     """`--adapters` with no names: the compile / channels-last runs of benchmarks/device.py."""
     out = tmp_path / "gen.md"

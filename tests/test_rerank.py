@@ -64,6 +64,7 @@ def cli(*args: str) -> subprocess.CompletedProcess:
                           text=True)
 
 
+@pytest.mark.slow
 def test_cli_ranks_the_embedded_toy_model(tmp_path):
     out = tmp_path / "ranked"
     done = cli("--model", "toy", "--prompt", "a red square and a yellow circle", "-n", "2", "--steps", "2",

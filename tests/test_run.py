@@ -143,6 +143,7 @@ def test_authors_code_settings():
     assert (g.variance_type, g.last_step_noise, g.mi.step_beta) == ("fixed_small", True, "train")
 
 
+@pytest.mark.slow
 def test_two_rounds_end_to_end_with_logs(tiny_sd_path, tmp_path):
     out = tmp_path / "run"
     result = cli("scale=smoke", "data.limit=2", "rounds=2", f"hydra.run.dir={out}", tiny=tiny_sd_path)
@@ -198,6 +199,7 @@ def wandb_records(run_dir: Path) -> list:
     return records
 
 
+@pytest.mark.slow
 def test_cfg_sweep_has_one_root_named_jobs_and_grouped_wandb_runs(tiny_sd_path, tmp_path):
     sweep = tmp_path / "sweep"
     result = cli("-m", "generation.guidance_scale=2.5,7.5", "scale=smoke", "data.limit=1", "rounds=2",
@@ -221,6 +223,7 @@ def test_cfg_sweep_has_one_root_named_jobs_and_grouped_wandb_runs(tiny_sd_path, 
     assert f"toy-cfg2.5, group {sweep}" in result.stdout + result.stderr
 
 
+@pytest.mark.slow
 def test_multirun_over_all_exps_and_cfg(tiny_sd_path, tmp_path):
     result = cli("-m", "+exp=glob(*)", "generation.guidance_scale=2.5,7.5", "data.limit=1", "rounds=1",
                  "logger=csv", "scale=smoke", f"hydra.sweep.dir={tmp_path}", tiny=tiny_sd_path, timeout=900,
@@ -231,6 +234,7 @@ def test_multirun_over_all_exps_and_cfg(tiny_sd_path, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir() if p.is_file()) == ["multirun.yaml"]  # one root for the sweep
 
 
+@pytest.mark.slow
 def test_bad_input_exits_non_zero_naming_the_key(tmp_path):
     """The real command ends with an error status and the message; every case is checked in-process below."""
     missing_model = tmp_path / "never-built"

@@ -55,6 +55,7 @@ def finished(config, tiny_sd_path, tmp_path_factory):
 # ----------------------------------------------------------------------------- cases 1-3: one config per dir
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("overrides, changed", [
     (["generation.guidance_scale=3.0"], ["generation.guidance_scale: 7.5 -> 3.0"]),
     (["generation.guidance_scale=3.0", "resume=true"], ["generation.guidance_scale: 7.5 -> 3.0"]),
@@ -72,6 +73,7 @@ def test_another_config_in_a_finished_run_dir_is_refused(config, tiny_sd_path, f
     assert snapshot(finished) == before
 
 
+@pytest.mark.slow
 def test_a_rerun_without_resume_is_refused(config, tiny_sd_path, finished):
     before = snapshot(finished)
     with pytest.raises(RunDirError, match="already holds a run; add resume=true"):
@@ -79,6 +81,7 @@ def test_a_rerun_without_resume_is_refused(config, tiny_sd_path, finished):
     assert snapshot(finished) == before  # no retraining, no *-v1.ckpt, adapters untouched
 
 
+@pytest.mark.slow
 def test_resume_may_add_rounds_keeps_the_csv_and_cleans_temporaries(config, tiny_sd_path, tmp_path):
     train(config(tmp_path, tiny_sd_path, "trainer.log_every_n_steps=1"))
     rows = lambda: list(csv.DictReader((tmp_path / "csv" / "metrics.csv").open()))
@@ -106,6 +109,7 @@ def test_a_start_that_failed_before_any_work_does_not_tie_the_dir(config, tiny_s
 # ----------------------------------------------------------------------------- case 4: checkpoints stay finite
 
 
+@pytest.mark.slow
 def test_diverged_training_leaves_only_finite_checkpoints(config, tiny_sd_path, tmp_path):
     with pytest.raises(FloatingPointError) as err:
         train(config(tmp_path, tiny_sd_path, "train.lr=1e6", "train.steps_per_round=6", "train.effective_batch=2"))
@@ -296,6 +300,7 @@ def test_trainer_settings_that_break_rounds_are_refused_before_the_model_loads(c
         train(config(tmp_path / "run", tmp_path / "never-built", override))
 
 
+@pytest.mark.slow
 def test_rounds_do_not_depend_on_reloading_the_dataloaders(config, tiny_sd_path, tmp_path):
     """The callback loads each round into the data module's set, so Lightning's reload setting changes nothing."""
     adapters = []
@@ -354,6 +359,7 @@ def test_a_directory_is_not_a_prompt_file(tmp_path):
         read_prompt_file(tmp_path)
 
 
+@pytest.mark.slow
 def test_a_record_written_before_the_sub_packages_still_resumes_and_still_refuses_a_change(finished):
     """Run records name ``_target_``s; those that moved with the sub-packages are read under their new names."""
     import yaml

@@ -19,6 +19,7 @@ def table_rows(text: str) -> list[list[str]]:
     return [r for r in rows if r[0] in ("M", "P", "W") and r[1].isdigit()]
 
 
+@pytest.mark.slow
 def test_main_writes_report_and_figure(scaling, tmp_path):
     argv = ["--steps", "2", "--repeats", "1", "--ms", "1", "2", "--m-prompts", "2", "--ps", "1", "2",
             "--p-candidates", "2", "--micro-batch", "4", "--worlds", "1", "2", "--ddp", "2", "2", "2",

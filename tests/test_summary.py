@@ -135,6 +135,7 @@ def evaluate_grid(*args: str) -> None:
 PROMPTS = "data.prompts=[a red square,a blue circle and a green triangle]"
 
 
+@pytest.mark.slow
 def test_train_once_evaluate_the_grid_and_summarise(task_config, tiny_sd_path, tmp_path, monkeypatch, capsys):
     """Rounds are trained once (R=2) and shared by every CFG of the evaluation grid."""
     monkeypatch.setenv("WANDB_MODE", "offline")

@@ -96,6 +96,7 @@ def test_constant_ema_is_the_constant_decay_lerp():
         torch.testing.assert_close(p.detach(), expected)
 
 
+@pytest.mark.slow
 def test_recipe_trains_and_saves_a_loadable_pipeline(tmp_path):
     config = ToyTrainConfig(num_images=64, vae_steps=2, vae_batch=4, unet_steps=3, unet_batch=4, warmup_steps=1, threads=1,
                            card_per_category=1)

@@ -217,6 +217,7 @@ def test_empty_prompt_samples_are_conditioned_as_cfg_conditions_its_unconditiona
         assert not emb["encoder_hidden_states"][1].any()
 
 
+@pytest.mark.slow
 def test_training_uses_the_configured_t_range_and_logs_its_mean(tiny_sd_path, tmp_path):
     recorder = Recorder()
     run_rounds(tiny_sd_path, tmp_path, [recorder], rounds=1, t_min=200, t_max=300)
@@ -310,6 +311,7 @@ def uninterrupted(tiny_sd_path, tmp_path_factory):
     return adapter_weights(run_rounds(tiny_sd_path, out, [])), out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("crash_at, resumed_from", [(3, 2), (4, 4), (7, 6)],
                          ids=["mid-round-1", "round-boundary", "mid-round-2"])
 def test_resume_after_a_crash_is_exact(tiny_sd_path, tmp_path, uninterrupted, crash_at, resumed_from):
@@ -329,6 +331,7 @@ def test_resume_after_a_crash_is_exact(tiny_sd_path, tmp_path, uninterrupted, cr
     assert (tmp_path / name).read_bytes() == (full_dir / name).read_bytes()
 
 
+@pytest.mark.slow
 def test_resume_of_a_bf16_model_is_exact(tiny_sd_path, tmp_path):
     """fp32 adapters on a bf16 base: the checkpoint restores them (and AdamW's state) bit for bit."""
     full = adapter_weights(run_rounds(tiny_sd_path, tmp_path / "full", [], dtype="bfloat16"))
