@@ -28,12 +28,12 @@ import peft
 import torch
 from peft.helpers import DoraCaching
 
+from mitune.mi.pipeline import ddpm_scheduler, decode_latents, latent_shape
 from mitune.models.adapters import AdapterConfig, add_adapters, merged_adapters
-from mitune.rounds.settings import GenerationConfig
-from mitune.rounds.generation import Job, generate_batch
 from mitune.models.builders import build_tiny_pipeline
 from mitune.models.loading import compile_unet, load_pipeline
-from mitune.mi.pipeline import ddpm_scheduler, decode_latents, latent_shape
+from mitune.rounds.generation import Job, generate_batch
+from mitune.rounds.settings import GenerationConfig
 
 OUT = Path(__file__).resolve().parent.parent / "docs" / "benchmarks" / "generation_cpu.md"
 

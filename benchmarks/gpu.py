@@ -35,8 +35,8 @@ import torch.nn.functional as F
 from diffusers import DDPMScheduler, UNet2DConditionModel
 from torch.utils.flop_counter import FlopCounterMode
 
-from mitune.models.adapters import UNET_TARGETS, AdapterConfig, DoraNormCache, lora_config
 from mitune.mi.estimators import Embedding, EpsFn, ddpm_step, paired_eps, sample_with_mi, step_noise
+from mitune.models.adapters import UNET_TARGETS, AdapterConfig, DoraNormCache, lora_config
 from mitune.models.builders import SD21_BASE_UNET, SD_DDPM_CONFIG
 from mitune.models.loading import resolve_device
 

@@ -17,21 +17,20 @@ import torch
 from diffusers.utils.torch_utils import randn_tensor
 from matplotlib.figure import Figure
 
-from mitune.runs import io as mio
-from mitune.runs.seeds import candidate_seed
 from mitune.mi.estimators import sample_with_mi
 from mitune.mi.maps import overlay
+from mitune.mi.phrases import phrase_embeddings, prompt_phrases, sample_with_phrase_mi
 from mitune.mi.pipeline import (
     ddpm_scheduler,
     decode_latents,
-    encode_prompts,
     index_embedding,
     latent_shape,
     null_embedding,
     unet_eps_fn,
 )
 from mitune.models.loading import load_pipeline
-from mitune.mi.phrases import phrase_embeddings, prompt_phrases, sample_with_phrase_mi
+from mitune.runs import io as mio
+from mitune.runs.seeds import candidate_seed
 from mitune.toy.base_model import MODEL_DIR
 from mitune.toy.oracle import score_image
 

@@ -21,16 +21,16 @@ from pathlib import Path
 import torch
 from scipy.stats import spearmanr
 
+from mitune.mi.estimators import calibrated_proposal, pointwise_mi
+from mitune.mi.pipeline import ddpm_scheduler, encode_prompts, null_embedding, unet_eps_fn
+from mitune.models.builders import SD_DDPM_CONFIG
+from mitune.models.loading import load_pipeline
+from mitune.rerank import RerankConfig
 from mitune.runs import io as mio
 from mitune.runs.seeds import candidate_seed
-from mitune.mi.estimators import calibrated_proposal, pointwise_mi
-from mitune.models.builders import SD_DDPM_CONFIG
-from mitune.mi.pipeline import ddpm_scheduler, encode_prompts, null_embedding, unet_eps_fn
-from mitune.models.loading import load_pipeline
-from mitune.toy.prompts import load_toy
-from mitune.rerank import RerankConfig
 from mitune.toy.base_model import MODEL_DIR
 from mitune.toy.gmm import NULL_CLASS, GaussianMixture
+from mitune.toy.prompts import load_toy
 
 SAMPLERS = ("uniform", "logistic", "calibrated")
 

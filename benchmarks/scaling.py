@@ -36,14 +36,14 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, LogLocator
 from scipy.optimize import nnls
 
-from mitune.runs.artifacts import RoundDir
-from mitune.rounds.settings import GenerationConfig
+from mitune.models.builders import build_tiny_pipeline
+from mitune.models.loading import load_pipeline
 from mitune.rounds.generation import Job, generate_round, micro_batches, rank_batches
 from mitune.rounds.loop import run_round
 from mitune.rounds.selection import select_round
+from mitune.rounds.settings import GenerationConfig
+from mitune.runs.artifacts import RoundDir
 from mitune.runs.io import save_figure
-from mitune.models.builders import build_tiny_pipeline
-from mitune.models.loading import load_pipeline
 
 ROOT = Path(__file__).resolve().parent.parent
 GPUS = {"H100": 989.0, "A100": 312.0}  # dense bf16 peak, TFLOP/s

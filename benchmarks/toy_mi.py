@@ -30,13 +30,14 @@ import numpy as np
 from scipy.stats import rankdata
 from tqdm.auto import tqdm
 
-from mitune.runs import io as mio
 from mitune.models.loading import load_pipeline
-from mitune.toy.prompts import load_toy
 from mitune.rerank import RerankConfig, rerank
+from mitune.runs import io as mio
 from mitune.toy.base_model import MODEL_DIR
 from mitune.toy.oracle import detect, phrase_score, pixels, score_image
-from mitune.toy.world import CATEGORIES, Scene, category_of, parse, prompt as scene_prompt
+from mitune.toy.prompts import load_toy
+from mitune.toy.world import CATEGORIES, Scene, category_of, parse
+from mitune.toy.world import prompt as scene_prompt
 
 NS = (4, 16)
 TOY_TABLE = Path(__file__).resolve().parents[1] / "docs" / "toy" / "r3-30prompts" / "table1.csv"

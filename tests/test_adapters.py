@@ -12,6 +12,8 @@ from packaging.version import Version
 from peft.tuners.tuners_utils import BaseTunerLayer
 from safetensors.torch import load_file
 
+from mitune.cli import main as cli_main
+from mitune.mi.pipeline import encode_prompts, latent_shape, unet_eps_fn
 from mitune.models import adapters
 from mitune.models.adapters import (
     META_NAME,
@@ -26,9 +28,7 @@ from mitune.models.adapters import (
     merge_adapters,
     save_adapters,
 )
-from mitune.cli import main as cli_main
 from mitune.models.builders import SD21_BASE_UNET
-from mitune.mi.pipeline import encode_prompts, latent_shape, unet_eps_fn
 from mitune.models.loading import load_pipeline
 
 SMALL_LORA = AdapterConfig(rank=4, alpha=8, use_dora=False)  # alpha != rank: the saved config must carry it

@@ -10,10 +10,10 @@ import pytest
 from PIL import Image
 
 from mitune import analysis
-from mitune.rounds.settings import GenerationConfig
-from mitune.rounds.loop import run_round
-from mitune.runs.io import read_jsonl, write_jsonl
 from mitune.models.loading import load_pipeline
+from mitune.rounds.loop import run_round
+from mitune.rounds.settings import GenerationConfig
+from mitune.runs.io import read_jsonl, write_jsonl
 
 
 def synthetic_round(num_prompts: int, m: int) -> list[dict]:

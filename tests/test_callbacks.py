@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from mitune.rounds.plots import describe, per_prompt_z, plot_mi
 from mitune.rounds.callbacks import device_stats
+from mitune.rounds.plots import describe, per_prompt_z, plot_mi
 from mitune.rounds.settings import GenerationConfig
 
 

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 
 from mitune import summary
-from mitune.runs.artifacts import RESULT_COLUMNS
 from mitune.contrasts import COLUMNS, contrast_table, crossed_bootstrap
+from mitune.runs.artifacts import RESULT_COLUMNS
 from mitune.runs.io import csv_text
 
 SEEDS = (0, 1, 2)

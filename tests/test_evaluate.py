@@ -16,9 +16,9 @@ from hydra import compose, initialize_config_dir
 from PIL import Image
 
 from mitune import evaluate as ev
+from mitune.metrics import CATEGORY_METRICS, MetricInputError
 from mitune.runs.artifacts import RoundDir
 from mitune.runs.io import read_jsonl
-from mitune.metrics import CATEGORY_METRICS, MetricInputError
 
 REPO = Path(__file__).resolve().parents[1]
 CONF = REPO / "conf"

@@ -5,7 +5,6 @@ import torch
 from diffusers import UNet2DConditionModel
 
 
-
 @pytest.fixture(scope="module")
 def gpu(load_benchmark):
     return load_benchmark("gpu")

@@ -23,7 +23,6 @@ import pytest
 import torch
 from diffusers import DDPMScheduler
 
-from mitune.models.builders import SD_DDPM_CONFIG
 from mitune.mi.estimators import (
     PAPER,
     MIConfig,
@@ -34,6 +33,7 @@ from mitune.mi.estimators import (
     step_weights,
     timestep_proposal,
 )
+from mitune.models.builders import SD_DDPM_CONFIG
 from mitune.toy.gmm import NULL_CLASS, GaussianMixture
 
 NUM_CLASSES, DIM, LATENT_SHAPE = 4, 8, (2, 2, 2)  # SD-like [C, H, W] latents, d = 8

@@ -11,10 +11,10 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from mitune.rounds.settings import GenerationConfig
-from mitune.rounds.loop import run_round
 from mitune.mi.maps import heat, overlay
 from mitune.models.loading import load_pipeline
+from mitune.rounds.loop import run_round
+from mitune.rounds.settings import GenerationConfig
 
 PROMPTS = ["a red apple and a green book", "a blue car"]
 CONFIG = GenerationConfig(num_candidates=3, top_k=1, guidance_scale=5.0, num_inference_steps=3, micro_batch=4)

@@ -14,8 +14,6 @@ from diffusers import (
 )
 from safetensors.torch import load_file
 
-from mitune.models.builders import BOS, EOS, TINY_MAX_LENGTH, UNK, build_tiny_pipeline, tiny_tokenizer, tiny_vocab
-from mitune.models.loading import ModelLoadError, load_pipeline
 from mitune.mi.pipeline import (
     ddpm_scheduler,
     encode_prompts,
@@ -25,6 +23,8 @@ from mitune.mi.pipeline import (
     unet_eps_fn,
     v_to_eps,
 )
+from mitune.models.builders import BOS, EOS, TINY_MAX_LENGTH, UNK, build_tiny_pipeline, tiny_tokenizer, tiny_vocab
+from mitune.models.loading import ModelLoadError, load_pipeline
 
 PIPELINE_CLASSES = {"sd": StableDiffusionPipeline, "sdxl": StableDiffusionXLPipeline}
 

@@ -17,12 +17,7 @@ import pytest
 import torch
 from diffusers import DDPMScheduler
 
-from mitune.rounds.settings import GenerationConfig
-from mitune.rounds.loop import run_round
 from mitune.mi.estimators import pointwise_mi, sample_with_mi
-from mitune.models.builders import SD_DDPM_CONFIG
-from mitune.mi.pipeline import ddpm_scheduler, encode_prompts, null_embedding, unet_eps_fn
-from mitune.models.loading import load_pipeline
 from mitune.mi.phrases import (
     min_phrase_mi,
     phrase_mi,
@@ -31,6 +26,11 @@ from mitune.mi.phrases import (
     rest_prompt,
     sample_with_phrase_mi,
 )
+from mitune.mi.pipeline import ddpm_scheduler, encode_prompts, null_embedding, unet_eps_fn
+from mitune.models.builders import SD_DDPM_CONFIG
+from mitune.models.loading import load_pipeline
+from mitune.rounds.loop import run_round
+from mitune.rounds.settings import GenerationConfig
 from mitune.toy.gmm import NULL_CLASS, TwoFactorMixture
 
 TWO = TwoFactorMixture(mu_a=1.5 * torch.eye(8)[[0, 1, 2]], mu_b=1.2 * torch.eye(8)[[2, 3, 4]], std=0.4)

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import os
 import csv
 import json
+import os
 import random
 import re
 import signal
@@ -23,11 +23,11 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
-from mitune.models.adapters import AdapterConfig
 from mitune.config import SCHEMAS, register, typed
-from mitune.rounds.settings import GenerationConfig
 from mitune.mi.estimators import MIConfig
+from mitune.models.adapters import AdapterConfig
 from mitune.rounds.module import TrainConfig
+from mitune.rounds.settings import GenerationConfig
 from mitune.run import train
 
 register()  # the settings defaults and the ${mitune.*} resolvers conf/ composes

@@ -15,15 +15,15 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from mitune.runs.checkpoints import STATE, TENSORS, SafetensorsCheckpointIO, latest_checkpoint, read_state
-from mitune.runs.artifacts import METADATA, RunDir
-from mitune.rounds.settings import GenerationConfig
+from mitune.models.loading import load_pipeline
+from mitune.prompts.sources import read_prompt_file
 from mitune.rounds.generation import round_settings
 from mitune.rounds.loop import run_round
 from mitune.rounds.selection import verify_round
-from mitune.models.loading import load_pipeline
-from mitune.prompts.sources import read_prompt_file
+from mitune.rounds.settings import GenerationConfig
 from mitune.run import train
+from mitune.runs.artifacts import METADATA, RunDir
+from mitune.runs.checkpoints import STATE, TENSORS, SafetensorsCheckpointIO, latest_checkpoint, read_state
 from mitune.runs.record import RunDirError, exclusive
 
 RECORD = RunDir(Path()).config_record.name

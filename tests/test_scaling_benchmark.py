@@ -2,8 +2,8 @@
 
 import pytest
 
-from mitune.rounds.settings import GenerationConfig
 from mitune.rounds.generation import make_jobs, micro_batches
+from mitune.rounds.settings import GenerationConfig
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 

@@ -14,9 +14,9 @@ import pytest
 from PIL import Image
 
 from mitune import summary
+from mitune.run import train
 from mitune.runs.artifacts import RESULT_COLUMNS as COLUMNS
 from mitune.runs.io import csv_text
-from mitune.run import train
 
 REPO = Path(__file__).resolve().parents[1]
 

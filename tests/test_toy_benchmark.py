@@ -16,13 +16,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mitune import analysis
-from mitune import summary
-from mitune.runs.artifacts import RunDir
+from mitune import analysis, summary
 from mitune.evaluate import evaluate
-from mitune.toy.prompts import load_toy
 from mitune.run import train
+from mitune.runs.artifacts import RunDir
 from mitune.toy.oracle import score_image
+from mitune.toy.prompts import load_toy
 from mitune.toy.world import CATEGORIES
 
 REPO = Path(__file__).resolve().parents[1]

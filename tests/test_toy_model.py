@@ -2,22 +2,20 @@
 
 from __future__ import annotations
 
-import csv
 import json
 
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
-from mitune.rounds.settings import GenerationConfig
-from mitune.rounds.generation import generate_batch, make_jobs
 from mitune.mi.pipeline import decode_latents
 from mitune.models.loading import load_pipeline
-from mitune.toy.prompts import load_toy
+from mitune.rounds.generation import generate_batch, make_jobs
+from mitune.rounds.settings import GenerationConfig
 from mitune.toy import base_model
 from mitune.toy.base_model import MODEL_DIR, SPLIT_SEED, ToyTrainConfig, complete_scene, training_pairs
 from mitune.toy.oracle import detect, score
+from mitune.toy.prompts import load_toy
 from mitune.toy.world import Obj, parse, sample_scene, split_prompts
 
 

@@ -14,17 +14,16 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from safetensors.torch import save_file
 from torch.utils.data import DataLoader, Dataset
 
-from mitune.runs import checkpoints as ckpt
-from mitune.models.adapters import AdapterConfig
-from mitune.rounds.data import FinetuneData
-from mitune.rounds.loop import MIRounds
-from mitune.runs.checkpoints import SafetensorsCheckpointIO, flatten, latest_checkpoint, unflatten
-from mitune.rounds.data import EMPTY_PROMPT, FinetuneSet, RoundSet
-from mitune.runs.artifacts import METADATA, RoundDir
-from mitune.rounds.settings import GenerationConfig
 from mitune.mi.pipeline import encode_prompts, index_embedding, latent_shape, null_embedding
+from mitune.models.adapters import AdapterConfig
 from mitune.models.loading import load_pipeline
+from mitune.rounds.data import EMPTY_PROMPT, FinetuneData, FinetuneSet, RoundSet
+from mitune.rounds.loop import MIRounds
 from mitune.rounds.module import MITuneModule, TrainConfig, accumulation_steps
+from mitune.rounds.settings import GenerationConfig
+from mitune.runs import checkpoints as ckpt
+from mitune.runs.artifacts import METADATA, RoundDir
+from mitune.runs.checkpoints import SafetensorsCheckpointIO, flatten, latest_checkpoint, unflatten
 
 PROMPTS = ["a red cube", "a blue ball"]
 ADAPTER = AdapterConfig(rank=4, alpha=4)  # DoRA on attention + feed-forward, as the paper
