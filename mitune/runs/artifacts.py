@@ -29,7 +29,8 @@ construction::
     <evaluation job dir>/results.csv  the tidy results table (RESULT_COLUMNS), scores.jsonl per image
 
     <cache dir>/weight_hashes.json    SHA-256 of model weight files by path, size and times (mitune.models.weights),
-                                      so a model's gigabytes are read once, not at every start
+                                      so a model's gigabytes are read once, not at every start; beside it
+                                      weight_hashes.json.lock, one writer at a time
 """
 
 from __future__ import annotations
