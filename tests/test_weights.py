@@ -102,6 +102,7 @@ def test_a_model_config_that_names_no_model_names_its_key(tmp_path):
         model_weights({**model, "path_or_id": str(tmp_path)}, tmp_path / "cache")
 
 
+@pytest.mark.slow  # a subprocess per task
 @pytest.mark.parametrize("task, overrides", [
     ("mitune.run", ["+experiment=sd21_paper", "scale=smoke"]),
     ("mitune.evaluate", ["model=sd21_base", "scale=smoke"]),
