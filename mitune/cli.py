@@ -73,6 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     # Imported after parsing so that --help and usage errors answer without loading torch and diffusers.
     from mitune.models.adapters import export_pipeline, merge_adapters
+    from mitune.runs.console import one_line
 
     try:
         if args.command == "rerank":
@@ -83,8 +84,7 @@ def main(argv: list[str] | None = None) -> int:
             weights = args.weights if args.weights is not None else [1.0] * len(args.adapters)
             out = merge_adapters(args.adapters, weights, args.out)
     except (ValueError, OSError) as err:  # bad paths, foreign adapters, bad weights: no traceback
-        message = " ".join(str(err).split())  # one line even when a library's message has several
-        print(f"mitune {args.command}: error: {message}", file=sys.stderr)
+        print(f"mitune {args.command}: error: {one_line(err)}", file=sys.stderr)
         return 1
     print(out)
     return 0

@@ -8,11 +8,13 @@ value, n, ...) to the job dir and to W&B. With ``-m`` the jobs form the paper's 
 (``conf/evaluate.yaml``: rounds 0-3 x CFG 2.5/3.5/5.0/7.5); rounds are loaded, never retrained.
 
 Generated images are cached under ``<run_dir>/eval/`` in a folder keyed by everything that
-decides them (round, CFG, N, seed, prompts, model and generation settings). They are written by
-``mitune.rounds.generation.run_round``, so a killed job resumes per prompt and a complete folder is
+decides them (round, CFG, N, seed, prompts, model and generation settings, the base model's weights by
+their SHA-256: ``mitune.models.weights``). They are written by
+``mitune.rounds.generation.generate_round``, so a killed job resumes per prompt and a complete folder is
 reused without loading the diffusion model. Every check on settings, paths, prompts, metrics
 and reference sets runs before the first image is generated. A prompt source that gives each
-prompt a category (the toy world) gets one row per category and metric.
+prompt a category (the toy world) gets one row per category and metric; every row carries the
+digest of the base weights (``weights``).
 """
 
 from __future__ import annotations
@@ -33,11 +35,13 @@ from filelock import FileLock
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from mitune.runs.console import quiet_libraries  # first: quiets library loggers before the imports below load them
+# First: quiets library loggers before the imports below load them.
+from mitune.runs.console import one_line_errors, quiet_libraries
 from mitune.config import register, typed
 from mitune.metrics import (
     AlignmentMetric,
     MetricInputError,
+    MissingModelError,
     QualityMetric,
     build_alignment_metric,
     build_quality_metric,
@@ -46,12 +50,14 @@ from mitune.metrics import (
     metric_for_category,
 )
 from mitune.models.adapters import META_NAME, WEIGHTS_NAME, load_fused
-from mitune.models.loading import compile_unet
+from mitune.models.loading import compile_unet, model_weights
+from mitune.models.weights import ModelLoadError, Weights
 from mitune.prompts.sources import PromptSet, read_prompt_file
 from mitune.rounds.generation import finish_round, generate_round
 from mitune.rounds.settings import GenerationConfig
 from mitune.runs.artifacts import RESULT_COLUMNS, RESULTS, SCORES, RoundDir, RunDir, eval_images
-from mitune.runs.io import check_writable, csv_text, write_jsonl, write_text
+from mitune.runs.record import WEIGHTS
+from mitune.runs.io import check_writable, csv_text, sha256_file, write_jsonl, write_text
 from mitune.runs.tracking import finish_wandb, make_loggers, run_config
 
 log = logging.getLogger(__name__)
@@ -104,12 +110,27 @@ def adapter_for_round(run_dir: str | None, r: int) -> Path | None:
     return adapter
 
 
-def train_seed(run_dir: str | None) -> int | None:
-    """The seed a training run was made with, from its config record (None without a run or a record)."""
+def run_record(run_dir: str | None) -> dict[str, Any]:
+    """A training run's config record ({} without a run or a record)."""
     record = RunDir(Path(run_dir)).config_record if run_dir else None
     if record is None or not record.is_file():
-        return None
-    return (yaml.safe_load(record.read_text(encoding="utf-8")) or {}).get("seed")
+        return {}
+    return yaml.safe_load(record.read_text(encoding="utf-8")) or {}
+
+
+def train_seed(run_dir: str | None) -> int | None:
+    """The seed a training run was made with, from its config record (None without a run or a record)."""
+    return run_record(run_dir).get("seed")
+
+
+def check_base_weights(run_dir: str | None, path_or_id: str, weights: Weights) -> None:
+    """The base model must be the one the run trained on, where its record says (records made before
+    mitune recorded weights do not)."""
+    trained_on = (run_record(run_dir).get(WEIGHTS) or {}).get("digest")
+    if trained_on and trained_on != weights.digest:
+        raise ValueError(f"run {run_dir} trained on base weights {trained_on} (key {WEIGHTS}.digest of its "
+                         f"{RunDir(Path(run_dir)).config_record.name}), but model.path_or_id={path_or_id} has weights "
+                         f"{weights.digest or 'without safetensors files'}; evaluate with the run's base model")
 
 
 def eval_prompts(cfg: DictConfig) -> PromptSet:
@@ -174,16 +195,17 @@ def check_metric_inputs(alignment: dict[str, AlignmentMetric], quality: dict[str
 def settings_key(prompts: list[str], generation: GenerationConfig, model: dict[str, Any], adapter: Path | None) -> str:
     """Short hash of everything besides round/CFG/N/seed that decides the images.
 
-    The adapter enters by content, so a retrained round never reuses the old round's images.
+    The adapter enters by content, so a retrained round never reuses the old round's images (the base
+    model too: ``model`` holds its weights' digest).
     """
-    weights = hashlib.sha256((adapter / WEIGHTS_NAME).read_bytes()).hexdigest() if adapter else None
+    weights = sha256_file(adapter / WEIGHTS_NAME) if adapter else None
     blob = json.dumps({"prompts": prompts, "generation": asdict(generation), "model": model, "adapter": weights},
                       sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:10]
 
 
 def ensure_images(cfg: DictConfig, folder: RoundDir, prompts: list[str], generation: GenerationConfig,
-                  adapter: Path | None) -> RoundDir:
+                  adapter: Path | None, weights: Weights) -> RoundDir:
     """Generate the job's images unless a complete folder is cached; resumes a partial one.
 
     One writer at a time: a second job for the same folder (another selection's round 0 in a parallel
@@ -194,13 +216,13 @@ def ensure_images(cfg: DictConfig, folder: RoundDir, prompts: list[str], generat
         if folder.is_complete():
             log.info("using cached images in %s", folder.path)
             return folder
-        generate_images(cfg, folder, prompts, generation, adapter)
+        generate_images(cfg, folder, prompts, generation, adapter, weights)
     return folder
 
 
 def generate_images(cfg: DictConfig, folder: RoundDir, prompts: list[str], generation: GenerationConfig,
-                    adapter: Path | None) -> None:
-    pipe = instantiate(cfg.model)
+                    adapter: Path | None, weights: Weights) -> None:
+    pipe = instantiate(cfg.model, path_or_id=str(weights.folder))  # the weights the images are keyed by
     if adapter is not None:
         load_fused(pipe, adapter)
     pipe.unet.eval()
@@ -294,16 +316,19 @@ def evaluate(cfg: DictConfig) -> list[dict[str, Any]]:
     alignment, quality = build_metrics(cfg, point.category)
     check_metric_inputs(alignment, quality, prompts, point.num_images, cfg.eval.reference)
     model = OmegaConf.to_container(cfg.model, resolve=True)
+    weights = model_weights(model, cfg.paths.cache_dir)  # found (downloaded where not cached) and hashed, not loaded
+    check_base_weights(cfg.run_dir, str(model["path_or_id"]), weights)
+    model["weights"] = weights.digest  # other weights under the same id make other images
     if cfg.eval.compile:  # compiled kernels round differently: keep their images apart
         model["compile"] = cfg.eval.compile
     root = Path(cfg.eval.image_root or (RunDir(Path(cfg.run_dir)).eval_root if cfg.run_dir else out_dir / "images")).expanduser()
     folder = ensure_images(cfg, eval_images(root, point.round, point.cfg, point.num_images, point.seed,
                                            settings_key(prompts, generation, model, adapter)), prompts,
-                           generation, adapter)
+                           generation, adapter, weights)
     per_image, distances = score(folder, alignment, quality, cfg.eval.reference)
     metadata = folder.rows()
     categories = [(prompt_set.categories or [point.category] * len(prompts))[row["prompt_id"]] for row in metadata]
-    meta = {"num_prompts": len(prompts), "model": str(model["path_or_id"]),
+    meta = {"num_prompts": len(prompts), "model": str(model["path_or_id"]), "weights": weights.digest,
             "run_dir": str(cfg.run_dir or ""), "image_dir": str(folder.path)}
     rows = result_rows(point, per_image, distances, torch.tensor([row["mi"] for row in metadata]), categories, meta)
     # Each image's category travels with its scores: paired contrasts (mitune.contrasts) split by it.
@@ -318,7 +343,8 @@ def evaluate(cfg: DictConfig) -> list[dict[str, Any]]:
 @hydra.main(version_base="1.3", config_path="../conf", config_name="evaluate")
 def main(cfg: DictConfig) -> float:
     quiet_libraries()
-    rows = evaluate(cfg)
+    with one_line_errors("mitune.evaluate", ModelLoadError, MissingModelError):
+        rows = evaluate(cfg)
     return float(rows[0]["value"])
 
 

@@ -16,9 +16,12 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from mitune.runs.console import quiet_libraries  # first: quiets library loggers before the imports below load them
+# First: quiets library loggers before the imports below load them.
+from mitune.runs.console import one_line_errors, quiet_libraries
 from mitune.config import RunSettings, register, typed
 from mitune.models.adapters import AdapterConfig
+from mitune.models.loading import model_weights
+from mitune.models.weights import ModelLoadError, Weights
 from mitune.prompts.sources import over_length
 from mitune.rounds.data import FinetuneData
 from mitune.rounds.loop import MIRounds
@@ -104,13 +107,17 @@ def train(cfg: DictConfig) -> float:
     prompts = instantiate(cfg.data).prompts
     check_strategy(generation.selection, prompts)
     out_dir = check_writable(Path(cfg.paths.output_dir))
+    model = OmegaConf.to_container(cfg.model, resolve=True)
     if not launching_process():
-        return fit(cfg, prompts, generation, adapter, train_config, out_dir)
+        return fit(cfg, prompts, generation, adapter, train_config, out_dir, model_weights(model, cfg.paths.cache_dir))
     with exclusive(out_dir):
-        check_config(out_dir, OmegaConf.to_container(cfg, resolve=True), resume=bool(cfg.resume))
+        # The weights are found (a hub id downloaded where it is not cached) and hashed before the record is checked.
+        weights = model_weights(model, cfg.paths.cache_dir)
+        check_config(out_dir, OmegaConf.to_container(cfg, resolve=True), resume=bool(cfg.resume),
+                     weights=weights.record())
         remove_temporaries(out_dir)
         try:
-            return fit(cfg, prompts, generation, adapter, train_config, out_dir)
+            return fit(cfg, prompts, generation, adapter, train_config, out_dir, weights)
         except Preempted as stop:
             kept = [a for a in sys.argv[1:] if not a.startswith(("resume=", "hydra.run.dir="))]
             command = " ".join(["python -m mitune.run", *kept, f"hydra.run.dir={out_dir}", "resume=true"])
@@ -120,7 +127,7 @@ def train(cfg: DictConfig) -> float:
 
 
 def fit(cfg: DictConfig, prompts: list[str], generation: GenerationConfig, adapter: AdapterConfig,
-        train_config: TrainConfig, out_dir: Path) -> float:
+        train_config: TrainConfig, out_dir: Path, weights: Weights) -> float:
     ckpt = resolve_resume(cfg.resume, out_dir)
     base_model = str(cfg.model.path_or_id)
     stop = SigtermStop(RunDir(out_dir).checkpoints)
@@ -133,10 +140,11 @@ def fit(cfg: DictConfig, prompts: list[str], generation: GenerationConfig, adapt
                               plugins=[SafetensorsCheckpointIO(root=out_dir)], precision=precision(cfg.trainer.precision))
         trainer.accumulate_grad_batches = accumulation_steps(
             train_config.effective_batch, train_config.micro_batch, trainer.world_size)
-        config = run_config(cfg, accumulate_grad_batches=trainer.accumulate_grad_batches, world_size=trainer.world_size)
+        config = run_config(cfg, accumulate_grad_batches=trainer.accumulate_grad_batches, world_size=trainer.world_size,
+                            weights=weights.digest)
         for lg in loggers:
             lg.log_hyperparams(config)
-        pipe = instantiate(cfg.model)
+        pipe = instantiate(cfg.model, path_or_id=str(weights.folder))  # the weights just hashed, wherever they are
         over_length(pipe.tokenizer, prompts)
         module = MITuneModule(pipe, adapter, train_config)
         trainer.fit(module, datamodule=FinetuneData(train_config), ckpt_path=ckpt)
@@ -152,7 +160,8 @@ def fit(cfg: DictConfig, prompts: list[str], generation: GenerationConfig, adapt
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 def main(cfg: DictConfig) -> float:
     quiet_libraries()
-    return train(cfg)
+    with one_line_errors("mitune.run", ModelLoadError):
+        return train(cfg)
 
 
 if __name__ == "__main__":

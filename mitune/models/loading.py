@@ -1,69 +1,34 @@
-"""Loading SD 1.x/2.x and SDXL pipelines from a local folder or the hub, and the tiny stand-in's cache."""
+"""Loading SD 1.x/2.x and SDXL pipelines from a local folder or the hub, the tiny stand-in's cache, and the
+weights a model config loads (``model_weights``), known before it loads."""
 
 from __future__ import annotations
 
 import os
-import re
 import tempfile
 import time
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import diffusers
 import torch
 from diffusers import DiffusionPipeline, UNet2DConditionModel
-from huggingface_hub.errors import HFValidationError
 from packaging.version import Version
 
 from mitune.mi.pipeline import index_embedding, latent_shape, null_embedding, prediction_type, unet_eps_fn
 from mitune.models.builders import build_tiny_pipeline
+from mitune.models.weights import SKIPPED, Weights, local_folder, weights_of
 
 # diffusers 0.42 renamed from_pretrained's torch_dtype to dtype; older releases ignore `dtype`.
 _DTYPE_KWARG = "dtype" if Version(diffusers.__version__).release >= (0, 42) else "torch_dtype"
-_HUB_ID = re.compile(r"[\w-][\w.-]*/[\w.-]+")
 
 
-class ModelLoadError(OSError):
-    """A hub id could not be loaded: offline, not cached, gated or misspelt."""
-
-
-
-def _is_local_path(value: str) -> bool:
-    """'/x', './x', '~/x', existing paths and 'a/b/c' are paths; 'org/name' and 'name' are hub ids.
-
-    Decided by form rather than existence, so a mistyped path fails as a missing path and never
-    goes to the hub.
-    """
-    if value.startswith(("/", ".", "~")) or os.path.exists(value):
-        return True
-    return os.sep in value and not _HUB_ID.fullmatch(value)
-
-
-def _from_pretrained(source: str, torch_dtype: torch.dtype, variant: str | None) -> DiffusionPipeline:
-    index = DiffusionPipeline.load_config(source)
+def _from_pretrained(folder: Path, torch_dtype: torch.dtype, variant: str | None) -> DiffusionPipeline:
+    index = DiffusionPipeline.load_config(str(folder))
     # Skip loading the safety checker at all rather than load it and throw it away.
-    no_checker = {"safety_checker": None, "requires_safety_checker": False} if "safety_checker" in index else {}
-    return DiffusionPipeline.from_pretrained(source, variant=variant, **{_DTYPE_KWARG: torch_dtype}, **no_checker)
-
-
-def _load_local(path_or_id: str, torch_dtype: torch.dtype, variant: str | None) -> DiffusionPipeline:
-    path = Path(path_or_id).expanduser()
-    if not path.exists():
-        raise FileNotFoundError(f"model path {path_or_id!r} does not exist")
-    if not (path / "model_index.json").is_file():
-        raise FileNotFoundError(
-            f"model path {path_or_id!r} has no model_index.json; expected a diffusers pipeline directory"
-        )
-    return _from_pretrained(str(path), torch_dtype, variant)
-
-
-def _load_hub(hub_id: str, torch_dtype: torch.dtype, variant: str | None) -> DiffusionPipeline:
-    try:
-        return _from_pretrained(hub_id, torch_dtype, variant)
-    except (OSError, HFValidationError) as err:
-        raise ModelLoadError(
-            f"could not load model {hub_id!r} from the Hugging Face hub or the local cache, and no local "
-            f"directory of that name exists ({err}); download it first or pass a local diffusers directory instead"
-        ) from err
+    skipped = {name: None for name in SKIPPED if name in index}
+    no_checker = {**skipped, "requires_safety_checker": False} if skipped else {}
+    return DiffusionPipeline.from_pretrained(str(folder), variant=variant, **{_DTYPE_KWARG: torch_dtype}, **no_checker)
 
 
 def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
@@ -90,26 +55,22 @@ def load_pipeline(
     device: str | torch.device = "cpu",
     variant: str | None = None,
 ) -> DiffusionPipeline:
-    """Load an SD 1.x/2.x or SDXL pipeline from a local directory or a hub id, without safety checker."""
+    """Load an SD 1.x/2.x or SDXL pipeline from a local directory or a hub id, without safety checker.
+
+    A hub id loads from its cached snapshot (``mitune.models.weights.local_folder``: downloaded first where the hub
+    answers); one that is neither cached nor downloadable fails at once, on one line.
+    """
     path_or_id = str(path_or_id)
-    load = _load_local if _is_local_path(path_or_id) else _load_hub
-    pipe = load(path_or_id, resolve_dtype(torch_dtype), variant)
+    pipe = _from_pretrained(local_folder(path_or_id, variant), resolve_dtype(torch_dtype), variant)
     if not isinstance(getattr(pipe, "unet", None), UNet2DConditionModel):
         raise TypeError(f"{path_or_id!r} is a {type(pipe).__name__}; only UNet-based SD/SDXL pipelines are supported")
     prediction_type(pipe)
     return pipe.to(resolve_device(device))
 
 
-def tiny_default_pipeline(
-    path_or_id: str | os.PathLike, *, torch_dtype: str | torch.dtype = "float32", device: str | torch.device = "auto"
-) -> DiffusionPipeline:
-    """The random-init stand-in (``model=tiny``): built once (seeded) into the local dir ``path_or_id``,
-    then loaded like any model. The argument is named as ``load_pipeline``'s, so every model config
-    has the same ``model.path_or_id`` key.
-
-    Built in a temporary sibling and renamed, so an interrupted build never leaves a
-    half-written model behind.
-    """
+def tiny_folder(path_or_id: str | os.PathLike) -> Path:
+    """The random-init stand-in's folder, built once (seeded) in a temporary sibling and renamed, so an
+    interrupted build never leaves a half-written model behind."""
     path = Path(path_or_id).expanduser()
     if not (path / "model_index.json").is_file():
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -120,7 +81,32 @@ def tiny_default_pipeline(
             except OSError:  # built concurrently by another process: use theirs
                 if not (path / "model_index.json").is_file():
                     raise
-    return load_pipeline(str(path), torch_dtype=torch_dtype, device=device)
+    return path
+
+
+def tiny_default_pipeline(
+    path_or_id: str | os.PathLike, *, torch_dtype: str | torch.dtype = "float32", device: str | torch.device = "auto"
+) -> DiffusionPipeline:
+    """The random-init stand-in (``model=tiny``): built once into the local dir ``path_or_id`` (``tiny_folder``),
+    then loaded like any model. The argument is named as ``load_pipeline``'s, so every model config
+    has the same ``model.path_or_id`` key."""
+    return load_pipeline(str(tiny_folder(path_or_id)), torch_dtype=torch_dtype, device=device)
+
+
+# Loaders that make their folder on first use: the folder is made before its weights are hashed.
+FOLDER_MAKERS = {tiny_default_pipeline: tiny_folder}
+
+
+def model_weights(model: Mapping[str, Any], cache_dir: str | os.PathLike) -> Weights:
+    """The weights a model config (``cfg.model``, resolved) loads, ready before it loads: the tiny stand-in built,
+    a hub id's snapshot found or downloaded, every weight file hashed. A task then loads exactly these with
+    ``instantiate(cfg.model, path_or_id=str(weights.folder))``."""
+    from hydra.utils import get_method
+
+    make = FOLDER_MAKERS.get(get_method(model["_target_"]))
+    variant = model.get("variant")
+    folder = make(model["path_or_id"]) if make else local_folder(str(model["path_or_id"]), variant, "model.path_or_id")
+    return weights_of(folder, variant, cache_dir)
 
 
 def compile_unet(pipe: DiffusionPipeline, batch: int, backend: str = "inductor") -> float:

@@ -27,6 +27,10 @@ construction::
       mi_hist.png                     training rounds: the MI histogram
 
     <evaluation job dir>/results.csv  the tidy results table (RESULT_COLUMNS), scores.jsonl per image
+
+    <cache dir>/weight_hashes.json    SHA-256 of model weight files by path, size and times (mitune.models.weights),
+                                      so a model's gigabytes are read once, not at every start; beside it
+                                      weight_hashes.json.lock, one writer at a time
 """
 
 from __future__ import annotations
@@ -46,9 +50,15 @@ METADATA = "metadata.jsonl"
 RESULTS = "results.csv"
 SCORES = "scores.jsonl"
 # The tidy table mitune.evaluate writes and mitune.summary reads: one row per (method, category,
-# round, cfg, seed, metric). ``seed`` is the evaluation seed; ``train_seed`` the training run's.
+# round, cfg, seed, metric). ``seed`` is the evaluation seed; ``train_seed`` the training run's; ``weights`` the
+# digest of the base model's weight files (``mitune.models.weights.Weights.digest``; empty in tables made before it).
 RESULT_COLUMNS = ["method", "category", "round", "cfg", "metric", "kind", "value", "std", "n", "num_prompts",
-                  "images_per_prompt", "seed", "train_seed", "model", "run_dir", "image_dir"]
+                  "images_per_prompt", "seed", "train_seed", "model", "weights", "run_dir", "image_dir"]
+
+
+def weight_hash_cache(cache_dir: Path) -> Path:
+    """The weight files' SHA-256 cache in the shared cache dir (``paths.cache_dir``)."""
+    return Path(cache_dir).expanduser() / "weight_hashes.json"
 
 
 @dataclass(frozen=True)

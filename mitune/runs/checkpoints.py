@@ -9,7 +9,6 @@ checkpoint with a non-finite tensor is never written, so the newest one is alway
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -21,7 +20,7 @@ from lightning.fabric.plugins import CheckpointIO
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from mitune.runs.io import atomic_dir
+from mitune.runs.io import atomic_dir, sha256_file
 
 TENSORS, STATE = "tensors.safetensors", "state.json"
 CHECKSUM = "mitune_tensors_sha256"
@@ -70,14 +69,6 @@ def non_finite(tensors: dict[str, torch.Tensor]) -> dict[str, int]:
     return {k: n for k, n in counts.items() if n}
 
 
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 class SafetensorsCheckpointIO(CheckpointIO):
     """Drop-in for Lightning's TorchCheckpointIO without pickle.
 
@@ -101,7 +92,7 @@ class SafetensorsCheckpointIO(CheckpointIO):
             )
         with atomic_dir(Path(path), STATE) as tmp:
             save_file(tensors, str(tmp / TENSORS))
-            state[CHECKSUM] = sha256(tmp / TENSORS)
+            state[CHECKSUM] = sha256_file(tmp / TENSORS)
             (tmp / STATE).write_text(json.dumps(state))
 
     def load_checkpoint(self, path: str | os.PathLike, map_location: Any = None, weights_only: bool | None = None) -> dict[str, Any]:
@@ -113,7 +104,7 @@ class SafetensorsCheckpointIO(CheckpointIO):
                 raise FileNotFoundError(f"checkpoint {path} not found (expected {STATE} and {TENSORS} inside)")
             path = previous[-1].parent
         state = read_state(path)
-        if sha256(path / TENSORS) != state.pop(CHECKSUM, None):
+        if sha256_file(path / TENSORS) != state.pop(CHECKSUM, None):
             raise ValueError(f"checkpoint {path / TENSORS} does not match the checksum in its {STATE} (damaged "
                              f"or truncated); delete {path} to resume from an earlier checkpoint")
         device = str(map_location) if isinstance(map_location, (str, torch.device)) else "cpu"

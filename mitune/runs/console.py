@@ -4,12 +4,16 @@ Importing this module sets the levels of a few library loggers (stdlib only, so 
 import it before the libraries that would print while being imported); ``quiet_libraries`` also
 turns off the libraries' own progress bars and silences two known, harmless library warnings by
 their exact text. Library users who import ``mitune`` alone keep the libraries' defaults.
+``one_line_errors`` ends a task on an error that says what to set or fetch with that line alone.
 """
 
 from __future__ import annotations
 
 import logging
+import sys
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 LIBRARY_LOGGERS = {
     # transformers' notice, on importing diffusers, that image processors fall back to PIL without
@@ -52,3 +56,19 @@ def quiet_libraries() -> None:
 
 
 quiet_library_loggers()
+
+
+def one_line(err: BaseException) -> str:
+    """The error's message on one line, even where a library's message has several."""
+    return " ".join(str(err).split())
+
+
+@contextmanager
+def one_line_errors(task: str, *errors: type[Exception]) -> Iterator[None]:
+    """``errors`` end the task with ``<task>: error: <message>`` on stderr and exit status 1: their message
+    already says what to set or fetch, and a traceback and Hydra's hint would bury it."""
+    try:
+        yield
+    except errors as err:
+        print(f"{task}: error: {one_line(err)}", file=sys.stderr)
+        raise SystemExit(1) from None

@@ -1,7 +1,8 @@
 """A run dir is one run: the config it was made with, one writer at a time, no stale temporaries.
 
 A paper-scale round is a day of GPU time, so a resume or rerun must never mix two configurations
-in one dir. The first start writes ``run_config.yaml`` (the resolved config); every later start
+in one dir. The first start writes ``run_config.yaml`` (the resolved config, plus under ``weights``
+the base model's weights: hub repo, commit and each weight file's SHA-256); every later start
 compares its own config with it, key by key, before any model is loaded, and refuses on a
 difference. Only the keys in ``MUTABLE`` may change between starts: they decide where and how
 the run executes or logs, not what it computes (``rounds`` may grow, to add rounds to a run).
@@ -33,7 +34,13 @@ MUTABLE = (
     "rounds", "trainer.max_epochs", "resume", "logger", "callbacks", "paths.cache_dir", "model.device",
     "trainer.accelerator", "trainer.devices", "trainer.num_nodes", "trainer.strategy",
     "trainer.log_every_n_steps", "trainer.enable_progress_bar",
+    # The hub commit the weights came from: another commit with the same files (weights.files) is the same model.
+    "weights.revision",
 )
+
+# The base model's weights in the record (``mitune.models.weights.Weights.record``). Records made before mitune
+# recorded them have no such key: their weights are unknown, and such a run resumes without the check.
+WEIGHTS = "weights"
 
 
 # Where the ``_target_``s a record names went when mitune's modules moved into sub-packages (0.1 -> 0.2):
@@ -88,13 +95,14 @@ def has_work(run_dir: Path) -> bool:
     return any(path.exists() and any(path.iterdir()) for path in RunDir(run_dir).work())
 
 
-def check_config(run_dir: Path, config: dict[str, Any], resume: bool) -> None:
-    """Refuse a start whose config differs from the run's record, or a fresh start over earlier work.
+def check_config(run_dir: Path, config: dict[str, Any], resume: bool, weights: dict[str, Any]) -> None:
+    """Refuse a start whose config or base weights differ from the run's record, or a fresh start over earlier work.
 
     The record is (re)written while the dir holds no work yet, so a start that failed before
     generating anything does not tie the dir to its config.
     """
     record = RunDir(run_dir).config_record
+    config = {**config, WEIGHTS: weights}
     if not has_work(run_dir):
         write_text(record, yaml.safe_dump(config, sort_keys=True))
         return
@@ -105,7 +113,10 @@ def check_config(run_dir: Path, config: dict[str, Any], resume: bool) -> None:
         old = yaml.safe_load(record.read_text(encoding="utf-8"))
     except yaml.YAMLError as err:
         raise RunDirError(f"{record} is corrupt ({err}); restore it or start a new run dir") from err
-    diff = differences(migrated(old or {}), config)
+    old = migrated(old or {})
+    if WEIGHTS not in old:  # recorded before weights were: unknown, not compared (the record is left as written)
+        config.pop(WEIGHTS)
+    diff = differences(old, config)
     if diff:
         raise RunDirError(
             f"run dir {run_dir} was made with another config; one run dir holds one run, so it is not reused:\n  "
