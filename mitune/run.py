@@ -107,6 +107,11 @@ def train(cfg: DictConfig) -> float:
     prompts = instantiate(cfg.data).prompts
     check_strategy(generation.selection, prompts)
     out_dir = check_writable(Path(cfg.paths.output_dir))
+    # Before the weights are fetched and hashed: what can be checked without a Trainer.
+    precision(cfg.trainer.precision)
+    accumulation_steps(train_config.effective_batch, train_config.micro_batch)  # unreachable on any device count
+    if isinstance(cfg.resume, str):
+        resolve_resume(cfg.resume, out_dir)
     model = OmegaConf.to_container(cfg.model, resolve=True)
     if not launching_process():
         return fit(cfg, prompts, generation, adapter, train_config, out_dir, model_weights(model, cfg.paths.cache_dir))

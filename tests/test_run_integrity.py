@@ -101,8 +101,8 @@ def test_resume_may_add_rounds_keeps_the_csv_and_cleans_temporaries(config, tiny
 
 
 def test_a_start_that_failed_before_any_work_does_not_tie_the_dir(config, tiny_sd_path, tmp_path):
-    with pytest.raises(ValueError, match="effective batch"):
-        train(config(tmp_path, tiny_sd_path, "train.micro_batch=3"))
+    with pytest.raises(ValueError, match="train.t_max=2000 exceeds"):  # found once the model is there
+        train(config(tmp_path, tiny_sd_path, "train.t_max=2000"))
     assert (tmp_path / RECORD).is_file()
     train(config(tmp_path, tiny_sd_path))  # another config in the same, still empty, dir
 
