@@ -12,6 +12,9 @@ $(STAMP): pyproject.toml
 	# clean-fid (FID's Inception) without its torchvision dependency, which mitune never imports
 	# and whose wheels would replace the pinned torch: so the FID path is tested here too.
 	$(PY) -m pip install --quiet --no-deps 'clean-fid>=0.1.35'
+	# open_clip_torch for the BPE vocabulary file it ships (CLIP's real tokenizer in the full-size builders),
+	# read from its files, never imported: no-deps for the same reason.
+	$(PY) -m pip install --quiet --no-deps 'open_clip_torch>=2.20'
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import re
-import tempfile
 import time
 from pathlib import Path
 
@@ -15,7 +14,7 @@ from huggingface_hub.errors import HFValidationError
 from packaging.version import Version
 
 from mitune.mi.pipeline import index_embedding, latent_shape, null_embedding, prediction_type, unet_eps_fn
-from mitune.models.builders import build_tiny_pipeline
+from mitune.models.builders import build_once, build_tiny_pipeline
 
 # diffusers 0.42 renamed from_pretrained's torch_dtype to dtype; older releases ignore `dtype`.
 _DTYPE_KWARG = "dtype" if Version(diffusers.__version__).release >= (0, 42) else "torch_dtype"
@@ -106,20 +105,8 @@ def tiny_default_pipeline(
     """The random-init stand-in (``model=tiny``): built once (seeded) into the local dir ``path_or_id``,
     then loaded like any model. The argument is named as ``load_pipeline``'s, so every model config
     has the same ``model.path_or_id`` key.
-
-    Built in a temporary sibling and renamed, so an interrupted build never leaves a
-    half-written model behind.
     """
-    path = Path(path_or_id).expanduser()
-    if not (path / "model_index.json").is_file():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=path.parent, prefix=f".{path.name}.") as tmp:
-            built = build_tiny_pipeline(Path(tmp) / "model")
-            try:
-                built.rename(path)
-            except OSError:  # built concurrently by another process: use theirs
-                if not (path / "model_index.json").is_file():
-                    raise
+    path = build_once(path_or_id, build_tiny_pipeline)
     return load_pipeline(str(path), torch_dtype=torch_dtype, device=device)
 
 
