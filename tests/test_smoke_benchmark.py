@@ -1,6 +1,8 @@
 """The full-size builders have the real architectures and tokenizers (checked on meta tensors, no memory),
 and benchmarks/smoke.py's report has its keys (on the tiny pipeline, in seconds)."""
 
+import json
+
 import pytest
 from accelerate import init_empty_weights
 from diffusers import AutoencoderKL, UNet2DConditionModel
@@ -38,3 +40,27 @@ def test_clip_tokenizer_gives_clips_ids_and_pads_as_the_real_ones(pad, pad_id):
     assert tokenizer.pad_token_id == pad_id
     long = tokenizer(" ".join(["cat"] * 100), max_length=77, truncation=True).input_ids
     assert len(long) == 77 and long[-1] == 49407
+
+
+@pytest.mark.slow
+def test_smoke_driver_reports_every_stage_on_the_tiny_sdxl(load_benchmark, tmp_path):
+    """The driver of `make smoke-sd21` / `smoke-sdxl`, on the tiny SDXL: both tasks run, the report has its keys."""
+    report = load_benchmark("smoke").main(["tiny-sdxl", "--out", str(tmp_path)])
+    assert report["stages"] == ["generate", "train", "evaluate"]
+    assert set(report["params"]) == {"unet", "vae", "text_encoder", "text_encoder_2"}
+    assert set(report["tokenizer_ids"]) == {"tokenizer", "tokenizer_2"}
+    assert report["wall_s"] > 0 and report["peak_rss_gib"] > 0
+    assert json.loads((tmp_path / "tiny-sdxl" / "report.json").read_text()) == report
+
+
+@pytest.mark.parametrize("kind", sorted(builders.FULL_BUILDERS))
+def test_full_builders_make_the_real_pipelines(kind):
+    """Every component constructs (weights on meta): the schedulers' and tokenizers' real settings included."""
+    with init_empty_weights():
+        pipe = builders.FULL_BUILDERS[kind]()
+    assert pipe.tokenizer.model_max_length == 77
+    assert pipe.scheduler.config.steps_offset == 1
+    assert pipe.vae_scale_factor == 8 and pipe.unet.config.sample_size * 8 == {"sd21": 512, "sdxl": 1024}[kind]
+    if kind == "sdxl":
+        assert (pipe.tokenizer.pad_token, pipe.tokenizer_2.pad_token) == ("<|endoftext|>", "!")
+        assert pipe.config.force_zeros_for_empty_prompt and pipe.vae.config.force_upcast

@@ -98,9 +98,10 @@ SDXL_TEXT_ENCODER = dict(_CLIP_TEXT, hidden_size=768, intermediate_size=3072, nu
 # SDXL text_encoder_2: OpenCLIP ViT-bigG/14, with its text projection.
 SDXL_TEXT_ENCODER_2 = dict(_CLIP_TEXT, hidden_size=1280, intermediate_size=5120, num_hidden_layers=32,
                            num_attention_heads=20, hidden_act="gelu", projection_dim=1280)
-# scheduler/scheduler_config.json: SD-2.1-base ships PNDM, SDXL Euler; same training schedule as SD_DDPM_CONFIG.
+# scheduler/scheduler_config.json: SD-2.1-base ships PNDM, SDXL Euler, both over SD_DDPM_CONFIG's training
+# schedule (the files' keys that these classes do not take, e.g. clip_sample, left out).
 SD21_SCHEDULER = dict(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
-                      steps_offset=1, clip_sample=False, set_alpha_to_one=False, skip_prk_steps=True,
+                      steps_offset=1, set_alpha_to_one=False, skip_prk_steps=True,
                       prediction_type="epsilon")
 SDXL_SCHEDULER = dict(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
                       steps_offset=1, interpolation_type="linear", timestep_spacing="leading",

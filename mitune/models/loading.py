@@ -44,7 +44,10 @@ def _from_pretrained(source: str, torch_dtype: torch.dtype, variant: str | None)
     return DiffusionPipeline.from_pretrained(source, variant=variant, **{_DTYPE_KWARG: torch_dtype}, **no_checker)
 
 
-def _load_local(path_or_id: str, torch_dtype: torch.dtype, variant: str | None) -> DiffusionPipeline:
+def check_model_source(path_or_id: str) -> None:
+    """Fails now on a local path that is not a diffusers pipeline folder (hub ids fail when loaded)."""
+    if not _is_local_path(path_or_id):
+        return
     path = Path(path_or_id).expanduser()
     if not path.exists():
         raise FileNotFoundError(f"model path {path_or_id!r} does not exist")
@@ -52,7 +55,11 @@ def _load_local(path_or_id: str, torch_dtype: torch.dtype, variant: str | None) 
         raise FileNotFoundError(
             f"model path {path_or_id!r} has no model_index.json; expected a diffusers pipeline directory"
         )
-    return _from_pretrained(str(path), torch_dtype, variant)
+
+
+def _load_local(path_or_id: str, torch_dtype: torch.dtype, variant: str | None) -> DiffusionPipeline:
+    check_model_source(path_or_id)
+    return _from_pretrained(str(Path(path_or_id).expanduser()), torch_dtype, variant)
 
 
 def _load_hub(hub_id: str, torch_dtype: torch.dtype, variant: str | None) -> DiffusionPipeline:
