@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-fast bench bench-gpu device-wheels data toy-model toy-eval toy-summary toy-started
+.PHONY: install demo test test-fast smoke-sd21 smoke-sdxl bench bench-gpu device-wheels data toy-model toy-eval toy-summary toy-started
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -12,6 +12,9 @@ $(STAMP): pyproject.toml
 	# clean-fid (FID's Inception) without its torchvision dependency, which mitune never imports
 	# and whose wheels would replace the pinned torch: so the FID path is tested here too.
 	$(PY) -m pip install --quiet --no-deps 'clean-fid>=0.1.35'
+	# open_clip_torch for the BPE vocabulary file it ships (CLIP's real tokenizer in the full-size builders),
+	# read from its files, never imported: no-deps for the same reason.
+	$(PY) -m pip install --quiet --no-deps 'open_clip_torch>=2.20'
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -28,6 +31,12 @@ test: $(STAMP)
 # The development loop: every test but the end-to-end runs (marked slow: whole tasks, subprocesses, sweeps).
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow"
+
+# Full-size smoke runs on CPU (benchmarks/smoke.py): random-init SD-2.1-base / SDXL-base with the real
+# architectures and tokenizers through mitune.run and mitune.evaluate at minimal counts; each writes
+# outputs/smoke/<sd21|sdxl>/report.json. Times and memory: README, "Full-size smoke runs".
+smoke-sd21 smoke-sdxl: $(STAMP)
+	$(PY) benchmarks/smoke.py $(@:smoke-%=%)
 
 # CPU benchmarks (about 15 min on 2 cores), each writing its results under docs/benchmarks/. The GPU
 # benchmark runs here at reduced size, so its code stays tested where no GPU is.

@@ -37,29 +37,20 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from mitune.mi.estimators import Embedding, EpsFn, ddpm_step, paired_eps, sample_with_mi, step_noise
 from mitune.models.adapters import UNET_TARGETS, AdapterConfig, DoraNormCache, lora_config
-from mitune.models.builders import SD21_BASE_UNET, SD_DDPM_CONFIG
+from mitune.models.builders import (
+    CLIP_MAX_LENGTH,
+    SD21_BASE_UNET,
+    SD_DDPM_CONFIG,
+    SDXL_BASE_UNET,
+    SDXL_TEXT_ENCODER_2,
+)
 from mitune.models.loading import resolve_device
 
 DOCS = Path(__file__).resolve().parent.parent / "docs" / "benchmarks"
-TEXT_LENGTH = 77
+TEXT_LENGTH = CLIP_MAX_LENGTH
 GUIDANCE = 7.5
-# stabilityai/stable-diffusion-xl-base-1.0 unet/config.json, architecture keys that differ from diffusers' defaults.
-SDXL_BASE_UNET = dict(
-    sample_size=128,
-    layers_per_block=2,
-    block_out_channels=(320, 640, 1280),
-    transformer_layers_per_block=(1, 2, 10),
-    attention_head_dim=(5, 10, 20),
-    cross_attention_dim=2048,
-    addition_embed_type="text_time",
-    addition_time_embed_dim=256,
-    projection_class_embeddings_input_dim=2816,
-    use_linear_projection=True,
-    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-)
 MODELS = {"sd21": SD21_BASE_UNET, "sdxl": SDXL_BASE_UNET}
-SDXL_POOLED_DIM = 1280  # text_encoder_2's projection; + 6 time ids x 256 = 2816
+SDXL_POOLED_DIM = SDXL_TEXT_ENCODER_2["projection_dim"]  # + 6 time ids x 256 = 2816
 # name: (adapter, mitune's DoRA norm cache as train.cache_dora_norm switches it on)
 ADAPTERS = {"DoRA": (AdapterConfig(use_dora=True), False), "DoRA + norm cache": (AdapterConfig(use_dora=True), True),
             "LoRA": (AdapterConfig(use_dora=False), False)}

@@ -34,12 +34,18 @@ import torch.nn.functional as F
 from diffusers import DDPMScheduler, UNet2DConditionModel
 
 from mitune.models.adapters import UNET_TARGETS, AdapterConfig, DoraNormCache, lora_config
-from mitune.models.builders import SD21_BASE_UNET, SD_DDPM_CONFIG, TINY_MAX_LENGTH, build_tiny_pipeline
+from mitune.models.builders import (
+    CLIP_MAX_LENGTH,
+    SD21_BASE_UNET,
+    SD_DDPM_CONFIG,
+    TINY_MAX_LENGTH,
+    build_tiny_pipeline,
+)
 from mitune.models.loading import load_pipeline
 
 OUT = Path(__file__).resolve().parent.parent / "docs" / "benchmarks" / "training_cpu.md"
 
-SD21_TEXT_LENGTH = 77
+SD21_TEXT_LENGTH = CLIP_MAX_LENGTH
 TINY_LATENT = 16  # build_tiny_pipeline's 32 px images through a VAE with scale factor 2
 DORA, CACHED, LORA = "DoRA", "DoRA + norm cache", "LoRA"
 VARIANTS = {DORA: AdapterConfig(use_dora=True), CACHED: AdapterConfig(use_dora=True), LORA: AdapterConfig(use_dora=False)}

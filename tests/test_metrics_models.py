@@ -262,6 +262,17 @@ def test_mi_of_latents_uses_the_vae_latents_of_the_pipeline_size(tiny_sd_path):
         metric.score_latents(latents, ["a", "b", "c"])
 
 
+def test_mi_metric_loads_its_pipeline_at_the_first_score_and_checks_the_path_at_once(tiny_sd_path, tmp_path):
+    """evaluate builds the metrics before generating: the model loads only once the evaluation's own
+    pipeline is gone (one full-size model in memory, not two), but a wrong path fails up front."""
+    metric = build_alignment_metric("mi", pipeline=str(tiny_sd_path), n_draws=2, progress=False)
+    assert "pipe" not in vars(metric)
+    metric.score(random_images(1, seed=9), ["a red circle"])
+    assert "pipe" in vars(metric)
+    with pytest.raises(FileNotFoundError, match="has no model_index.json"):
+        build_alignment_metric("mi", pipeline=str(tmp_path))
+
+
 # ----------------------------------------------------------------------------- quality extractors
 
 

@@ -97,3 +97,22 @@ def test_dora_norm_cache_is_exact_and_computes_once_per_optimizer_step(tiny_sd_p
     assert len(calls) == 12 * layers  # peft alone: once per layer per micro-batch
     moved = [name for name in plain if "lora_" in name]
     assert moved and all(torch.equal(cached[name], plain[name]) for name in plain)  # bit-identical training
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(tiny_sdxl_path):
+    """train.gradient_checkpointing (SDXL at full size on little memory) only trades compute for memory."""
+    grads = []
+    for checkpointing in (False, True):
+        module = MITuneModule(load_pipeline(str(tiny_sdxl_path)), AdapterConfig(rank=4, alpha=4),
+                              TrainConfig(gradient_checkpointing=checkpointing))
+        assert module.unet.is_gradient_checkpointing == checkpointing
+        module.set_prompts(PROMPTS)
+        g = torch.Generator().manual_seed(0)
+        shape = (2, 4, module.unet.config.sample_size, module.unet.config.sample_size)
+        batch = {"latents": torch.randn(shape, generator=g), "noise": torch.randn(shape, generator=g),
+                 "prompt": torch.tensor([0, 1]), "t": torch.tensor([600, 900])}
+        module.training_step(batch, 0).backward()
+        grads.append({n: p.grad.clone() for n, p in module.unet.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys() and grads[0]
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-5, atol=1e-6)

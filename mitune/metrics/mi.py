@@ -11,16 +11,17 @@ from __future__ import annotations
 
 import hashlib
 import os
+from functools import cached_property, partial
 
 import torch
-from diffusers import DiffusionPipeline
+from diffusers import DDPMScheduler, DiffusionPipeline
 from PIL import Image
 from tqdm.auto import tqdm
 
 from mitune.metrics.base import AlignmentMetric, MetricInputError, batches
-from mitune.mi.estimators import PAPER, MIConfig, pointwise_mi
+from mitune.mi.estimators import PAPER, EpsFn, MIConfig, pointwise_mi
 from mitune.mi.pipeline import ddpm_scheduler, default_size, encode_prompts, is_sdxl, null_embedding, unet_eps_fn
-from mitune.models.loading import load_pipeline
+from mitune.models.loading import check_model_source, load_pipeline
 from mitune.runs.seeds import mix_seed
 
 
@@ -42,13 +43,27 @@ class MIMetric(AlignmentMetric):
         if n_draws < 1:
             raise ValueError(f"n_draws must be >= 1, got {n_draws}")
         if isinstance(pipeline, (str, os.PathLike)):
-            pipeline = load_pipeline(str(pipeline), torch_dtype=torch_dtype, device=device)
-        self.pipe = pipeline
-        self.scheduler = ddpm_scheduler(self.pipe)
-        self.eps_fn = unet_eps_fn(self.pipe)
+            check_model_source(str(pipeline))  # a wrong path fails before an evaluation generates its images
+            self._load = partial(load_pipeline, str(pipeline), torch_dtype=torch_dtype, device=device)
+        else:
+            self.pipe = pipeline
         # A dict (e.g. from a Hydra config) holds MIConfig's fields.
         self.config = config if isinstance(config, MIConfig) else MIConfig(**config)
         self.n_draws, self.seed = n_draws, seed
+
+    @cached_property
+    def pipe(self) -> DiffusionPipeline:
+        """Loaded at the first score, once an evaluation's own pipeline is gone: one full-size model in
+        memory at a time (two SDXL copies would not fit where one does)."""
+        return self._load()
+
+    @cached_property
+    def scheduler(self) -> DDPMScheduler:
+        return ddpm_scheduler(self.pipe)
+
+    @cached_property
+    def eps_fn(self) -> EpsFn:
+        return unet_eps_fn(self.pipe)
 
     @torch.no_grad()
     def encode(self, images: list[Image.Image]) -> torch.Tensor:

@@ -3,20 +3,33 @@ need the hub (tests, smoke runs), and the real architectures' configs for full-s
 
 from __future__ import annotations
 
+import gzip
+import json
 import os
+import tempfile
+from importlib import metadata
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from diffusers import (
     AutoencoderKL,
     DDPMScheduler,
+    EulerDiscreteScheduler,
+    PNDMScheduler,
     StableDiffusionPipeline,
     StableDiffusionXLPipeline,
     UNet2DConditionModel,
 )
 from tokenizers import Tokenizer, decoders, normalizers, pre_tokenizers, processors
 from tokenizers.models import WordLevel
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, PreTrainedTokenizerFast
+from transformers import (
+    CLIPTextConfig,
+    CLIPTextModel,
+    CLIPTextModelWithProjection,
+    CLIPTokenizer,
+    PreTrainedTokenizerFast,
+)
 
 from mitune import ASSETS
 
@@ -47,6 +60,60 @@ SD21_BASE_UNET = dict(
     down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
     up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
 )
+# stabilityai/stable-diffusion-xl-base-1.0 unet/config.json, architecture keys that differ from diffusers' defaults.
+SDXL_BASE_UNET = dict(
+    sample_size=128,
+    layers_per_block=2,
+    block_out_channels=(320, 640, 1280),
+    transformer_layers_per_block=(1, 2, 10),
+    attention_head_dim=(5, 10, 20),
+    cross_attention_dim=2048,
+    addition_embed_type="text_time",
+    addition_time_embed_dim=256,
+    projection_class_embeddings_input_dim=2816,  # text_encoder_2's 1280-d pooled embedding + 6 time ids x 256
+    use_linear_projection=True,
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+)
+# vae/config.json of both SD-2.1-base and SDXL-base (the same KL-f8 architecture); each adds its own
+# sample_size and scaling_factor (and SDXL force_upcast) below.
+SD_VAE = dict(
+    in_channels=3,
+    out_channels=3,
+    latent_channels=4,
+    block_out_channels=(128, 256, 512, 512),
+    down_block_types=("DownEncoderBlock2D",) * 4,
+    up_block_types=("UpDecoderBlock2D",) * 4,
+    layers_per_block=2,
+    norm_num_groups=32,
+)
+# text_encoder/config.json of the three real text towers. All keep CLIP's legacy eos_token_id 2, so
+# transformers pools at the argmax id (<|endoftext|>, the highest) whatever the padding.
+_CLIP_TEXT = dict(vocab_size=49408, max_position_embeddings=77, bos_token_id=0, eos_token_id=2, pad_token_id=1)
+# SD-2.1-base: OpenCLIP ViT-H/14's text tower less its last layer (SD 2 conditions on the penultimate).
+SD21_TEXT_ENCODER = dict(_CLIP_TEXT, hidden_size=1024, intermediate_size=4096, num_hidden_layers=23,
+                         num_attention_heads=16, hidden_act="gelu", projection_dim=512)
+# SDXL text_encoder: OpenAI CLIP ViT-L/14 (openai/clip-vit-large-patch14).
+SDXL_TEXT_ENCODER = dict(_CLIP_TEXT, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                         num_attention_heads=12, hidden_act="quick_gelu", projection_dim=768)
+# SDXL text_encoder_2: OpenCLIP ViT-bigG/14, with its text projection.
+SDXL_TEXT_ENCODER_2 = dict(_CLIP_TEXT, hidden_size=1280, intermediate_size=5120, num_hidden_layers=32,
+                           num_attention_heads=20, hidden_act="gelu", projection_dim=1280)
+# scheduler/scheduler_config.json: SD-2.1-base ships PNDM, SDXL Euler, both over SD_DDPM_CONFIG's training
+# schedule (the files' keys that these classes do not take, e.g. clip_sample, left out).
+SD21_SCHEDULER = dict(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                      steps_offset=1, set_alpha_to_one=False, skip_prk_steps=True,
+                      prediction_type="epsilon")
+SDXL_SCHEDULER = dict(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                      steps_offset=1, interpolation_type="linear", timestep_spacing="leading",
+                      use_karras_sigmas=False, prediction_type="epsilon")
+CLIP_MAX_LENGTH = 77
+# OpenAI CLIP's BPE merges (CLIP keeps the first 48894: 256 bytes + 256 byte</w> + merges + 2 specials
+# = 49408 ids), shipped in the open_clip_torch wheel; read from its files, never imported
+# (open_clip's import needs torchvision, which would replace the pinned CPU torch).
+CLIP_BPE = ("open_clip_torch", "open_clip/bpe_simple_vocab_16e6.txt.gz")
+CLIP_VOCAB_SIZE = 49408
+CLIP_MERGES = CLIP_VOCAB_SIZE - 2 * 256 - 2  # 48894, after the file's version line
 
 
 def tiny_vocab() -> list[str]:
@@ -186,6 +253,121 @@ def build_tiny_pipeline(out_dir: str | os.PathLike, *, kind: str = "sd", image_s
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         pipe = _TINY_BUILDERS[kind](image_size)
+    out = Path(out_dir)
+    pipe.save_pretrained(out, safe_serialization=True)
+    return out
+
+
+def build_once(path: str | os.PathLike, build: Callable[[Path], Path]) -> Path:
+    """The pipeline folder ``path``, made by ``build(folder)`` unless it already holds one.
+
+    Built in a temporary sibling and renamed, so an interrupted build never leaves a half-written
+    model behind.
+    """
+    path = Path(path).expanduser()
+    if not (path / "model_index.json").is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=path.parent, prefix=f".{path.name}.") as tmp:
+            built = build(Path(tmp) / "model")
+            try:
+                built.rename(path)
+            except OSError:  # built concurrently by another process: use theirs
+                if not (path / "model_index.json").is_file():
+                    raise
+    return path
+
+
+# ----------------------------------------------------------------------------- full size
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2/CLIP's reversible byte -> printable character map (OpenAI CLIP's simple_tokenizer)."""
+    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    chars = keep[:]
+    extra = 0
+    for b in range(256):
+        if b not in keep:
+            keep.append(b)
+            chars.append(256 + extra)
+            extra += 1
+    return dict(zip(keep, map(chr, chars)))
+
+
+def clip_bpe_files(out_dir: str | os.PathLike) -> tuple[Path, Path]:
+    """vocab.json and merges.txt of OpenAI CLIP's tokenizer, built from the BPE file as CLIP builds its vocabulary."""
+    dist, name = CLIP_BPE
+    try:
+        source = Path(metadata.distribution(dist).locate_file(name))
+    except metadata.PackageNotFoundError as err:
+        raise FileNotFoundError(f"{name} needs the {dist} package (make install puts it in)") from err
+    merges = gzip.open(source).read().decode("utf-8").split("\n")[1 : 1 + CLIP_MERGES]
+    symbols = list(_bytes_to_unicode().values())
+    symbols += [s + "</w>" for s in symbols]
+    symbols += ["".join(m.split()) for m in merges]
+    symbols += ["<|startoftext|>", "<|endoftext|>"]
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    vocab, merges_file = out / "vocab.json", out / "merges.txt"
+    vocab.write_text(json.dumps({s: i for i, s in enumerate(symbols)}, ensure_ascii=False))
+    merges_file.write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
+    return vocab, merges_file
+
+
+def clip_tokenizer(pad_token: str) -> CLIPTokenizer:
+    """CLIP's real BPE tokenizer, 77 tokens, padded with ``pad_token`` as the pipeline's own tokenizer:
+    "!" (id 0) for the OpenCLIP towers (SD-2.1, SDXL's tokenizer_2), "<|endoftext|>" for OpenAI's CLIP-L."""
+    with tempfile.TemporaryDirectory() as tmp:
+        vocab, merges = clip_bpe_files(tmp)
+        return CLIPTokenizer(vocab=str(vocab), merges=str(merges), pad_token=pad_token, model_max_length=CLIP_MAX_LENGTH)
+
+
+def _full_sd21() -> StableDiffusionPipeline:
+    return StableDiffusionPipeline(
+        vae=AutoencoderKL(**SD_VAE, sample_size=768, scaling_factor=0.18215),
+        text_encoder=CLIPTextModel(CLIPTextConfig(**SD21_TEXT_ENCODER)),
+        tokenizer=clip_tokenizer("!"),
+        unet=UNet2DConditionModel(**SD21_BASE_UNET),
+        scheduler=PNDMScheduler(**SD21_SCHEDULER),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+
+
+def _full_sdxl() -> StableDiffusionXLPipeline:
+    return StableDiffusionXLPipeline(
+        vae=AutoencoderKL(**SD_VAE, sample_size=1024, scaling_factor=0.13025, force_upcast=True),
+        text_encoder=CLIPTextModel(CLIPTextConfig(**SDXL_TEXT_ENCODER)),
+        text_encoder_2=CLIPTextModelWithProjection(CLIPTextConfig(**SDXL_TEXT_ENCODER_2)),
+        tokenizer=clip_tokenizer("<|endoftext|>"),
+        tokenizer_2=clip_tokenizer("!"),
+        unet=UNet2DConditionModel(**SDXL_BASE_UNET),
+        scheduler=EulerDiscreteScheduler(**SDXL_SCHEDULER),
+        force_zeros_for_empty_prompt=True,
+        add_watermarker=False,
+    )
+
+
+FULL_BUILDERS = {"sd21": _full_sd21, "sdxl": _full_sdxl}
+
+
+def build_full_pipeline(out_dir: str | os.PathLike, *, kind: str, dtype: torch.dtype = torch.bfloat16,
+                        seed: int = 0) -> Path:
+    """Save a seeded random-init pipeline with the exact architecture of SD-2.1-base (``sd21``) or
+    SDXL-base-1.0 (``sdxl``): the real-size runs' stand-in where the weights cannot be downloaded.
+
+    Initialised directly in ``dtype`` (the configs' bfloat16), so building SDXL needs ~7 GiB, not twice that.
+    """
+    if kind not in FULL_BUILDERS:
+        raise ValueError(f"kind must be one of {sorted(FULL_BUILDERS)}, got {kind!r}")
+    default = torch.get_default_dtype()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        torch.set_default_dtype(dtype)
+        try:
+            pipe = FULL_BUILDERS[kind]()
+        finally:
+            torch.set_default_dtype(default)
     out = Path(out_dir)
     pipe.save_pretrained(out, safe_serialization=True)
     return out

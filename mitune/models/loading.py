@@ -4,7 +4,6 @@ weights a model config loads (``model_weights``), known before it loads."""
 from __future__ import annotations
 
 import os
-import tempfile
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -16,8 +15,8 @@ from diffusers import DiffusionPipeline, UNet2DConditionModel
 from packaging.version import Version
 
 from mitune.mi.pipeline import index_embedding, latent_shape, null_embedding, prediction_type, unet_eps_fn
-from mitune.models.builders import build_tiny_pipeline
-from mitune.models.weights import SKIPPED, Weights, local_folder, weights_of
+from mitune.models.builders import build_once, build_tiny_pipeline
+from mitune.models.weights import SKIPPED, Weights, is_local_path, local_folder, weights_of
 
 # diffusers 0.42 renamed from_pretrained's torch_dtype to dtype; older releases ignore `dtype`.
 _DTYPE_KWARG = "dtype" if Version(diffusers.__version__).release >= (0, 42) else "torch_dtype"
@@ -29,6 +28,12 @@ def _from_pretrained(folder: Path, torch_dtype: torch.dtype, variant: str | None
     skipped = {name: None for name in SKIPPED if name in index}
     no_checker = {**skipped, "requires_safety_checker": False} if skipped else {}
     return DiffusionPipeline.from_pretrained(str(folder), variant=variant, **{_DTYPE_KWARG: torch_dtype}, **no_checker)
+
+
+def check_model_source(path_or_id: str) -> None:
+    """Fails now on a local path that is not a diffusers pipeline folder (hub ids are found when loaded)."""
+    if is_local_path(path_or_id):
+        local_folder(path_or_id)
 
 
 def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
@@ -69,19 +74,8 @@ def load_pipeline(
 
 
 def tiny_folder(path_or_id: str | os.PathLike) -> Path:
-    """The random-init stand-in's folder, built once (seeded) in a temporary sibling and renamed, so an
-    interrupted build never leaves a half-written model behind."""
-    path = Path(path_or_id).expanduser()
-    if not (path / "model_index.json").is_file():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=path.parent, prefix=f".{path.name}.") as tmp:
-            built = build_tiny_pipeline(Path(tmp) / "model")
-            try:
-                built.rename(path)
-            except OSError:  # built concurrently by another process: use theirs
-                if not (path / "model_index.json").is_file():
-                    raise
-    return path
+    """The random-init stand-in's folder, built once (seeded; ``build_once``)."""
+    return build_once(path_or_id, build_tiny_pipeline)
 
 
 def tiny_default_pipeline(

@@ -63,6 +63,8 @@ class MITuneModule(L.LightningModule):
         with torch.random.fork_rng(devices=[]):  # adapter init (lora_A) reproducible from the seed alone
             torch.manual_seed(train.seed)
             self.trainable = add_adapters(pipe, adapter, text_encoder=train.train_text_encoder)
+        if train.gradient_checkpointing:
+            self.unet.enable_gradient_checkpointing()
         self.noise_scheduler = ddpm_scheduler(pipe)
         self.eps_fn = unet_eps_fn(pipe)
         self.prompts: list[str] = []

@@ -92,6 +92,9 @@ class TrainConfig:
     # DoRA's weight norm once per optimizer step instead of per micro-batch: exact, and faster with
     # gradient accumulation (DoraNormCache, docs/benchmarks/training_cpu.md).
     cache_dora_norm: bool = True
+    # Recompute the UNet's activations in the backward pass (diffusers' gradient checkpointing): SDXL at
+    # 1024 px needs it where memory is short (its smoke run's training step was OOM-killed at 20 GiB without).
+    gradient_checkpointing: bool = False
     seed: int = 0
 
     def __post_init__(self) -> None:

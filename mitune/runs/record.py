@@ -57,13 +57,27 @@ MOVED_TARGETS = {
 }
 
 
-def migrated(tree: Any) -> Any:
+# Settings added since records were first written, with the value that computes what runs before them did:
+# a record without the key reads as if it held that value.
+ADDED_SETTINGS = {("train", "gradient_checkpointing"): False}
+
+
+def renamed_targets(tree: Any) -> Any:
     """A recorded config with moved ``_target_``s renamed (``MOVED_TARGETS``)."""
     if isinstance(tree, dict):
-        return {k: MOVED_TARGETS.get(v, v) if k == "_target_" else migrated(v) for k, v in tree.items()}
+        return {k: MOVED_TARGETS.get(v, v) if k == "_target_" else renamed_targets(v) for k, v in tree.items()}
     if isinstance(tree, list):
-        return [migrated(v) for v in tree]
+        return [renamed_targets(v) for v in tree]
     return tree
+
+
+def migrated(record: dict[str, Any]) -> dict[str, Any]:
+    """A record read as if written now: moved ``_target_``s renamed, added settings at their earlier behaviour."""
+    record = renamed_targets(record)
+    for (group, key), value in ADDED_SETTINGS.items():
+        if isinstance(record.get(group), dict):
+            record[group].setdefault(key, value)
+    return record
 
 
 class RunDirError(RuntimeError):
