@@ -60,7 +60,7 @@ def commands(kind: str, model: Path, out: Path) -> dict[str, list[str]]:
     experiment = KINDS[kind][0]
     common = overrides(experiment, model)
     if kind == "sdxl":  # its training step without checkpointing was OOM-killed at 20 GiB (README)
-        common.append("train.gradient_checkpointing=true")
+        common += ["train.gradient_checkpointing=true", "train.cache_dora_norm=false"]
     run_dir = out / "run"
     # The mi metric's own pipeline: the same model, two draws of (t, noise), the config's dtype.
     mi = f"{{pipeline:'{model}',n_draws:2,batch_size:1,torch_dtype:bfloat16,device:cpu}}"

@@ -104,7 +104,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(tiny_sdxl_path):
     grads = []
     for checkpointing in (False, True):
         module = MITuneModule(load_pipeline(str(tiny_sdxl_path)), AdapterConfig(rank=4, alpha=4),
-                              TrainConfig(gradient_checkpointing=checkpointing))
+                              TrainConfig(gradient_checkpointing=checkpointing, cache_dora_norm=False))
         assert module.unet.is_gradient_checkpointing == checkpointing
         module.set_prompts(PROMPTS)
         g = torch.Generator().manual_seed(0)
@@ -116,3 +116,9 @@ def test_gradient_checkpointing_gives_the_same_gradients(tiny_sdxl_path):
     assert grads[0].keys() == grads[1].keys() and grads[0]
     for name in grads[0]:
         torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-5, atol=1e-6)
+
+
+def test_gradient_checkpointing_refuses_the_dora_norm_cache():
+    """The full-size SDXL smoke run met it: the recomputed forward took the cached norm and saved fewer tensors."""
+    with pytest.raises(ValueError, match="train.gradient_checkpointing=true needs train.cache_dora_norm=false"):
+        TrainConfig(gradient_checkpointing=True)

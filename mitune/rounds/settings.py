@@ -107,3 +107,7 @@ class TrainConfig:
             raise ValueError(f"train.lr must be > 0, got {self.lr}")
         if not 0 <= self.empty_prompt_prob < 1:
             raise ValueError(f"train.empty_prompt_prob must be in [0, 1), got {self.empty_prompt_prob}")
+        if self.gradient_checkpointing and self.cache_dora_norm:
+            # The recomputed forward would take the cached norm and save fewer tensors than the first one did.
+            raise ValueError("train.gradient_checkpointing=true needs train.cache_dora_norm=false: the DoRA norm cache "
+                             "changes the forward that checkpointing recomputes")
