@@ -1,7 +1,7 @@
 """MI-TUNE's own signal as an evaluation metric: standalone point-wise MI of finished images.
 
 Images are encoded with the pipeline's VAE (the posterior mean, so encoding is deterministic)
-at the pipeline's default size, and ``mitune.mi.estimators.pointwise_mi`` averages ``n_draws`` draws of
+at the pipeline's default size, and ``mitune.mi.pointwise_mi`` averages ``n_draws`` draws of
 (t, noise) with the pipeline's own denoiser. Each (image, prompt) pair gets its own generator
 seeded from ``seed``, the prompt and the image's pixels, so a score does not depend on the
 batch or on the other images.

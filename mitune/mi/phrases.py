@@ -14,6 +14,7 @@ per latent; fused into sampling, P more per latent per step for P phrases on top
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 
 import torch
 from diffusers import DDPMScheduler, DiffusionPipeline
@@ -78,6 +79,13 @@ def prompt_phrases(prompt: str, phrases: list[str] | None = None, use_spacy: boo
                 f"unknown phrase {phrase!r}: not in prompt {prompt!r} (its noun phrases: {noun_chunks(prompt, use_spacy)})"
             )
     return list(phrases)
+
+
+def check_phrases(prompts: Iterable[str]) -> None:
+    """Every prompt has a phrase to score, checked before any sampling: ``prompt_phrases`` names the first that
+    has none."""
+    for prompt in prompts:
+        prompt_phrases(prompt)
 
 
 def phrase_embeddings(pipe: DiffusionPipeline, prompt: str, phrases: list[str], batch: int

@@ -29,7 +29,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from mitune.mi.maps import overlay
-from mitune.mi.phrases import prompt_phrases
+from mitune.mi.phrases import check_phrases, prompt_phrases
 from mitune.mi.pipeline import decode_latents
 from mitune.mi.sampler import Samples, sample
 from mitune.rounds.settings import GenerationConfig
@@ -212,8 +212,7 @@ def generate_round(
     if unknown:
         raise ValueError(f"unknown sampling scores {sorted(unknown)}; known: {SAMPLING_SCORES}")
     if "phrase_mi" in scores:
-        for prompt in prompts:
-            prompt_phrases(prompt)  # names the prompt that has no phrase to score, before any sampling
+        check_phrases(prompts)
     round_dir = as_round_dir(round_dir)
     mio.check_writable(round_dir.path)
     done = prepare_round_dir(round_dir, round_settings(pipe, prompts, config), write=rank == 0)

@@ -74,7 +74,7 @@ class MIRounds(L.Callback):
                 verify_round(out, round_settings(module.pipe, self.prompts, self.generation), len(self.prompts),
                              self.generation)
                 if not out.histogram.is_file():  # killed between the round's end and its plot
-                    save_figure(out.histogram, self.histogram(out, r), dpi=100)
+                    save_figure(out.histogram, self.histogram(out.rows(), r), dpi=100)
             trainer.strategy.barrier("mitune-round-verified")
             return out
         training = module.unet.training
@@ -103,7 +103,7 @@ class MIRounds(L.Callback):
         rows = out.rows()
         logged = {"round/index": r, "round/mean_mi": stats["mean_mi"], "round/median_mi": stats["median_mi"],
                   "round/topk_mi": stats["mean_selected_mi"], "round/selection_margin": stats["selection_margin"]}
-        save_figure(out.histogram, self.histogram(out, r), dpi=100)
+        save_figure(out.histogram, self.histogram(rows, r), dpi=100)
         for logger in trainer.loggers:
             logger.log_metrics(logged, step=trainer.global_step)
             if isinstance(logger, WandbLogger):
@@ -116,8 +116,8 @@ class MIRounds(L.Callback):
                     step=trainer.global_step,
                 )
 
-    def histogram(self, out: RoundDir, r: int) -> Figure:
-        return plot_round(out.rows(), f"round {r}: {describe(self.generation)}")
+    def histogram(self, rows: list[dict], r: int) -> Figure:
+        return plot_round(rows, f"round {r}: {describe(self.generation)}")
 
 
 def wandb_image(path: Path):

@@ -22,7 +22,7 @@ import torch
 from PIL import Image
 
 from mitune.metrics import ALIGNMENT_METRICS, AlignmentMetric, build_alignment_metric
-from mitune.mi.phrases import prompt_phrases
+from mitune.mi.phrases import check_phrases
 from mitune.rounds.generation import check_settings, mi_stats
 from mitune.rounds.settings import GenerationConfig, check_top_k
 from mitune.runs.artifacts import RoundDir, as_round_dir
@@ -54,8 +54,7 @@ def check_strategy(strategy: str, prompts: Sequence[str] = ()) -> None:
     if not prompts:
         return
     if strategy == "phrase_mi":
-        for prompt in prompts:
-            prompt_phrases(prompt)  # names the prompt that has no phrase to score
+        check_phrases(prompts)
     elif strategy not in SAMPLED:
         try:
             selection_metric(strategy).check_prompts(list(prompts))
