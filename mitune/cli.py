@@ -28,7 +28,8 @@ def build_parser() -> argparse.ArgumentParser:
     merge = commands.add_parser("merge", help="weighted mean of several adapters of the same base model")
     merge.add_argument("--adapters", nargs="+", required=True, help="adapter dirs")
     merge.add_argument("--weights", nargs="+", type=float, help="one weight per adapter (default: equal)")
-    merge.add_argument("--out", required=True, help="output adapter dir")
+    merge.add_argument("--out", required=True, help="output adapter dir (refused if it holds an adapter)")
+    merge.add_argument("--overwrite", action="store_true", help="replace an adapter already in --out")
 
     rerank = commands.add_parser("rerank", help="sample N candidates of a prompt and rank them by MI (best-of-N)")
     rerank.add_argument("--model", required=True, help="diffusers SD/SDXL pipeline: local dir, hub id, or 'toy'")
@@ -53,7 +54,7 @@ def run_rerank(args: argparse.Namespace) -> str:
     from diffusers.utils import logging as diffusers_logging
 
     from mitune.models.loading import load_pipeline
-    from mitune.rerank import RerankConfig, check_request, rerank, write_ranking
+    from mitune.rerank import RerankConfig, check_out, check_request, rerank, write_ranking
     from mitune.runs import io as mio
     from mitune.toy.base_model import MODEL_DIR
 
@@ -62,11 +63,12 @@ def run_rerank(args: argparse.Namespace) -> str:
                           seed=args.seed, batch_size=args.batch_size,
                           **{key: value for key, value in sampling.items() if value is not None})
     check_request(args.prompt, config)
+    check_out(args.out, args.prompt)
     out = mio.check_writable(args.out)
     model = MODEL_DIR if args.model == "toy" else args.model
     diffusers_logging.disable_progress_bar()  # loading bars; rerank's own bar shows the sampling
     pipe = load_pipeline(str(model), torch_dtype=args.dtype, device=args.device)
-    return str(write_ranking(rerank(pipe, args.prompt, config), out))
+    return str(write_ranking(rerank(pipe, args.prompt, config), out, prompt=args.prompt))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -82,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
             out = export_pipeline(args.base, args.adapter, args.out, fuse=args.fuse, scale=args.scale)
         else:
             weights = args.weights if args.weights is not None else [1.0] * len(args.adapters)
-            out = merge_adapters(args.adapters, weights, args.out)
+            out = merge_adapters(args.adapters, weights, args.out, overwrite=args.overwrite)
     except (ValueError, OSError) as err:  # bad paths, foreign adapters, bad weights: no traceback
         print(f"mitune {args.command}: error: {one_line(err)}", file=sys.stderr)
         return 1

@@ -55,10 +55,10 @@ from mitune.models.weights import ModelLoadError, Weights
 from mitune.prompts.sources import PromptSet, read_prompt_file
 from mitune.rounds.generation import finish_round, generate_round
 from mitune.rounds.settings import GenerationConfig
-from mitune.runs.artifacts import RESULT_COLUMNS, RESULTS, SCORES, RoundDir, RunDir, eval_images
+from mitune.runs.artifacts import RESULT_COLUMNS, RESULTS, SCORES, RoundDir, RunDir, check_inside, eval_images
 from mitune.runs.record import WEIGHTS
 from mitune.runs.io import check_writable, csv_text, sha256_file, write_jsonl, write_text
-from mitune.runs.tracking import finish_wandb, make_loggers, run_config
+from mitune.runs.tracking import finish_wandb, make_loggers, run_config, save_hydra_files
 
 log = logging.getLogger(__name__)
 register()  # conf/ composes the settings' defaults and the ${mitune.*} resolvers
@@ -92,14 +92,16 @@ def check_point(point: EvalPoint) -> None:
 
 
 def adapter_for_round(run_dir: str | None, r: int) -> Path | None:
-    """The adapter saved after round r of ``run_dir`` (None for r=0, the base model), checked to exist."""
+    """The adapter saved after round r of ``run_dir`` (None for r=0, the base model), checked to exist; a run_dir
+    given is checked for round 0 too, whose images are cached in it."""
+    if run_dir is not None and not RunDir(Path(run_dir)).path.is_dir():
+        raise FileNotFoundError(f"run_dir {RunDir(Path(run_dir)).path} does not exist (a training run dir, e.g. "
+                                "outputs/<task>/runs/<time>; leave run_dir out to evaluate the base model alone)")
     if r == 0:
         return None
     if run_dir is None:
         raise ValueError(f"eval.round={r} needs run_dir=<a training run dir>; without one only round 0 (the base model)")
     run = RunDir(Path(run_dir))
-    if not run.path.is_dir():
-        raise FileNotFoundError(f"run_dir {run.path} does not exist")
     trained = run.rounds_trained()
     if trained is not None and r > trained:
         raise ValueError(f"eval.round={r} but run {run.path} has trained {trained} round(s)")
@@ -322,6 +324,9 @@ def evaluate(cfg: DictConfig) -> list[dict[str, Any]]:
     if cfg.eval.compile:  # compiled kernels round differently: keep their images apart
         model["compile"] = cfg.eval.compile
     root = Path(cfg.eval.image_root or (RunDir(Path(cfg.run_dir)).eval_root if cfg.run_dir else out_dir / "images")).expanduser()
+    if cfg.run_dir and not cfg.eval.image_root:
+        check_inside(Path(cfg.run_dir), root)  # a linked eval/ would write into another folder
+    save_hydra_files(cfg, out_dir)
     folder = ensure_images(cfg, eval_images(root, point.round, point.cfg, point.num_images, point.seed,
                                            settings_key(prompts, generation, model, adapter)), prompts,
                            generation, adapter, weights)

@@ -8,6 +8,8 @@ image that neglects one phrase, at P more UNet rows per candidate per step for P
 
 from __future__ import annotations
 
+import csv
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -28,6 +30,7 @@ from mitune.runs.seeds import candidate_seed
 Score = Literal["mi", "phrase-mi"]
 SCORES = ("mi", "phrase-mi")
 TABLE = "ranking.csv"
+REQUEST = "rerank.json"  # the prompt (and settings) a folder's ranking is of
 
 
 @dataclass
@@ -119,10 +122,38 @@ def image_name(candidate: Candidate) -> str:
     return f"rank{candidate.rank:03d}_candidate{candidate.index:03d}.png"
 
 
-def write_ranking(candidates: list[Candidate], out_dir: str | Path) -> Path:
+def check_out(out_dir: str | Path, prompt: str) -> Path:
+    """An output folder that holds anything but an earlier ranking of the same prompt is refused before the model
+    loads: two prompts' images under one ranking.csv would be mixed up. Returns the folder."""
+    out = Path(out_dir).expanduser()
+    if not out.is_dir() or not any(out.iterdir()):
+        return out
+    request = out / REQUEST
+    try:
+        earlier = json.loads(request.read_text(encoding="utf-8"))["prompt"]
+    except (OSError, ValueError, KeyError, TypeError):
+        raise FileExistsError(f"--out {out} is not empty and holds no ranking of a prompt ({REQUEST}); "
+                              "choose an empty or new folder") from None
+    if earlier != check_prompt(prompt):
+        raise FileExistsError(f"--out {out} holds the ranking of another prompt ({earlier!r}); choose another "
+                              "folder for this one")
+    return out
+
+
+def write_ranking(candidates: list[Candidate], out_dir: str | Path, prompt: str | None = None) -> Path:
     """Every image, named by rank and candidate, and ``ranking.csv`` (one row per image, best
-    first, a ``phrase_mi[<phrase>]`` column per phrase); returns the table's path."""
+    first, a ``phrase_mi[<phrase>]`` column per phrase); returns the table's path. With ``prompt``, the folder
+    is first checked (``check_out``), an earlier ranking of the prompt replaced whole, and the prompt recorded
+    in ``rerank.json``."""
+    if prompt is not None:
+        check_out(out_dir, prompt)
     out_dir = mio.check_writable(out_dir)
+    if prompt is not None and (out_dir / TABLE).is_file():  # an earlier ranking of this prompt: its images go
+        with open(out_dir / TABLE, newline="", encoding="utf-8") as f:
+            for row in csv.DictReader(f):
+                name = Path(row.get("file_name") or "").name
+                if name.endswith(".png"):
+                    (out_dir / name).unlink(missing_ok=True)
     rows = []
     for cand in candidates:
         mio.write_png(out_dir / image_name(cand), cand.image)
@@ -133,4 +164,6 @@ def write_ranking(candidates: list[Candidate], out_dir: str | Path) -> Path:
     phrase_columns = [f"phrase_mi[{p}]" for p in candidates[0].phrase_mi] if candidates else []
     columns = ["rank", "candidate", "seed", "mi", "score", *phrase_columns, "file_name"]
     mio.write_text(out_dir / TABLE, mio.csv_text(rows, columns))
+    if prompt is not None:
+        mio.write_json(out_dir / REQUEST, {"prompt": check_prompt(prompt), "n": len(candidates)})
     return out_dir / TABLE

@@ -6,8 +6,10 @@ dir, batch arithmetic), so a bad value fails in seconds, before a model is loade
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import shlex
 import sys
 from pathlib import Path
 
@@ -31,9 +33,10 @@ from mitune.rounds.settings import GenerationConfig, TrainConfig
 from mitune.runs.artifacts import RunDir
 from mitune.runs.checkpoints import SafetensorsCheckpointIO, latest_checkpoint, read_state
 from mitune.runs.io import check_writable
+from mitune.runs.loggers import ResumableCSVLogger
 from mitune.runs.preemption import EXIT_STATUS, Preempted, SigtermStop
-from mitune.runs.record import check_config, exclusive, remove_temporaries
-from mitune.runs.tracking import finish_wandb, make_loggers, run_config
+from mitune.runs.record import RunDirError, check_config, exclusive, prompt_record, remove_temporaries
+from mitune.runs.tracking import finish_wandb, make_loggers, run_config, save_hydra_files
 
 log = logging.getLogger(__name__)
 register()  # conf/ composes the settings' defaults and the ${mitune.*} resolvers
@@ -50,6 +53,11 @@ def resolve_resume(resume: bool | str, out_dir: Path) -> Path | None:
     path = Path(str(resume)).expanduser()
     if not path.exists():
         raise FileNotFoundError(f"resume checkpoint {path} does not exist")
+    checkpoints = RunDir(out_dir).checkpoints
+    if not path.resolve().is_relative_to(checkpoints.resolve()):
+        raise RunDirError(f"resume={path} is not a checkpoint of this run dir ({checkpoints}): a run dir holds one run, "
+                          "and this one would hold rounds it did not make; resume that run in its own dir "
+                          "(hydra.run.dir=<its dir> resume=true), or start this one fresh")
     return path
 
 
@@ -91,6 +99,27 @@ def check_trainer(trainer: DictConfig, rounds: int) -> None:
                              + " or ".join(map(str, allowed)))
 
 
+def check_schedule(folder: Path, generation: GenerationConfig) -> None:
+    """Sampling settings the model's noise schedule cannot serve, refused from its scheduler_config.json before
+    the model loads (a model without one is left to diffusers)."""
+    config = Path(folder) / "scheduler" / "scheduler_config.json"
+    if not config.is_file():
+        return
+    num_t = json.loads(config.read_text(encoding="utf-8")).get("num_train_timesteps", 1000)
+    if generation.num_inference_steps > num_t:
+        raise ValueError(f"generation.num_inference_steps={generation.num_inference_steps} exceeds the model's "
+                         f"{num_t} timesteps ({config}); it must be <= {num_t}")
+    if generation.mi.min_timestep >= num_t:
+        raise ValueError(f"generation.mi.min_timestep={generation.mi.min_timestep} leaves no timestep of the model's "
+                         f"{num_t} ({config}): every MI would be 0; it must be < {num_t}")
+
+
+def resume_command(argv: list[str], out_dir: Path) -> str:
+    """The command that resumes this run, each argument shell-quoted (``data.prompts=[a red circle,...]``)."""
+    kept = [a for a in argv if not a.startswith(("resume=", "hydra.run.dir="))]
+    return shlex.join(["python", "-m", "mitune.run", *kept, f"hydra.run.dir={out_dir}", "resume=true"])
+
+
 def launching_process() -> bool:
     """False in the extra ranks Lightning DDP or a cluster starts: the launching process holds the
     run dir's lock and has checked its config for them."""
@@ -104,9 +133,11 @@ def train(cfg: DictConfig) -> float:
     adapter = typed(cfg.adapter, AdapterConfig, "adapter")
     train_config = typed(cfg.train, TrainConfig, "train")
     check_trainer(cfg.trainer, cfg.rounds)
-    prompts = instantiate(cfg.data).prompts
+    prompt_set = instantiate(cfg.data)
+    prompts = prompt_set.prompts
     check_strategy(generation.selection, prompts)
     out_dir = check_writable(Path(cfg.paths.output_dir))
+    RunDir(out_dir).check_inside(cfg.rounds)  # a linked round or checkpoints dir would write elsewhere
     # Before the weights are fetched and hashed: what can be checked without a Trainer.
     precision(cfg.trainer.precision)
     accumulation_steps(train_config.effective_batch, train_config.micro_batch)  # unreachable on any device count
@@ -118,14 +149,15 @@ def train(cfg: DictConfig) -> float:
     with exclusive(out_dir):
         # The weights are found (a hub id downloaded where it is not cached) and hashed before the record is checked.
         weights = model_weights(model, cfg.paths.cache_dir)
+        check_schedule(weights.folder, generation)
         check_config(out_dir, OmegaConf.to_container(cfg, resolve=True), resume=bool(cfg.resume),
-                     weights=weights.record())
+                     weights=weights.record(), prompts=prompt_record(prompts, prompt_set.source))
+        save_hydra_files(cfg, out_dir)  # once the dir has accepted the config
         remove_temporaries(out_dir)
         try:
             return fit(cfg, prompts, generation, adapter, train_config, out_dir, weights)
         except Preempted as stop:
-            kept = [a for a in sys.argv[1:] if not a.startswith(("resume=", "hydra.run.dir="))]
-            command = " ".join(["python -m mitune.run", *kept, f"hydra.run.dir={out_dir}", "resume=true"])
+            command = resume_command(sys.argv[1:], out_dir)
             print(f"mitune: {stop}; newest checkpoint: {stop.checkpoint or latest_checkpoint(RunDir(out_dir).checkpoints)}. "
                   f"Resume with: {command}", file=sys.stderr)
             raise SystemExit(EXIT_STATUS) from None
@@ -140,6 +172,10 @@ def fit(cfg: DictConfig, prompts: list[str], generation: GenerationConfig, adapt
     # The rounds first: a round is generated before the other callbacks' epoch-start hooks (its training bar) run.
     callbacks = [rounds, stop] + [instantiate(spec) for spec in cfg.callbacks.values()]
     loggers = make_loggers(cfg, read_state(ckpt).get("wandb_run_id") if ckpt else None)
+    if cfg.resume:  # what was logged after the checkpoint is logged again
+        for lg in loggers:
+            if isinstance(lg, ResumableCSVLogger):
+                lg.resume_from(read_state(ckpt)["global_step"] if ckpt else 0)
     try:
         trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers,
                               plugins=[SafetensorsCheckpointIO(root=out_dir)], precision=precision(cfg.trainer.precision))

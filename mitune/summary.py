@@ -98,14 +98,30 @@ def result_files(dirs: Sequence[str | os.PathLike]) -> list[Path]:
         if not path.exists():
             raise FileNotFoundError(f"results dir {path} does not exist")
         files += [path] if path.is_file() else sorted(path.rglob(RESULTS))
+    empty = [file for file in files if file.stat().st_size == 0]
+    for file in empty:
+        log.warning("%s is empty (0 bytes): left out; rerun the evaluation that wrote it", file)
+    files = [file for file in files if file not in empty]
     if not files:
         raise SummaryError(f"no {RESULTS} under {', '.join(map(str, dirs))}; run `python -m mitune.evaluate` first")
     return files
 
 
 def read_results(file: Path) -> list[Row]:
+    """A results table's rows; a damaged one (a row cut short, a value that is not a number) is an error naming
+    the file and line."""
+    rows = []
     with open(file, newline="", encoding="utf-8") as f:
-        return list(map(parse_row, csv.DictReader(f)))
+        reader = csv.DictReader(f)
+        for row in reader:
+            try:
+                if None in row.values() or None in row:  # fewer or more fields than the header
+                    raise ValueError(f"{len(reader.fieldnames or [])} columns expected")
+                rows.append(parse_row(row))
+            except (ValueError, TypeError, KeyError) as err:
+                raise SummaryError(f"{file}, line {reader.line_num}: damaged row ({type(err).__name__}: {err}); "
+                                   "rerun the evaluation that wrote it, or remove the file") from None
+    return rows
 
 
 def collect(dirs: Sequence[str | os.PathLike]) -> list[Row]:

@@ -29,6 +29,10 @@ from mitune.mi.pipeline import (
 VARIANCE_TYPES = ("fixed_large", "fixed_small")
 
 
+# The largest CFG scale accepted: the paper sweeps 1-10; far above, images saturate and the sums overflow.
+MAX_GUIDANCE = 100.0
+
+
 @dataclass(frozen=True)
 class SamplingConfig:
     """How a candidate is sampled; the defaults are the paper's (Algorithm 2): DDPM ancestral sampling
@@ -44,6 +48,9 @@ class SamplingConfig:
     def __post_init__(self) -> None:
         if self.guidance_scale < 0:
             raise ValueError(f"guidance_scale must be >= 0, got {self.guidance_scale}")
+        if not self.guidance_scale <= MAX_GUIDANCE:  # also NaN
+            raise ValueError(f"guidance_scale must be <= {MAX_GUIDANCE:g}, got {self.guidance_scale}: CFG scales past "
+                             "a few tens only saturate the images, and huge ones overflow to non-finite latents")
         if self.num_inference_steps < 1:
             raise ValueError(f"num_inference_steps must be >= 1, got {self.num_inference_steps}")
         if self.variance_type not in VARIANCE_TYPES:

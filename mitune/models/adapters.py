@@ -390,7 +390,8 @@ def _check_compatible(first: _Saved, other: _Saved) -> None:
             raise ValueError(f"cannot merge {other.path} into {first.path}: {key} has shape {shape}")
 
 
-def merge_adapters(adapter_dirs: list[str | os.PathLike], weights: list[float], out_dir: str | os.PathLike) -> Path:
+def merge_adapters(adapter_dirs: list[str | os.PathLike], weights: list[float], out_dir: str | os.PathLike,
+                   overwrite: bool = False) -> Path:
     """One adapter from several per-category ones by weighted mean of each saved tensor (paper, App. E.3).
 
     Each saved tensor (A, B and DoRA's magnitude) is averaged on its own, so the merged update is
@@ -399,6 +400,11 @@ def merge_adapters(adapter_dirs: list[str | os.PathLike], weights: list[float], 
     """
     if not adapter_dirs:
         raise ValueError("no adapters to merge")
+    out = Path(out_dir).expanduser()
+    if not overwrite and out.exists() and (not out.is_dir() or any(out.iterdir())):
+        what = "an adapter" if (out / META_NAME).is_file() or (out / WEIGHTS_NAME).is_file() else "files"
+        raise FileExistsError(f"--out {out} already holds {what} (a run's adapter/ is its result); choose a new "
+                              "folder, or pass --overwrite (overwrite=True) to replace it")
     shares = _normalised([float(w) for w in weights], len(adapter_dirs))
     saved = [_read_saved(d) for d in adapter_dirs]
     for other in saved[1:]:
@@ -408,7 +414,6 @@ def merge_adapters(adapter_dirs: list[str | os.PathLike], weights: list[float], 
         for key, value in saved[0].tensors.items()
     }
     meta = {**saved[0].meta, "merged_from": [{"adapter": str(a.path), "weight": w} for a, w in zip(saved, shares)]}
-    out = Path(out_dir).expanduser()
     with atomic_dir(out, META_NAME) as tmp:
         save_file(merged, str(tmp / WEIGHTS_NAME), metadata=saved[0].file_metadata)
         write_json(tmp / META_NAME, meta)

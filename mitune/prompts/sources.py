@@ -47,10 +47,15 @@ def check_characters(lines: list[str], source: str) -> None:
                              "is it a text file? Remove the character and rerun")
 
 
+def check_limit(limit: object) -> None:
+    """``data.limit`` keeps the first N prompts: a whole number, or null for all."""
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+        raise ValueError(f"data.limit must be an integer >= 1 or null, got {limit!r}")
+
+
 def clean_prompts(lines: list[str], source: str, limit: int | None = None) -> PromptSet:
     """Strip, drop blank lines and de-duplicate (first occurrence wins)."""
-    if limit is not None and limit < 1:
-        raise ValueError(f"prompt limit must be >= 1 or null, got {limit}")
+    check_limit(limit)
     check_characters(lines, source)
     stripped = [line.strip() for line in lines]
     blank = sum(1 for line in stripped if not line)

@@ -22,6 +22,19 @@ class StepCheckpoint(ModelCheckpoint):
             super().on_train_batch_end(trainer, *args, **kwargs)
 
 
+class RoundCheckpoint(ModelCheckpoint):
+    """The end-of-round checkpoint, named by the round it ends (``round-001.ckpt`` after round 1): Lightning's
+    ``{epoch}`` counts from 0 and its default name holds an ``=``, which shells and Hydra overrides need quoted.
+    ``{round}`` in ``filename`` is the 1-based round; older run dirs' ``round-epoch=0.ckpt`` still resume (a
+    checkpoint is found by its state, not its name)."""
+
+    def format_checkpoint_name(self, metrics: dict, filename: str | None = None, ver: int | None = None,
+                               prefix: str | None = None) -> str:
+        epoch = metrics.get("epoch")
+        metrics = {**metrics, "round": (int(epoch) if epoch is not None else 0) + 1}
+        return super().format_checkpoint_name(metrics, filename, ver, prefix)
+
+
 def samples_per_second(window_size: int = 10) -> ThroughputMonitor:
     """Lightning's throughput monitor (train/device/samples_per_sec), counting latents per batch."""
     return ThroughputMonitor(batch_size_fn=lambda batch: batch["latents"].shape[0], window_size=window_size)

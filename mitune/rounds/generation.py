@@ -71,8 +71,19 @@ def round_settings(pipe: DiffusionPipeline, prompts: list[str], config: Generati
     }
 
 
+# Generation settings a resume may change: they decide how candidates are batched, not which ones (a batch of
+# another size gives them equal up to float rounding), and lowering one is the way out of an out-of-memory error.
+BATCHING = ("micro_batch",)
+
+
+def compared(settings: dict[str, Any]) -> dict[str, Any]:
+    """``settings`` without the batching keys (``BATCHING``): what two starts of a round must share."""
+    generation = {k: v for k, v in settings.get("generation", {}).items() if k not in BATCHING}
+    return {**settings, "generation": generation}
+
+
 def check_settings(round_dir: RoundDir, settings: dict[str, Any]) -> bool:
-    """Whether the settings file exists; if it does, it must hold exactly ``settings``."""
+    """Whether the settings file exists; if it does, it must hold ``settings`` (the batching keys aside)."""
     settings_file = round_dir.settings_file
     if not settings_file.exists():
         return False
@@ -80,6 +91,7 @@ def check_settings(round_dir: RoundDir, settings: dict[str, Any]) -> bool:
         previous = json.loads(settings_file.read_text(encoding="utf-8"))
     except ValueError as err:
         raise ValueError(f"{settings_file} is corrupt ({err}); delete the round dir {round_dir.path} to regenerate it") from err
+    previous, settings = compared(previous), compared(settings)
     if previous != settings:
         changed = sorted(k for k in settings.keys() | previous.keys() if previous.get(k) != settings.get(k))
         raise ValueError(

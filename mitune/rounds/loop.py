@@ -47,7 +47,13 @@ class MIRounds(L.Callback):
         self.stop = stop  # raises between generation batches once a stop (SIGTERM) is requested
 
     def on_train_start(self, trainer: L.Trainer, module: MITuneModule) -> None:
-        """The round being trained; also here because a run resumed mid-round gets no epoch start."""
+        """The round being trained; also here because a run resumed mid-round gets no epoch start. A resumed run
+        first checks the rounds it finished before: they are part of its result (each round's image folder)."""
+        if trainer.is_global_zero:
+            settings = round_settings(module.pipe, self.prompts, self.generation)
+            for r in range(1, epoch_index(trainer) + 1):
+                verify_round(self.run.round(r), settings, len(self.prompts), self.generation)
+        trainer.strategy.barrier("mitune-earlier-rounds-verified")
         self.start_round(trainer, module)
 
     def on_train_epoch_start(self, trainer: L.Trainer, module: MITuneModule) -> None:

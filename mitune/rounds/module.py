@@ -26,7 +26,9 @@ from mitune.mi.pipeline import (
 from mitune.models.adapters import AdapterConfig, DoraNormCache, add_adapters
 from mitune.rounds.data import EMPTY_PROMPT
 from mitune.rounds.settings import TrainConfig
-from mitune.runs.checkpoints import latest_checkpoint, progress_key
+from mitune.runs.checkpoints import newest_finite, progress_key
+
+MICRO_BATCH = "mitune_micro_batch"  # the checkpoint key of the train.micro_batch its batch counts are in
 
 
 def accumulation_steps(effective_batch: int, micro_batch: int, world_size: int = 1) -> int:
@@ -99,7 +101,7 @@ class MITuneModule(L.LightningModule):
         if not torch.isfinite(loss):
             raise FloatingPointError(
                 f"training loss is {loss.item()} at global step {self.global_step}; stopping. "
-                f"Newest checkpoint (checkpoints are written only when finite): {self.newest_checkpoint()}. "
+                f"Newest finite checkpoint: {self.newest_checkpoint()}. "
                 "Lower train.lr or check the data"
             )
         self.log("train/loss", loss, prog_bar=True, batch_size=z0.shape[0])
@@ -108,7 +110,7 @@ class MITuneModule(L.LightningModule):
 
     def newest_checkpoint(self) -> str:
         folders = {c.dirpath for c in self.trainer.checkpoint_callbacks if getattr(c, "dirpath", None)}
-        found = [p for p in map(latest_checkpoint, folders) if p is not None]
+        found = [p for p in map(newest_finite, folders) if p is not None]
         return str(max(found, key=progress_key)) if found else "none yet"
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
@@ -125,10 +127,29 @@ class MITuneModule(L.LightningModule):
         return optimizer
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        """Keep the W&B run id so that a resumed run continues the same W&B run."""
+        """Keep the W&B run id so that a resumed run continues the same W&B run, and the micro-batch the
+        checkpoint's batch counts are in."""
+        checkpoint[MICRO_BATCH] = self.train_config.micro_batch
         for logger in self.loggers:
             if isinstance(logger, WandbLogger):
                 checkpoint["wandb_run_id"] = logger.version
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        """A resume may lower (or raise) train.micro_batch, e.g. after an out-of-memory error: the checkpoint's
+        counts of the round's micro-batches are converted to the new size before Lightning restores them (a
+        checkpoint is taken after whole optimizer steps, so the samples done are a multiple of both)."""
+        old, new = checkpoint.get(MICRO_BATCH), self.train_config.micro_batch
+        if old is None or old == new:  # checkpoints before mitune recorded it: the micro-batch is unchanged
+            return
+        fit = checkpoint["loops"]["fit_loop"]
+        for progress in (fit["epoch_loop.batch_progress"]["total"], fit["epoch_loop.batch_progress"]["current"]):
+            processed = progress["processed"]
+            rescaled = processed * old // new
+            for key in progress:  # counters that lag "processed" (completed) keep their lag
+                progress[key] = rescaled - (processed - progress[key])
+        for loader in fit["state_dict"].get("combined_loader", []):
+            loader["processed"] = loader["processed"] * old // new
+        checkpoint[MICRO_BATCH] = new
 
     def state_dict(self, *args, **kwargs) -> dict[str, torch.Tensor]:
         """Only the trainable (adapter) weights: checkpoints stay small and base-agnostic."""

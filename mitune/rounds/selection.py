@@ -25,7 +25,7 @@ from mitune.metrics import ALIGNMENT_METRICS, AlignmentMetric, build_alignment_m
 from mitune.mi.phrases import check_phrases
 from mitune.rounds.generation import check_settings, mi_stats
 from mitune.rounds.settings import GenerationConfig, check_top_k
-from mitune.runs.artifacts import RoundDir, as_round_dir
+from mitune.runs.artifacts import DamagedFolder, RoundDir, as_round_dir
 from mitune.runs.io import read_jsonl
 from mitune.runs.seeds import mix_seed
 
@@ -125,15 +125,31 @@ def select_round(round_dir: RoundDir | Path, num_prompts: int, config: Generatio
 
 
 def verify_round(round_dir: RoundDir | Path, settings: dict[str, Any], num_prompts: int, config: GenerationConfig) -> None:
-    """Check a finished round before it is reused: its settings, every row, and the selected files.
+    """Check a finished round before it is reused: its settings, every file against the size recorded when it
+    completed, every row, and every file a row names.
 
-    A ``metadata.jsonl`` that lost rows is rebuilt from the per-prompt ``parts/`` (what it was made
-    from) by selecting again; a missing part, latents file or selected image is an error naming it.
+    A damaged ``metadata.jsonl`` or ``summary.json`` is rebuilt from the per-prompt ``parts/`` (what they were made
+    from) by selecting again; any other damaged or missing file is an error naming it. Rounds finished before
+    mitune recorded sizes are checked by their rows and files only.
     """
     round_dir = as_round_dir(round_dir)
     if not check_settings(round_dir, settings):
         raise FileNotFoundError(f"finished round {round_dir.path} has no {round_dir.settings_file.name}; delete the "
                                 "round dir to regenerate it")
+    regenerate = f"; restore it, or delete the round dir {round_dir.path} to regenerate the round"
+    rebuild = None
+    try:
+        sizes = round_dir.recorded_sizes()
+    except FileNotFoundError:  # summary.json missing or damaged: rebuilt below
+        sizes, rebuild = None, f"{round_dir.summary_file} is missing"
+    except ValueError as err:
+        sizes, rebuild = None, str(err)
+    if sizes is not None:
+        damaged = round_dir.damaged_files(sizes)
+        unrebuildable = [d for d in damaged if not d.startswith(str(round_dir.metadata))]
+        if unrebuildable:
+            raise DamagedFolder(f"finished round {round_dir.path} is damaged: {unrebuildable[0]}{regenerate}")
+        rebuild = rebuild or (damaged[0] if damaged else None)
     expected = num_prompts * config.num_candidates
     try:
         rows = round_dir.rows()
@@ -142,15 +158,22 @@ def verify_round(round_dir: RoundDir | Path, settings: dict[str, Any], num_promp
     else:
         reason = f"{len(rows)} rows, expected {num_prompts} prompts x {config.num_candidates} = {expected}"
     if len(rows) != expected:
+        rebuild = f"{round_dir.metadata} is damaged ({reason})"
+    if rebuild:
         missing = [pid for pid in range(num_prompts) if not round_dir.part(pid).is_file()]
         if missing:
-            raise ValueError(f"{round_dir.metadata} is damaged ({reason}) and {round_dir.part(missing[0])} is "
-                             "missing too; delete the round dir to regenerate the round")
-        log.warning("%s was damaged (%s); rebuilt it from its parts", round_dir.metadata, reason)
-        select_round(round_dir, num_prompts, config)
+            raise DamagedFolder(f"{rebuild} and {round_dir.part(missing[0])} is missing too; delete the round dir to "
+                                "regenerate the round")
+        try:
+            select_round(round_dir, num_prompts, config)
+        except ValueError as err:  # a part that does not parse
+            raise DamagedFolder(f"{rebuild}, and rebuilding it from {round_dir.path / 'parts'} failed: {err}{regenerate}") from err
+        log.warning("%s; rebuilt the round's metadata and summary from its parts", rebuild)
         rows = round_dir.rows()
     for row in rows:
-        for name in ([row["latents"], row["file_name"]] if row["selected"] else [row["latents"]]):
+        names = [row["latents"], row["file_name"]]
+        if config.save_mi_maps:
+            names.append(round_dir.mi_map_name(row["prompt_id"], row["candidate"]))
+        for name in names:
             if not (round_dir.path / name).is_file():
-                raise FileNotFoundError(f"{round_dir.path / name} is missing; restore it, or delete the round dir "
-                                        f"{round_dir.path} to regenerate the round")
+                raise DamagedFolder(f"{round_dir.path / name} is missing{regenerate}")

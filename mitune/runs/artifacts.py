@@ -23,7 +23,8 @@ construction::
       parts/000012.jsonl              one prompt's candidate rows; its presence marks the prompt as done
       metadata.jsonl                  all rows, merged from parts/ when the folder is finished (with score,
                                       rank and selected in a training round)
-      summary.json                    MI statistics, written last: the folder is complete
+      summary.json                    MI statistics and the size of every file above ("files"), written last:
+                                      the folder is complete, and a reuse checks it against the sizes
       mi_hist.png                     training rounds: the MI histogram
 
     <evaluation job dir>/results.csv  the tidy results table (RESULT_COLUMNS), scores.jsonl per image
@@ -36,6 +37,7 @@ construction::
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -47,6 +49,7 @@ from safetensors.torch import load_file
 from mitune.runs.io import read_jsonl, write_json, write_jsonl
 
 METADATA = "metadata.jsonl"
+FILES = "files"  # summary.json's record of every file's size
 RESULTS = "results.csv"
 SCORES = "scores.jsonl"
 # The tidy table mitune.evaluate writes and mitune.summary reads: one row per (method, category,
@@ -54,6 +57,25 @@ SCORES = "scores.jsonl"
 # digest of the base model's weight files (``mitune.models.weights.Weights.digest``; empty in tables made before it).
 RESULT_COLUMNS = ["method", "category", "round", "cfg", "metric", "kind", "value", "std", "n", "num_prompts",
                   "images_per_prompt", "seed", "train_seed", "model", "weights", "run_dir", "image_dir"]
+
+
+class OutsideRunDir(ValueError):
+    """A path inside a run dir resolves (through a link) outside it."""
+
+
+class DamagedFolder(FileNotFoundError, ValueError):
+    """A finished image folder's file is missing or not as it was written (missing file and bad data alike)."""
+
+
+def check_inside(root: Path, *paths: Path) -> None:
+    """Refuse, before anything is written, a path under ``root`` that resolves outside it: a linked round,
+    ``checkpoints/`` or ``adapter/`` would send a run's writes (and its deletions) into another folder."""
+    inside = Path(root).expanduser().resolve()
+    for path in paths:
+        resolved = Path(path).expanduser().resolve()
+        if not resolved.is_relative_to(inside):
+            raise OutsideRunDir(f"{path} resolves to {resolved}, outside the run dir {inside}; a run writes only inside "
+                                "its own dir: replace the link with a plain folder, or start a new run dir")
 
 
 def weight_hash_cache(cache_dir: Path) -> Path:
@@ -114,14 +136,60 @@ class RoundDir:
     def mi_map_name(prompt_id: int, candidate: int) -> str:
         return f"mi_maps/{prompt_id:06d}_{candidate:03d}.png"
 
+    # What a finished folder holds: the sizes of these are recorded in summary.json (the adapter and the
+    # histogram are written after it).
+    CONTENT_DIRS = ("images", "latents", "mi_maps", "parts")
+
+    def paths(self) -> tuple[Path, ...]:
+        """Every path the folder's writers write to (checked to stay inside a run dir)."""
+        return (self.path, self.settings_file, self.metadata, self.summary_file, self.histogram, self.adapter,
+                self.lock, *(self.path / d for d in self.CONTENT_DIRS))
+
+    def file_sizes(self) -> dict[str, int]:
+        """Size in bytes of every content file (``CONTENT_DIRS``, round.json, metadata.jsonl) by relative path;
+        links are not followed, temporaries (``.name.tmp``) left out."""
+        sizes = {}
+        for name in (self.settings_file.name, METADATA):
+            if (self.path / name).is_file():
+                sizes[name] = (self.path / name).stat().st_size
+        for sub in self.CONTENT_DIRS:
+            for folder, _, files in os.walk(self.path / sub):
+                for name in files:
+                    if not name.startswith("."):
+                        path = Path(folder) / name
+                        sizes[str(path.relative_to(self.path))] = path.stat().st_size
+        return dict(sorted(sizes.items()))
+
     def complete(self, rows: list[dict[str, Any]], stats: dict[str, Any]) -> None:
-        """Write every row, then the statistics: the completion marker goes last."""
+        """Write every row, then the statistics with every file's size: the completion marker goes last."""
         write_jsonl(self.metadata, rows)
-        write_json(self.summary_file, stats)
+        write_json(self.summary_file, {**stats, FILES: self.file_sizes()})
 
     def is_complete(self) -> bool:
         """The one completion marker: ``summary.json`` is written after every other file of the folder."""
         return self.summary_file.is_file()
+
+    def recorded_sizes(self) -> dict[str, int] | None:
+        """The file sizes ``complete`` recorded; None for a folder finished before mitune recorded them.
+        A damaged summary.json is a ValueError naming it."""
+        try:
+            summary = json.loads(self.summary_file.read_text(encoding="utf-8"))
+        except (ValueError, UnicodeDecodeError) as err:
+            raise ValueError(f"{self.summary_file} is corrupt ({err})") from err
+        if isinstance(summary, dict):
+            return summary.get(FILES)
+        raise ValueError(f"{self.summary_file} is corrupt (not a JSON object)")
+
+    def damaged_files(self, sizes: dict[str, int]) -> list[str]:
+        """``name: why`` for every recorded file that is missing or has another size now."""
+        damaged = []
+        for name, size in sizes.items():
+            path = self.path / name
+            if not path.is_file():
+                damaged.append(f"{path} is missing")
+            elif path.stat().st_size != size:
+                damaged.append(f"{path} has {path.stat().st_size} bytes, {size} when the round completed")
+        return damaged
 
     def rows(self) -> list[dict[str, Any]]:
         """Every candidate's row, with clear errors for a missing or broken folder."""
@@ -206,6 +274,20 @@ class RunDir:
     def eval_root(self) -> Path:
         return self.path / "eval"
 
+    @property
+    def csv_logs(self) -> Path:
+        return self.path / "csv"
+
+    @property
+    def wandb_logs(self) -> Path:
+        return self.path / "wandb"
+
+    def check_inside(self, rounds: int) -> None:
+        """Every path a run of ``rounds`` rounds writes must stay inside the dir (``check_inside``)."""
+        check_inside(self.path, self.config_record, self.lock, self.lock_owner, self.checkpoints, self.adapter,
+                     self.rounds_dir, self.progress_file, self.eval_root, self.csv_logs, self.wandb_logs,
+                     self.path / ".hydra", *(p for r in range(1, rounds + 1) for p in self.round(r).paths()))
+
     def work(self) -> tuple[Path, ...]:
         """What ties the dir to its config once it exists: generated rounds, checkpoints, adapters."""
         return self.rounds_dir, self.checkpoints, self.adapter
@@ -217,7 +299,11 @@ class RunDir:
         """Rounds finished, from the progress file (None if the run has none)."""
         if not self.progress_file.is_file():
             return None
-        return json.loads(self.progress_file.read_text(encoding="utf-8"))["rounds_trained"]
+        try:
+            return int(json.loads(self.progress_file.read_text(encoding="utf-8"))["rounds_trained"])
+        except (ValueError, UnicodeDecodeError, KeyError, TypeError) as err:
+            raise ValueError(f"{self.progress_file} is corrupt ({type(err).__name__}: {err}); restore it, or delete "
+                             "it (each round's end rewrites it; without it a round's adapter is found by its files)") from err
 
     def write_progress(self, rounds_trained: int, global_step: int) -> None:
         write_json(self.progress_file, {"rounds_trained": rounds_trained, "global_step": global_step})

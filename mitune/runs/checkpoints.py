@@ -4,7 +4,8 @@ A checkpoint "file" is a directory holding ``tensors.safetensors`` (every tensor
 checkpoint dict) and ``state.json`` (everything else, with tensors replaced by their key, and
 the SHA-256 of the tensors file, checked on load). It is written into a temporary sibling and
 renamed, so a crash or a full disk while saving leaves the previous checkpoint intact. A
-checkpoint with a non-finite tensor is never written, so the newest one is always usable.
+checkpoint with a non-finite tensor is never written, and one that holds such a tensor anyway (made
+elsewhere, or damaged under a valid checksum) is refused on load, naming the newest finite one.
 """
 
 from __future__ import annotations
@@ -112,6 +113,14 @@ class SafetensorsCheckpointIO(CheckpointIO):
             tensors = load_file(str(path / TENSORS), device=device)
         except SafetensorError as err:
             raise ValueError(f"checkpoint tensors {path / TENSORS} cannot be read: {err}") from err
+        bad = non_finite(tensors)
+        if bad:
+            good = newest_finite(path.parent, skip=path)
+            raise FloatingPointError(
+                f"checkpoint {path} holds {sum(bad.values())} non-finite values in {len(bad)} weight or optimizer "
+                f"tensor(s) (first: {next(iter(bad)).split(':', 1)[1]}), so training cannot continue from it; "
+                + (f"the newest finite checkpoint is {good}: resume=true after deleting {path}, or resume={good}"
+                   if good else "no other checkpoint there is finite: start a new run dir"))
         return unflatten(state, tensors)
 
     def remove_checkpoint(self, path: str | os.PathLike) -> None:
@@ -143,10 +152,28 @@ def progress_key(path: Path) -> tuple[int, int]:
     return state["global_step"], state["loops"]["fit_loop"]["epoch_progress"]["current"]["processed"]
 
 
-def latest_checkpoint(folder: str | os.PathLike) -> Path | None:
-    """The most advanced complete checkpoint in ``folder``, or None when there is none (a link
-    that leads out of ``folder`` is not followed)."""
+def complete_checkpoints(folder: str | os.PathLike) -> list[Path]:
+    """The complete checkpoints in ``folder`` (a link that leads out of it is not followed), whatever their
+    names (``round-001.ckpt``, and ``round-epoch=0.ckpt`` of older runs)."""
     inside = Path(folder).resolve()
-    found = [p for p in Path(folder).glob("*.ckpt")
-             if p.resolve().is_relative_to(inside) and (p / STATE).is_file() and (p / TENSORS).is_file()]
-    return max(found, key=progress_key, default=None)
+    return [p for p in Path(folder).glob("*.ckpt")
+            if p.resolve().is_relative_to(inside) and (p / STATE).is_file() and (p / TENSORS).is_file()]
+
+
+def latest_checkpoint(folder: str | os.PathLike) -> Path | None:
+    """The most advanced complete checkpoint in ``folder``, or None when there is none."""
+    return max(complete_checkpoints(folder), key=progress_key, default=None)
+
+
+def newest_finite(folder: str | os.PathLike, skip: Path | None = None) -> Path | None:
+    """The most advanced checkpoint in ``folder`` whose weights and optimizer state are all finite (other than
+    ``skip``), or None; an unreadable one is passed over."""
+    for path in sorted(complete_checkpoints(folder), key=progress_key, reverse=True):
+        if skip is not None and path.resolve() == Path(skip).resolve():
+            continue
+        try:
+            if not non_finite(load_file(str(path / TENSORS))):
+                return path
+        except (OSError, SafetensorError):
+            continue
+    return None

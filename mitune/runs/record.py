@@ -2,7 +2,8 @@
 
 A paper-scale round is a day of GPU time, so a resume or rerun must never mix two configurations
 in one dir. The first start writes ``run_config.yaml`` (the resolved config, plus under ``weights``
-the base model's weights: hub repo, commit and each weight file's SHA-256); every later start
+the base model's weights: hub repo, commit and each weight file's SHA-256, and under ``prompts`` the
+SHA-256 of the cleaned prompt list: a prompt file edited between rounds is another run); every later start
 compares its own config with it, key by key, before any model is loaded, and refuses on a
 difference. Only the keys in ``MUTABLE`` may change between starts: they decide where and how
 the run executes or logs, not what it computes (``rounds`` may grow, to add rounds to a run).
@@ -10,6 +11,7 @@ the run executes or logs, not what it computes (``rounds`` may grow, to add roun
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -36,11 +38,20 @@ MUTABLE = (
     "trainer.log_every_n_steps", "trainer.enable_progress_bar",
     # The hub commit the weights came from: another commit with the same files (weights.files) is the same model.
     "weights.revision",
+    # Micro-batches decide how the work is batched, not what it computes (equal up to float rounding, as on
+    # another device count); lowering them is the way out of an out-of-memory error.
+    "generation.micro_batch", "train.micro_batch",
+    # Where the prompts were read from: the same prompts (prompts.sha256) from another copy are the same prompts.
+    "prompts.source",
 )
 
 # The base model's weights in the record (``mitune.models.weights.Weights.record``). Records made before mitune
 # recorded them have no such key: their weights are unknown, and such a run resumes without the check.
 WEIGHTS = "weights"
+# The prompts in the record (``prompt_record``); records made before mitune recorded them resume without the check.
+PROMPTS = "prompts"
+# The record's run dir: a moved or copied run dir is the same run, so paths inside it compare relative to it.
+OUTPUT_DIR = ("paths", "output_dir")
 
 
 # Where the ``_target_``s a record names went when mitune's modules moved into sub-packages (0.1 -> 0.2):
@@ -105,18 +116,47 @@ def differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     return [f"{k}: {a.get(k, '<unset>')!r} -> {b.get(k, '<unset>')!r}" for k in keys]
 
 
+def prompt_record(prompts: list[str], source: str) -> dict[str, Any]:
+    """What the record holds of the prompts: their count and SHA-256 (of the cleaned list, in order), and the
+    file (or config key) they came from."""
+    return {"count": len(prompts), "sha256": hashlib.sha256("\n".join(prompts).encode()).hexdigest(),
+            "source": source}
+
+
+def relative_to_run(tree: Any, root: str | None) -> Any:
+    """``tree`` with every string naming ``root`` or a path under it written as ``<run dir>/...``."""
+    if not root:
+        return tree
+    if isinstance(tree, dict):
+        return {k: relative_to_run(v, root) for k, v in tree.items()}
+    if isinstance(tree, list):
+        return [relative_to_run(v, root) for v in tree]
+    if isinstance(tree, str) and (tree == root or tree.startswith(root.rstrip("/") + "/")):
+        return "<run dir>" + tree[len(root.rstrip("/")):]
+    return tree
+
+
+def recorded_dir(record: dict[str, Any]) -> str | None:
+    group, key = OUTPUT_DIR
+    value = (record.get(group) or {}).get(key)
+    return str(value) if value else None
+
+
 def has_work(run_dir: Path) -> bool:
     return any(path.exists() and any(path.iterdir()) for path in RunDir(run_dir).work())
 
 
-def check_config(run_dir: Path, config: dict[str, Any], resume: bool, weights: dict[str, Any]) -> None:
-    """Refuse a start whose config or base weights differ from the run's record, or a fresh start over earlier work.
+def check_config(run_dir: Path, config: dict[str, Any], resume: bool, weights: dict[str, Any],
+                 prompts: dict[str, Any] | None = None) -> None:
+    """Refuse a start whose config, base weights or prompts (``prompt_record``) differ from the run's record, or a
+    fresh start over earlier work.
 
     The record is (re)written while the dir holds no work yet, so a start that failed before
-    generating anything does not tie the dir to its config.
+    generating anything does not tie the dir to its config. Paths inside the run dir compare relative to
+    it, so a moved or copied run dir resumes.
     """
     record = RunDir(run_dir).config_record
-    config = {**config, WEIGHTS: weights}
+    config = {**config, WEIGHTS: weights, **({PROMPTS: prompts} if prompts is not None else {})}
     if not has_work(run_dir):
         write_text(record, yaml.safe_dump(config, sort_keys=True))
         return
@@ -128,13 +168,18 @@ def check_config(run_dir: Path, config: dict[str, Any], resume: bool, weights: d
     except yaml.YAMLError as err:
         raise RunDirError(f"{record} is corrupt ({err}); restore it or start a new run dir") from err
     old = migrated(old or {})
-    if WEIGHTS not in old:  # recorded before weights were: unknown, not compared (the record is left as written)
-        config.pop(WEIGHTS)
-    diff = differences(old, config)
+    for key in (WEIGHTS, PROMPTS):  # recorded before they were: unknown, not compared (the record is left as written)
+        if key not in old:
+            config.pop(key, None)
+    new_dir = recorded_dir(config) or str(run_dir)
+    diff = differences(relative_to_run(old, recorded_dir(old)), relative_to_run(config, new_dir))
     if diff:
+        changed_prompts = [line for line in diff if line.startswith(f"{PROMPTS}.")]
         raise RunDirError(
             f"run dir {run_dir} was made with another config; one run dir holds one run, so it is not reused:\n  "
             + "\n  ".join(diff)
+            + (f"\nThe prompts of {config[PROMPTS]['source']} are not those the run was made with (edited since?)."
+               if changed_prompts else "")
             + f"\nStart a new run dir (another hydra.run.dir), or rerun with the recorded values ({record}). "
             f"Only these may change on a resume: {', '.join(MUTABLE)}."
         )

@@ -161,3 +161,24 @@ def run_config(cfg: Any, **derived: Any) -> dict[str, Any]:
     if derived:
         logged["derived"] = derived
     return logged
+
+
+# Where a job's composed config goes, as Hydra names it. Hydra itself writes it before the task runs
+# (``hydra.output_subdir``); mitune's configs turn that off and the tasks write it once the run dir has
+# accepted the config, so a refused start leaves a finished run's files as they were.
+HYDRA_FILES = ".hydra"
+
+
+def save_hydra_files(task_cfg: Any, out_dir: Path) -> None:
+    """The job's config.yaml, hydra.yaml and overrides.yaml, as Hydra writes them (nothing outside a Hydra app)."""
+    from omegaconf import OmegaConf
+
+    from mitune.runs.io import write_text
+
+    hydra = hydra_job()
+    if hydra is None:
+        return
+    folder = Path(out_dir) / HYDRA_FILES
+    hydra_node = OmegaConf.create({"hydra": OmegaConf.to_container(hydra, resolve=False)})
+    for name, node in (("config.yaml", task_cfg), ("hydra.yaml", hydra_node), ("overrides.yaml", hydra.overrides.task)):
+        write_text(folder / name, OmegaConf.to_yaml(node))
