@@ -48,7 +48,7 @@ class SamplingConfig:
     def __post_init__(self) -> None:
         if self.guidance_scale < 0:
             raise ValueError(f"guidance_scale must be >= 0, got {self.guidance_scale}")
-        if not self.guidance_scale <= MAX_GUIDANCE:  # also NaN
+        if self.guidance_scale > MAX_GUIDANCE:
             raise ValueError(f"guidance_scale must be <= {MAX_GUIDANCE:g}, got {self.guidance_scale}: CFG scales past "
                              "a few tens only saturate the images, and huge ones overflow to non-finite latents")
         if self.num_inference_steps < 1:
