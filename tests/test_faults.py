@@ -61,21 +61,38 @@ def outside_with_files(tmp_path: Path) -> Path:
 # ----------------------------------------------------------------------------- A: writes outside the run dir
 
 
+def partial_round_1(run_dir: Path, outside: Path) -> None:
+    """As if killed while generating round 1 into a folder outside the run dir: prompt 0 is done."""
+    round_1 = run_dir / "rounds" / "round_1"
+    for name in ["round.json", "parts/000000.jsonl", "latents/000000.safetensors",
+                 *(str(p.relative_to(round_1)) for p in round_1.glob("images/000000_*.png"))]:
+        (outside / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(round_1 / name, outside / name)
+    for path in [run_dir / "checkpoints", run_dir / "adapter", round_1]:
+        shutil.rmtree(path)
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("linked, overrides", [
     ("rounds/round_3", ["rounds=3", "resume=true"]),  # a finished run extended into a linked round
-    ("rounds/round_1", []),  # a partial round 1 linked elsewhere
+    ("rounds/round_1", ["resume=true"]),  # a partial round 1 linked elsewhere
     ("checkpoints", ["rounds=2", "resume=true"]),
 ])
-def test_A_a_link_out_of_the_run_dir_is_refused_before_any_write(config, tmp_path, linked, overrides):
-    run_dir, never_built = tmp_path / "run", tmp_path / "never-built"
+def test_A_a_link_out_of_the_run_dir_is_refused_before_any_write(config, tiny_sd_path, tmp_path, linked, overrides):
+    run_dir = tmp_path / "run"
+    train(config(run_dir, tiny_sd_path))
     outside = outside_with_files(tmp_path)
-    (run_dir / linked).parent.mkdir(parents=True, exist_ok=True)
+    if linked == "rounds/round_1":
+        partial_round_1(run_dir, outside)
+    elif linked == "checkpoints":
+        for path in (run_dir / "checkpoints").iterdir():
+            path.rename(outside / path.name)
+        (run_dir / "checkpoints").rmdir()
     (run_dir / linked).symlink_to(outside, target_is_directory=True)
-    before = files_under(outside)
+    before, inside = files_under(outside), snapshot(run_dir)
     with pytest.raises(OutsideRunDir, match=f"{run_dir / linked} resolves to {outside}, outside the run dir"):
-        train(config(run_dir, never_built, *overrides))
-    assert files_under(outside) == before
-    assert not never_built.exists() and not (run_dir / RECORD).exists()
+        train(config(run_dir, tiny_sd_path, *overrides))
+    assert files_under(outside) == before and snapshot(run_dir) == inside
 
 
 # ----------------------------------------------------------------------------- B: silent input changes
@@ -98,7 +115,7 @@ def test_B_a_prompt_file_edited_between_rounds_is_refused_naming_it(config, tiny
 
 def test_B_resume_from_another_run_dirs_checkpoint_is_refused(config, tmp_path):
     other = tmp_path / "other" / "checkpoints" / "round-002.ckpt"
-    other.mkdir(parents=True)
+    SafetensorsCheckpointIO(root=tmp_path / "other").save_checkpoint({"state_dict": {"w": torch.ones(2)}, "global_step": 6}, other)
     never_built = tmp_path / "never-built"
     with pytest.raises(RunDirError, match=f"resume={other} is not a checkpoint of this run dir"):
         train(config(tmp_path / "new", never_built, "rounds=3", f"resume={other}"))
@@ -168,7 +185,7 @@ def test_C_every_file_of_a_round_is_checked_against_its_recorded_size(round_dir,
 def test_C_a_round_finished_before_sizes_were_recorded_is_still_reused(round_dir):
     out, settings, generation = round_dir
     summary = json.loads((out / "summary.json").read_text())
-    del summary["files"]
+    summary.pop("files", None)
     (out / "summary.json").write_text(json.dumps(summary))
     verify_round(out, settings, 2, generation)
     rows = [json.loads(x) for x in (out / METADATA).read_text().splitlines()]

@@ -153,7 +153,7 @@ def test_two_rounds_end_to_end_with_logs(tiny_sd_path, tmp_path):
     for r in (1, 2):
         assert len((out / "rounds" / f"round_{r}" / "metadata.jsonl").read_text().splitlines()) == 6
         assert (out / "rounds" / f"round_{r}" / "adapter" / "pytorch_lora_weights.safetensors").is_file()
-    assert sorted(p.name for p in (out / "checkpoints").glob("round-*")) == ["round-epoch=0.ckpt", "round-epoch=1.ckpt"]
+    assert sorted(p.name for p in (out / "checkpoints").glob("round-*")) == ["round-001.ckpt", "round-002.ckpt"]
     with open(out / "csv" / "metrics.csv") as f:
         rows = list(csv.DictReader(f))
     logged = {k for row in rows for k, v in row.items() if v}
@@ -320,7 +320,7 @@ def test_run_killed_in_each_phase_resumes_identically(tiny_sd_path, tmp_path, un
     time.sleep(delay)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    assert not (killed / "checkpoints" / "round-epoch=1.ckpt").exists(), f"the run finished before the kill in {phase}"
+    assert not (killed / "checkpoints" / "round-002.ckpt").exists(), f"the run finished before the kill in {phase}"
 
     result = cli(*KILL_ARGS, f"hydra.run.dir={killed}", "resume=true", tiny=tiny_sd_path)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -376,7 +376,7 @@ def test_sigterm_checkpoints_exits_143_and_resumes_identically(tiny_sd_path, tmp
     _, stderr = proc.communicate(timeout=300)
     assert proc.returncode == 143, stderr[-3000:]
     assert "stopped by SIGTERM" in stderr and f"hydra.run.dir={stopped} resume=true" in stderr
-    assert not (stopped / "checkpoints" / "round-epoch=1.ckpt").exists(), f"the run finished before SIGTERM in {phase}"
+    assert not (stopped / "checkpoints" / "round-002.ckpt").exists(), f"the run finished before SIGTERM in {phase}"
     if phase.endswith("training"):
         assert list((stopped / "checkpoints").glob("sigterm-step-*.ckpt"))
 
