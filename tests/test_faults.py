@@ -280,12 +280,19 @@ def back_to_mid_round_1(run_dir: Path) -> None:
 
 
 @pytest.mark.slow
-def test_E_lower_micro_batches_on_resume_give_the_same_adapter_up_to_float_rounding(config, tiny_sd_path, tmp_path):
+@pytest.mark.parametrize("stop", ["mid-round 1", "end of round 1"])
+def test_E_lower_micro_batches_on_resume_give_the_same_adapter_up_to_float_rounding(config, tiny_sd_path, tmp_path,
+                                                                                    stop):
+    """What a user does after an out-of-memory error: resume with smaller micro-batches (same effective batch)."""
+    rounds = "rounds=1" if stop == "mid-round 1" else "rounds=2"
     whole, resumed = tmp_path / "whole", tmp_path / "resumed"
-    train(config(whole, tiny_sd_path))
+    train(config(whole, tiny_sd_path, rounds))
     train(config(resumed, tiny_sd_path))
-    back_to_mid_round_1(resumed)
-    train(config(resumed, tiny_sd_path, "resume=true", "train.micro_batch=1", "generation.micro_batch=2"))
+    if stop == "mid-round 1":
+        back_to_mid_round_1(resumed)
+    train(config(resumed, tiny_sd_path, rounds, "resume=true", "train.micro_batch=1", "generation.micro_batch=2"))
+    assert json.loads((resumed / "rounds" / "progress.json").read_text()) == json.loads(
+        (whole / "rounds" / "progress.json").read_text())  # the same rounds and optimizer steps
     a, b = (load_file(d / "adapter" / "pytorch_lora_weights.safetensors") for d in (whole, resumed))
     assert a.keys() == b.keys() and a
     for k in a:

@@ -138,10 +138,10 @@ class MITuneModule(L.LightningModule):
         """A resume may lower (or raise) train.micro_batch, e.g. after an out-of-memory error: the checkpoint's
         counts of the round's micro-batches are converted to the new size before Lightning restores them (a
         checkpoint is taken after whole optimizer steps, so the samples done are a multiple of both)."""
-        old, new = checkpoint.get(MICRO_BATCH), self.train_config.micro_batch
-        if old is None or old == new:  # checkpoints before mitune recorded it: the micro-batch is unchanged
-            return
         fit = checkpoint["loops"]["fit_loop"]
+        old, new = checkpoint.get(MICRO_BATCH) or self.micro_batch_of(fit), self.train_config.micro_batch
+        if old is None or old == new:
+            return
         for progress in (fit["epoch_loop.batch_progress"]["total"], fit["epoch_loop.batch_progress"]["current"]):
             processed = progress["processed"]
             rescaled = processed * old // new
@@ -150,6 +150,15 @@ class MITuneModule(L.LightningModule):
         for loader in fit["state_dict"].get("combined_loader", []):
             loader["processed"] = loader["processed"] * old // new
         checkpoint[MICRO_BATCH] = new
+
+    def micro_batch_of(self, fit: dict) -> int | None:
+        """The micro-batch of a checkpoint written before mitune recorded it, from the round's optimizer steps and
+        micro-batches so far (None at a round's start, where there is nothing to convert)."""
+        steps = fit["epoch_loop.automatic_optimization.optim_progress"]["optimizer"]["step"]["current"]["completed"]
+        batches = fit["epoch_loop.batch_progress"]["current"]["processed"]
+        if not steps or not batches:
+            return None
+        return self.train_config.effective_batch * steps // (batches * self.trainer.world_size)
 
     def state_dict(self, *args, **kwargs) -> dict[str, torch.Tensor]:
         """Only the trainable (adapter) weights: checkpoints stay small and base-agnostic."""
