@@ -52,6 +52,17 @@ def task_config():
     return make
 
 
+# A run small enough for a test: the smoke scale, 2 demo prompts, one round, CSV logs only.
+SMALL_RUN = ["scale=smoke", "data=demo", "data.limit=2", "logger=csv", "rounds=1"]
+
+
+@pytest.fixture(scope="session")
+def config(task_config):
+    """``config(run_dir, tiny, *overrides)``: a small run (``SMALL_RUN``) of the tiny model in ``run_dir``."""
+    return lambda run_dir, tiny, *overrides: task_config(
+        "config", ["model=tiny", f"model.path_or_id={tiny}", *SMALL_RUN, *overrides], run_dir)
+
+
 @pytest.fixture(scope="module")
 def load_benchmark():
     """``load_benchmark("gpu")``: benchmarks/gpu.py as a module (benchmarks/ is not a package). Each is

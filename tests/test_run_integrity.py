@@ -30,14 +30,6 @@ from mitune.runs.record import RunDirError, exclusive
 RECORD = RunDir(Path()).config_record.name
 
 REPO = Path(__file__).resolve().parents[1]
-RUN = ["scale=smoke", "data=demo", "data.limit=2", "logger=csv", "rounds=1"]
-
-
-@pytest.fixture(scope="session")
-def config(task_config):
-    """``config(run_dir, tiny, *overrides)``: a small run of the tiny model in ``run_dir``."""
-    return lambda run_dir, tiny, *overrides: task_config(
-        "config", ["model=tiny", f"model.path_or_id={tiny}", *RUN, *overrides], run_dir)
 
 
 def snapshot(run_dir: Path) -> dict[str, bytes]:
