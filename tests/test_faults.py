@@ -1,8 +1,14 @@
-"""The fault campaign of issue #27: 17 faults found on top of the promises of README's "Resume" and "A run dir is
-one run" (the rest of the campaign is in tests/test_run_integrity.py and tests/test_run.py; see ``CAMPAIGN``).
+"""The fault campaign of issue #27: the 17 faults it found (cases A-F, each test named by its case) and the
+checkpoint names. With the promises of README's "Resume" and "A run dir is one run" that earlier tests hold (kill
+and SIGTERM at every phase, changed-config refusal, the lock, bad values, prompt-file cleaning, crafted checkpoint
+paths, damaged rounds and checkpoints), the whole campaign is::
 
-Each test names its case (A-F of the issue). Runs are tiny (``scale=smoke``, 2 demo prompts, the random-init tiny
-model); the end-to-end ones are marked slow.
+    pytest tests/test_faults.py tests/test_run_integrity.py \
+        tests/test_run.py::test_run_killed_in_each_phase_resumes_identically \
+        tests/test_run.py::test_sigterm_checkpoints_exits_143_and_resumes_identically \
+        tests/test_run.py::test_bad_input_fails_before_the_model_loads tests/test_run.py::test_two_rounds_end_to_end_with_logs
+
+Runs are tiny (``scale=smoke``, 2 demo prompts, the random-init tiny model); the end-to-end ones are marked slow.
 """
 
 from __future__ import annotations
@@ -35,14 +41,6 @@ from mitune.runs.record import RunDirError
 from mitune.summary import SummaryError, collect
 
 REPO = Path(__file__).resolve().parents[1]
-
-# The whole campaign: this module plus the earlier cases it builds on (kill/resume at every phase, SIGTERM,
-# changed-config refusal, the lock, bad values, prompt-file cleaning, crafted checkpoint paths, damaged rounds and
-# checkpoints). Run it with:  pytest tests/test_faults.py tests/test_run_integrity.py tests/test_run.py -k "CAMPAIGN"
-CAMPAIGN = ("test_faults.py", "test_run_integrity.py",
-            "test_run.py::test_run_killed_in_each_phase_resumes_identically",
-            "test_run.py::test_sigterm_checkpoints_exits_143_and_resumes_identically",
-            "test_run.py::test_bad_input_fails_before_the_model_loads")
 
 
 def files_under(folder: Path) -> dict[str, bytes]:
