@@ -49,7 +49,7 @@ def test_inline_prompts_and_limit():
     assert load_prompts(prompts=["b", "a", "b", "c"], limit=2).prompts == ["b", "a"]
     with pytest.raises(ValueError, match="exactly one"):
         load_prompts()
-    with pytest.raises(ValueError, match="limit must be >= 1"):
+    with pytest.raises(ValueError, match="data.limit must be an integer >= 1 or null, got 0"):
         load_prompts(prompts=["a"], limit=0)
 
 
