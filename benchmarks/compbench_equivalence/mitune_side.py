@@ -22,10 +22,6 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-import fixtures  # noqa: E402
-
 torch.set_num_threads(2)
 ROWS: list[str] = []
 
@@ -52,7 +48,13 @@ def blip_key(key: str) -> str:
 
 def hf_blip(out: Path, weights: str, image_size: int) -> str:
     """A transformers BLIP VQA folder holding the official weights (strict load)."""
-    from transformers import BertTokenizer, BlipConfig, BlipForQuestionAnswering, BlipImageProcessor, BlipProcessor
+    from transformers import (
+        BertTokenizer,
+        BlipConfig,
+        BlipForQuestionAnswering,
+        BlipImageProcessor,
+        BlipProcessor,
+    )
 
     folder = out / f"hf_{Path(weights).stem}"
     state = {blip_key(k): v for k, v in load_file(out / weights).items()}
@@ -63,7 +65,7 @@ def hf_blip(out: Path, weights: str, image_size: int) -> str:
     if missing or unexpected:
         raise SystemExit(f"{weights}: missing {missing}, unexpected {unexpected}")
     model.save_pretrained(folder)
-    tokenizer = BertTokenizer(vocab_file=str(out / "bert-vocab" / "vocab.txt"))
+    tokenizer = BertTokenizer.from_pretrained(out / "bert-vocab")
     BlipProcessor(image_processor=BlipImageProcessor(), tokenizer=tokenizer).save_pretrained(folder)
     return str(folder)
 
@@ -128,6 +130,8 @@ def p_yes_all(metric, images, prompts, official) -> dict:
 
 
 def compare_blip(label, metric, images, prompts, official, pixels_official, unrounded, final, same_size) -> None:
+    from mitune.metrics.blip_vqa import question_ids
+
     row(f"**BLIP-VQA, {label}**", "")
     if same_size:
         row("  pixel tensors (480 x 480, normalised)", (metric.pixels(images) - pixels_official).abs().max().item())
@@ -135,7 +139,7 @@ def compare_blip(label, metric, images, prompts, official, pixels_official, unro
     same_questions = asked.keys() == official.keys() and all(asked[k] == official[k][0] for k in official)
     row("  questions (text, per image and phrase)", "identical" if same_questions else "DIFFERENT",
         f"{len(official)} questions on {len(images)} images")
-    ids = {k: metric.question_ids([asked[k]])[0] for k in asked}
+    ids = {k: question_ids(metric.processor.tokenizer, [asked[k]], metric.enc)[0] for k in asked}
     id_diff = max(max(abs(a - b) for a, b in zip(ids[k], official[k][1])) if len(ids[k]) == len(official[k][1])
                   else float("inf") for k in official)
     row("  question token ids (largest |difference|)", id_diff)
@@ -200,7 +204,8 @@ def clip_tokenizer_files(folder: Path) -> tuple[Path, Path]:
     import importlib.util
 
     package = Path(importlib.util.find_spec("open_clip").origin).parent  # not imported: it needs torchvision
-    lines = gzip.open(package / "bpe_simple_vocab_16e6.txt.gz").read().decode().split("\n")
+    with gzip.open(package / "bpe_simple_vocab_16e6.txt.gz") as f:
+        lines = f.read().decode().split("\n")
     merges = [tuple(line.split()) for line in lines[1:49152 - 256 - 2 + 1]]
     vocab = list(bytes_to_unicode().values())
     vocab += [v + "</w>" for v in vocab] + ["".join(m) for m in merges] + ["<|startoftext|>", "<|endoftext|>"]
@@ -211,7 +216,13 @@ def clip_tokenizer_files(folder: Path) -> tuple[Path, Path]:
 
 
 def clip(out: Path) -> None:
-    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer
+    from transformers import (
+        CLIPConfig,
+        CLIPImageProcessor,
+        CLIPModel,
+        CLIPProcessor,
+        CLIPTokenizer,
+    )
 
     from mitune.metrics.clip_score import CompBenchCLIPMetric
 

@@ -34,9 +34,9 @@ OFFICIAL = ROOT / "third_party" / "T2I-CompBench"
 BLIP_DIR = OFFICIAL / "BLIPvqa_eval"
 sys.path.insert(0, str(HERE))
 
-import fixtures  # noqa: E402
-import torch  # noqa: E402
-from safetensors.torch import save_file  # noqa: E402
+import fixtures
+import torch
+from safetensors.torch import save_file
 
 torch.set_num_threads(2)
 

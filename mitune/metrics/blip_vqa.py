@@ -45,6 +45,13 @@ def pre_question(question: str) -> str:
     return " ".join(words[:QUESTION_MAX_WORDS]) if len(words) > QUESTION_MAX_WORDS else question
 
 
+def compbench_questions(prompt: str, use_spacy: bool = True, max_phrases: int = 8) -> list[str]:
+    """T2I-CompBench's questions: "<noun phrase>?" for the first ``max_phrases`` phrases they keep,
+    after ``pre_question``."""
+    phrases = [p for p in noun_chunks(prompt, use_spacy) if p not in SKIPPED_PHRASES]
+    return [pre_question(f"{phrase}?") for phrase in phrases[:max_phrases]]
+
+
 def blip_pixels(images: list[Image.Image], size: int, mean, std) -> torch.Tensor:
     """BLIP's test transform: ``Resize((size, size), BICUBIC)`` on the PIL image, ``ToTensor``, ``Normalize``.
 
@@ -78,6 +85,12 @@ def encoder_token(tokenizer, decoder_start: int, vocab_size: int) -> int:
     if not 0 <= enc < vocab_size:
         raise MetricInputError(f"the VQA model has no [ENC] token (id {enc}, vocabulary of {vocab_size})")
     return enc
+
+
+def question_ids(tokenizer, questions: list[str], enc: int) -> list[list[int]]:
+    """Token ids as BLIP's VQA model sees a question: truncated to 35 tokens, ``[ENC]`` in place of ``[CLS]``."""
+    ids = tokenizer(questions, truncation=True, max_length=QUESTION_MAX_TOKENS)["input_ids"]
+    return [[enc, *i[1:]] for i in ids]
 
 
 def product_by_owner(values: torch.Tensor, owners: torch.Tensor, n: int) -> torch.Tensor:
@@ -119,19 +132,13 @@ class BlipVQAMetric(AlignmentMetric):
         self.use_spacy = use_spacy
 
     def questions(self, prompt: str) -> list[str]:
-        """T2I-CompBench's questions: "<noun phrase>?" for the first ``max_phrases`` phrases, after ``pre_question``."""
-        phrases = [p for p in noun_chunks(prompt, self.use_spacy) if p not in SKIPPED_PHRASES]
-        return [pre_question(f"{phrase}?") for phrase in phrases[: self.max_phrases]]
+        """The questions asked about an image of ``prompt`` (``compbench_questions``)."""
+        return compbench_questions(prompt, self.use_spacy, self.max_phrases)
 
     def pixels(self, images: list[Image.Image]) -> torch.Tensor:
         """The official test transform at ``image_size`` with the processor's mean and std."""
         processor = self.processor.image_processor
         return blip_pixels(images, self.image_size, processor.image_mean, processor.image_std)
-
-    def question_ids(self, questions: list[str]) -> list[list[int]]:
-        """Token ids as BLIP's VQA model sees them: truncated to 35 tokens, ``[ENC]`` in place of ``[CLS]``."""
-        ids = self.processor.tokenizer(questions, truncation=True, max_length=QUESTION_MAX_TOKENS)["input_ids"]
-        return [[self.enc, *i[1:]] for i in ids]
 
     @torch.no_grad()
     def p_yes(self, images: list[Image.Image], questions: list[str], owners: torch.Tensor) -> torch.Tensor:
@@ -145,7 +152,7 @@ class BlipVQAMetric(AlignmentMetric):
         pixels = self.pixels(images).to(self.device)
         image_embeds = self.model.vision_model(pixel_values=pixels,
                                                interpolate_pos_encoding=self.interpolate).last_hidden_state
-        ids = self.question_ids(questions)
+        ids = question_ids(self.processor.tokenizer, questions, self.enc)
         out = torch.empty(len(questions), dtype=torch.float64)
         for length in sorted({len(i) for i in ids}):
             group = [j for j, i in enumerate(ids) if len(i) == length]

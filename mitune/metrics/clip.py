@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import numpy as np
 import torch
 from PIL import Image
@@ -38,7 +36,7 @@ def openai_clip_pixels(images: list[Image.Image], size: int, mean, std) -> torch
         new_long = int(size * long / short)
         image = image.resize((size, new_long) if w <= h else (new_long, size), Image.BICUBIC)
         w, h = image.size
-        left, top = int(round((w - size) / 2.0)), int(round((h - size) / 2.0))
+        left, top = round((w - size) / 2.0), round((h - size) / 2.0)
         arrays.append(np.asarray(image.crop((left, top, left + size, top + size))))
     pixels = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float().div(255)
     mean = torch.as_tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
