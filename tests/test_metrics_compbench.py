@@ -109,6 +109,23 @@ def test_encoder_token_is_blips_enc(tmp_path):
         encoder_token(plain, decoder_start=30522, vocab_size=30523)
 
 
+def test_question_ids_are_what_the_official_model_gets(tmp_path):
+    # Recorded at the official text encoder's input, on the equivalence check's vocabulary
+    # (bert-base-uncased's special ids; these words at these ids; "?" not in it, so [UNK] = 100).
+    words = {"a": 1000, "green": 1001, "bench": 1002, "the": 1052, "red": 1072, "hat": 1073, "brown": 1076,
+             "coat": 1077, "rack": 1078}
+    tokenizer = tokenizer_for(tmp_path, words)
+    questions = ["a green bench?", "the red hat?", "the brown coat rack?", ""]
+    assert question_ids(tokenizer, questions, 30523) == [
+        [30523, 1000, 1001, 1002, 100, 102],
+        [30523, 1052, 1072, 1073, 100, 102],
+        [30523, 1052, 1076, 1077, 1078, 100, 102],
+        [30523, 102],
+    ]
+    long = question_ids(tokenizer, ["a " * 40 + "bench?"], 30523)[0]
+    assert len(long) == 35 and long[0] == 30523 and long[-1] == 102  # BLIP truncates to 35 tokens
+
+
 # Rows of the official 3_in_1.py output: (attribute, spatial, action, its score) for a prompt listed
 # in complex_val_spatial.txt, one in complex_val_action.txt, and two in neither.
 THREE_IN_ONE = [

@@ -85,7 +85,8 @@ def blip(out: Path) -> None:
             if not asked["question"]:
                 continue
             ids = [t for t, m in zip(batch["ids"][i], batch["mask"][i]) if m]
-            official[i, np_index] = (asked["question"], ids, batch["p_yes"][i], float(stage["answers"][i]["answer"]))
+            # The question as the model got it (after their pre_question), not as vqa_test.json lists it.
+            official[i, np_index] = (batch["texts"][i], ids, batch["p_yes"][i], float(stage["answers"][i]["answer"]))
     final = torch.tensor([float(r["answer"]) for r in record["final"]], dtype=torch.float64)
     unrounded = torch.ones(len(samples), dtype=torch.float64)
     for (i, _), (_, _, p, _) in official.items():
