@@ -15,6 +15,7 @@ from PIL import Image
 from mitune.metrics.base import MetricInputError
 from mitune.metrics.blip_vqa import (
     SKIPPED_PHRASES,
+    as_blip,
     blip_pixels,
     compbench_questions,
     encoder_token,
@@ -124,6 +125,17 @@ def test_question_ids_are_what_the_official_model_gets(tmp_path):
     ]
     long = question_ids(tokenizer, ["a " * 40 + "bench?"], 30523)[0]
     assert len(long) == 35 and long[0] == 30523 and long[-1] == 102  # BLIP truncates to 35 tokens
+
+
+def test_the_port_config_gets_blips_heads_and_vit_epsilon():
+    # BLIP's med_config.json: 12 heads; its ViT: LayerNorm(eps=1e-6). transformers' defaults (8, 1e-5)
+    # were in the hub ports' configs (heads corrected there in 2023).
+    from transformers import BlipConfig
+
+    config = as_blip(BlipConfig())
+    assert config.text_config.num_attention_heads == 12 and config.vision_config.layer_norm_eps == 1e-6
+    tiny = as_blip(BlipConfig(text_config={"hidden_size": 32, "num_attention_heads": 4}))
+    assert tiny.text_config.num_attention_heads == 4  # only BERT-base-wide text sides are BLIP's
 
 
 # Rows of the official 3_in_1.py output: (attribute, spatial, action, its score) for a prompt listed

@@ -11,7 +11,7 @@ The official scorer runs Salesforce's BLIP code with ``model_base_vqa_capfilt_la
 Here transformers' port of that checkpoint (``Salesforce/blip-vqa-capfilt-large``) runs with the
 official input: PIL bicubic resize to 480 x 480, ``/255``, CLIP mean/std; the question as BLIP's
 ``pre_question`` leaves it, its first token ([CLS]) replaced by ``[ENC]``; BLIP's ViT layer-norm
-epsilon (1e-6). The port's position embeddings are for 384 px (it was converted at 384, so
+epsilon (1e-6) and 12 text attention heads, whatever an older port's config says. The port's position embeddings are for 384 px (it was converted at 384, so
 the 480-px checkpoint's grid was interpolated 30 -> 24); at 480 they are interpolated back
 24 -> 30 (``interpolate_pos_encoding``), which is closer to the official scorer than running
 at 384 (measured in docs/metrics.md). ``image_size=384`` runs the port at its own size.
@@ -33,6 +33,9 @@ QUESTION_MAX_TOKENS = 35  # BLIP's VQA question length (T2I-CompBench truncates 
 QUESTION_MAX_WORDS = 50  # BLIP's pre_question cuts longer questions to their first 50 words
 IMAGE_SIZE = 480  # T2I-CompBench's BLIPvqa_eval/configs/vqa.yaml
 VIT_LAYER_NORM_EPS = 1e-6  # BLIP's ViT; transformers' BlipVisionConfig defaults to 1e-5
+# BLIP's text transformer is BERT-base (configs/med_config.json): 768 wide, 12 heads.
+# transformers' BlipTextConfig defaults to 8 heads, and the hub ports' configs said 8 until 2023.
+BERT_BASE_WIDTH, BERT_BASE_HEADS = 768, 12
 # Noun chunks T2I-CompBench's BLIP_vqa.py never asks about (parts of relation phrases).
 SKIPPED_PHRASES = frozenset({"top", "the side", "the left", "the right"})
 _STRIPPED = re.compile(r"[.!\"()*#:;~]")  # the characters BLIP's pre_question deletes
@@ -87,6 +90,15 @@ def encoder_token(tokenizer, decoder_start: int, vocab_size: int) -> int:
     return enc
 
 
+def as_blip(config):
+    """A transformers ``BlipConfig`` with BLIP's own ViT layer-norm epsilon and, for a BERT-base
+    text side, its 12 attention heads (see the constants)."""
+    config.vision_config.layer_norm_eps = VIT_LAYER_NORM_EPS
+    if config.text_config.hidden_size == BERT_BASE_WIDTH:
+        config.text_config.num_attention_heads = BERT_BASE_HEADS
+    return config
+
+
 def question_ids(tokenizer, questions: list[str], enc: int) -> list[list[int]]:
     """Token ids as BLIP's VQA model sees a question: truncated to 35 tokens, ``[ENC]`` in place of ``[CLS]``."""
     ids = tokenizer(questions, truncation=True, max_length=QUESTION_MAX_TOKENS)["input_ids"]
@@ -120,8 +132,8 @@ class BlipVQAMetric(AlignmentMetric):
         model_name_or_path = local_model(model_name_or_path, self.name)
         self.processor = BlipProcessor.from_pretrained(model_name_or_path)
         config = BlipConfig.from_pretrained(model_name_or_path)
-        config.vision_config.layer_norm_eps = VIT_LAYER_NORM_EPS
-        self.model = BlipForQuestionAnswering.from_pretrained(model_name_or_path, config=config).to(self.device).eval()
+        model = BlipForQuestionAnswering.from_pretrained(model_name_or_path, config=as_blip(config))
+        self.model = model.to(self.device).eval()
         self.image_size = image_size
         # Position embeddings are interpolated (bicubic, as BLIP's own loader does) to another grid.
         self.interpolate = image_size != config.vision_config.image_size
