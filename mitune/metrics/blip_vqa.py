@@ -11,10 +11,11 @@ The official scorer runs Salesforce's BLIP code with ``model_base_vqa_capfilt_la
 Here transformers' port of that checkpoint (``Salesforce/blip-vqa-capfilt-large``) runs with the
 official input: PIL bicubic resize to 480 x 480, ``/255``, CLIP mean/std; the question as BLIP's
 ``pre_question`` leaves it, its first token ([CLS]) replaced by ``[ENC]``; BLIP's ViT layer-norm
-epsilon (1e-6) and 12 text attention heads, whatever an older port's config says. The port's position embeddings are for 384 px (it was converted at 384, so
-the 480-px checkpoint's grid was interpolated 30 -> 24); at 480 they are interpolated back
-24 -> 30 (``interpolate_pos_encoding``), which is closer to the official scorer than running
-at 384 (measured in docs/metrics.md). ``image_size=384`` runs the port at its own size.
+epsilon (1e-6) and 12 text attention heads, whatever an older port's config says. The port's
+position embeddings are for 384 px (it was converted at 384, so the 480-px checkpoint's grid was
+interpolated 30 -> 24); at 480 they are interpolated back 24 -> 30 (``interpolate_pos_encoding``),
+which is closer to the official scorer than running at 384 (measured in docs/metrics.md).
+``image_size=384`` runs the port at its own size.
 """
 
 from __future__ import annotations
