@@ -135,5 +135,5 @@ def test_missing_evaluation_model_is_one_line_without_waiting_for_the_hub(tiny_r
     assert analysis.main([str(tiny_round), "--metric", "blip_vqa", "--out", str(tmp_path)]) == 1
     err = capsys.readouterr().err
     assert time.monotonic() - start < 20
-    assert err.count("\n") == 1 and "blip_vqa needs the model 'Salesforce/blip-vqa-base'" in err
-    assert "hf download Salesforce/blip-vqa-base" in err
+    assert err.count("\n") == 1 and "blip_vqa needs the model 'Salesforce/blip-vqa-capfilt-large'" in err
+    assert "hf download Salesforce/blip-vqa-capfilt-large" in err

@@ -137,8 +137,8 @@ def test_clip_score_agrees_with_torchmetrics_per_pair(clip_path):
 
 
 def test_blip_vqa_is_the_product_of_per_phrase_yes_probabilities(blip_path):
-    metric = build_alignment_metric("blip_vqa", model_name_or_path=blip_path, use_spacy=False, batch_size=2,
-                                    progress=False)
+    metric = build_alignment_metric("blip_vqa", model_name_or_path=blip_path, image_size=32, use_spacy=False,
+                                    batch_size=2, progress=False)
     images = random_images(3, seed=1)
     prompts = ["a red cat and a blue dog", "the green bench", "a yellow horse and a blue vase and a cake"]
     scores = metric.score(images, prompts)
@@ -152,17 +152,33 @@ def test_blip_vqa_is_the_product_of_per_phrase_yes_probabilities(blip_path):
     torch.testing.assert_close(metric.score(images, prompts), scores)  # deterministic
 
 
-def test_blip_vqa_yes_probability_is_renormalised_over_yes_and_no(blip_path):
-    from transformers import BlipForQuestionAnswering, BlipProcessor
+@pytest.mark.parametrize("image_size", [32, 48])
+def test_blip_vqa_yes_probability_is_renormalised_over_yes_and_no(blip_path, image_size):
+    """The model's own forward pieces with BLIP's inputs: the question's [CLS] replaced by [ENC]
+    (the id after [DEC] when the tokenizer has none), ViT layer norms at BLIP's 1e-6, and at
+    another size than the model's (48 vs 32) position embeddings interpolated."""
+    from transformers import BlipConfig, BlipForQuestionAnswering, BlipProcessor
 
-    metric = build_alignment_metric("blip_vqa", model_name_or_path=blip_path, progress=False)
-    model, processor = BlipForQuestionAnswering.from_pretrained(blip_path).eval(), BlipProcessor.from_pretrained(blip_path)
+    metric = build_alignment_metric("blip_vqa", model_name_or_path=blip_path, image_size=image_size, progress=False)
+    assert metric.interpolate == (image_size != 32)
+    norms = [m for m in metric.model.vision_model.modules() if isinstance(m, torch.nn.LayerNorm)]
+    assert norms and all(m.eps == 1e-6 for m in norms)
+    config = BlipConfig.from_pretrained(blip_path)
+    config.vision_config.layer_norm_eps = 1e-6
+    model = BlipForQuestionAnswering.from_pretrained(blip_path, config=config).eval()
+    processor = BlipProcessor.from_pretrained(blip_path)
     image = random_images(1, seed=2)
-    inputs = processor(images=image, text=["a red cat?"], return_tensors="pt")
+    inputs = processor(images=image, text=["a red cat?"], size={"height": image_size, "width": image_size},
+                       return_tensors="pt")
     bos = torch.tensor([[model.config.text_config.bos_token_id]])
+    enc = model.config.text_config.bos_token_id + 1
+    assert metric.enc == enc
+    input_ids = inputs["input_ids"].clone()
+    input_ids[:, 0] = enc
     with torch.no_grad():  # the decoder's first-token distribution through the model's own forward pieces
-        image_embeds = model.vision_model(pixel_values=inputs["pixel_values"])[0]
-        question = model.text_encoder(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
+        image_embeds = model.vision_model(pixel_values=inputs["pixel_values"],
+                                          interpolate_pos_encoding=image_size != 32)[0]
+        question = model.text_encoder(input_ids=input_ids, attention_mask=inputs["attention_mask"],
                                       encoder_hidden_states=image_embeds)[0]
         probs = model.text_decoder(input_ids=bos, encoder_hidden_states=question,
                                    encoder_attention_mask=inputs["attention_mask"]).logits[0, 0].softmax(-1)
@@ -172,9 +188,10 @@ def test_blip_vqa_yes_probability_is_renormalised_over_yes_and_no(blip_path):
 
 
 def test_blip_vqa_caps_phrases_and_scores_phraseless_prompts_one(blip_path):
-    capped = build_alignment_metric("blip_vqa", model_name_or_path=blip_path, max_phrases=1, use_spacy=False,
-                                    progress=False)
-    full = build_alignment_metric("blip_vqa", model_name_or_path=blip_path, use_spacy=False, progress=False)
+    capped = build_alignment_metric("blip_vqa", model_name_or_path=blip_path, image_size=32, max_phrases=1,
+                                    use_spacy=False, progress=False)
+    full = build_alignment_metric("blip_vqa", model_name_or_path=blip_path, image_size=32, use_spacy=False,
+                                  progress=False)
     images = random_images(2, seed=4)
     first_only = capped.score(images, ["a red cat and a blue dog", "a red cat"])
     assert float(first_only[0]) == pytest.approx(float(first_only[1]), rel=1e-6)
@@ -308,7 +325,7 @@ def test_three_in_one_averages_the_parts_each_prompt_has(blip_path, owl_path, cl
     from mitune.metrics.clip_score import CompBenchCLIPMetric
     from mitune.metrics.spatial import SpatialMetric
 
-    parts = dict(blip=BlipVQAMetric(blip_path, use_spacy=False, progress=False),
+    parts = dict(blip=BlipVQAMetric(blip_path, image_size=32, use_spacy=False, progress=False),
                  spatial=SpatialMetric(owl_path, threshold=0.0, use_spacy=False, progress=False),
                  clip=CompBenchCLIPMetric(clip_path, progress=False))
     images = random_images(3, seed=11)

@@ -21,9 +21,10 @@ class CLIPScoreMetric(AlignmentMetric):
     name = "clip_score"
 
     def __init__(self, model_name_or_path: str = "openai/clip-vit-large-patch14", *, device: str = "cpu",
-                 scale: float = 100.0, clamp: bool = True, batch_size: int = 32, progress: bool = True) -> None:
+                 scale: float = 100.0, clamp: bool = True, batch_size: int = 32, progress: bool = True,
+                 openai_preprocess: bool = False) -> None:
         super().__init__(batch_size=batch_size, progress=progress)
-        self.embedder = CLIPEmbedder(model_name_or_path, device=device)
+        self.embedder = CLIPEmbedder(model_name_or_path, device=device, openai_preprocess=openai_preprocess)
         self.scale = scale
         self.clamp = clamp
 
@@ -33,11 +34,12 @@ class CLIPScoreMetric(AlignmentMetric):
 
 
 class CompBenchCLIPMetric(CLIPScoreMetric):
-    """T2I-CompBench's non-spatial metric: plain cosine with OpenAI CLIP ViT-B/32 (no x100, no clamp)."""
+    """T2I-CompBench's non-spatial metric: plain cosine with OpenAI CLIP ViT-B/32 (no x100, no clamp),
+    with OpenAI CLIP's own image preprocessing (``openai_clip_pixels``) as their CLIPScore_eval uses."""
 
     name = "compbench_clip"
 
     def __init__(self, model_name_or_path: str = "openai/clip-vit-base-patch32", *, device: str = "cpu",
                  batch_size: int = 32, progress: bool = True) -> None:
         super().__init__(model_name_or_path, device=device, scale=1.0, clamp=False,
-                         batch_size=batch_size, progress=progress)
+                         batch_size=batch_size, progress=progress, openai_preprocess=True)
