@@ -12,7 +12,13 @@ from hydra import compose, initialize_config_dir
 from safetensors.torch import load_file
 
 from mitune.config import register, typed
-from mitune.mi.sampler import Candidate, ContinuousSampler, SamplingConfig, kept_count, sample
+from mitune.mi.sampler import (
+    Candidate,
+    ContinuousSampler,
+    SamplingConfig,
+    kept_count,
+    sample,
+)
 from mitune.models.loading import load_pipeline
 from mitune.rounds import generation
 from mitune.rounds.data import RoundSet
@@ -98,7 +104,7 @@ def test_continuous_sampler_without_pruning_is_sample(pipe):
     seeds = [11, 12, 13, 14]
     reference = sample(pipe, [PROMPTS[0]] * 4, seeds, config)
     sampler = ContinuousSampler(pipe, config, rows=4)
-    [(group, outcomes)] = list(sampler.run([Candidate(0, c, PROMPTS[0], s) for c, s in enumerate(seeds)]))
+    [(_, outcomes)] = list(sampler.run([Candidate(0, c, PROMPTS[0], s) for c, s in enumerate(seeds)]))
     assert torch.equal(torch.stack([o.latents for o in outcomes]), reference.latents)
     assert torch.equal(torch.tensor([o.mi for o in outcomes]), reference.mi)
     assert sampler.unet_rows == 2 * 4 * 6 and sampler.idle_rows == 0
