@@ -21,4 +21,4 @@ for seed in $SEEDS; do
       toy_dir=$ROOT run_dir=$ROOT/train/$method-seed$seed eval.method=$method
   done
 done
-$PY -m mitune.summary $ROOT/eval --out $ROOT/summary --cfg ${CFGS//,/ } --contrast mi_pruned-mi
+[ "${SUMMARY:-1}" = 1 ] && $PY -m mitune.summary $ROOT/eval --out $ROOT/summary --cfg ${CFGS//,/ } --contrast mi_pruned-mi
