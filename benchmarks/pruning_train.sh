@@ -13,7 +13,7 @@ CFGS=${CFGS:-7.5}
 PRUNE=${PRUNE:-[[0.25,0.5],[0.5,0.4]]}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} WANDB_MODE=${WANDB_MODE:-offline}
 for seed in $SEEDS; do
-  for method in mi_pruned mi; do
+  for method in ${METHODS:-mi_pruned mi}; do
     extra=""; [ "$method" = mi_pruned ] && extra="generation.prune=$PRUNE"
     $PY -m mitune.run +experiment=toy seed=$seed rounds=1 resume=true logger=csv $extra \
       hydra.run.dir=$ROOT/train/$method-seed$seed
