@@ -17,8 +17,12 @@ oracle's own pick must beat MI's, a random pick must not.
 before it) and on, and pruned with the recommended schedule; wall time per stage, UNet rows, and a check
 that the real pruned round picks what the replay says.
 
-    OMP_NUM_THREADS=1 python benchmarks/pruning.py trace --m 8 16 50 --steps 25 --prompts 25 --seeds 0 1 2
-    python benchmarks/pruning.py simulate --out docs/benchmarks/pruning.md
+What docs/benchmarks/pruning*.md hold (about 45 min on a loaded 2-core CPU):
+
+    OMP_NUM_THREADS=1 python benchmarks/pruning.py trace --m 50 --steps 25 --prompts 6 --seeds 0 1 2
+    OMP_NUM_THREADS=1 python benchmarks/pruning.py trace --m 8 16 --steps 25 --prompts 8 --seeds 0 1 2
+    python benchmarks/pruning.py simulate --out docs/benchmarks/pruning_replay.md
+    OMP_NUM_THREADS=1 python benchmarks/pruning.py wall --m 8 16 50 --wall-prompts 20 10 4 --out docs/benchmarks/pruning_wall.md
 """
 
 from __future__ import annotations
