@@ -40,7 +40,7 @@ from scipy.stats import kendalltau
 from mitune.metrics import AlignmentMetric, build_alignment_metric, load_image_folder
 from mitune.rounds.selection import rank_by_score
 from mitune.rounds.settings import GenerationConfig
-from mitune.runs.artifacts import RoundDir, RunDir
+from mitune.runs.artifacts import RoundDir, RunDir, finished
 from mitune.runs.io import csv_text, read_jsonl, save_figure, write_json, write_text
 
 PAPER_RANKS = (1, 25, 50)
@@ -136,7 +136,8 @@ def plot_cdfs(cdfs: dict[int, tuple[np.ndarray, np.ndarray]], metric: str, m: in
 
 
 def round_rows(round_dir: Path) -> list[dict[str, Any]]:
-    return RoundDir(round_dir).rows()
+    """The round's candidates with an image (a pruned candidate has none, and a partial MI)."""
+    return finished(RoundDir(round_dir).rows())
 
 
 def scores_from_file(rows: Sequence[dict[str, Any]], path: Path, key: str) -> list[float]:
@@ -185,7 +186,7 @@ def selection_table(path: Path, metric: str, kwargs: dict[str, Any], reference_m
         r = 1
         while run.round(r).is_complete():
             round_dir = run.round(r)
-            rows = round_dir.rows()
+            rows = finished(round_dir.rows())
             scores = scores_from_metric(round_dir.path, scorer)
             m = min(Counter(row["prompt"] for row in rows).values())
             chosen = [s for row, s in zip(rows, scores) if row["selected"]]

@@ -309,9 +309,10 @@ def evaluate(cfg: DictConfig) -> list[dict[str, Any]]:
     adapter = adapter_for_round(cfg.run_dir, point.round)
     prompt_set = eval_prompts(cfg)
     prompts = prompt_set.prompts
-    # Nothing is selected: selection and top_k are fixed so that they play no part in the images' cache key.
+    # Nothing is selected: selection and top_k are fixed so that they play no part in the images' cache key;
+    # nothing is pruned either (every image is scored).
     generation = replace(typed(cfg.generation, GenerationConfig, "generation"), num_candidates=point.num_images, top_k=1,
-                         seed=point.seed, selection="mi")
+                         seed=point.seed, selection="mi", prune=())
     out_dir = check_writable(Path(cfg.paths.output_dir))
     if cfg.eval.quality and not cfg.eval.reference:
         raise MetricInputError(f"quality metrics {list(cfg.eval.quality)} need eval.reference=<folder of reference images>")

@@ -18,7 +18,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from tqdm.auto import tqdm
 
-from mitune.runs.artifacts import METADATA
+from mitune.runs.artifacts import METADATA, finished
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
@@ -101,8 +101,9 @@ def _existing_folder(folder: str | os.PathLike) -> Path:
 
 
 def _metadata(path: Path, columns: tuple[str, ...]) -> list[dict]:
-    """The rows of ``metadata.jsonl``, each with a string in every one of ``columns``."""
-    rows = _read_metadata(path)
+    """The rows of ``metadata.jsonl`` that have an image (not a candidate pruned while sampling), each
+    with a string in every one of ``columns``."""
+    rows = finished(_read_metadata(path))
     if not rows:
         raise MetricInputError(f"{path / METADATA} has no rows")
     bad = [i for i, row in enumerate(rows) if not all(isinstance(row.get(c), str) for c in columns)]

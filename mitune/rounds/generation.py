@@ -11,6 +11,14 @@ A prompt is committed only after its images and latents are on disk, so a round 
 resumes without losing or duplicating work. Each candidate has its own seed and generator, and
 micro-batches are cut from the full job list the same way on every run, so a resumed round is
 byte-identical to an uninterrupted one.
+
+With ``generation.prune`` (successive halving by partial MI), the round is sampled by
+``mitune.mi.sampler.ContinuousSampler``: rows of stopped candidates are refilled with the next prompts'
+candidates, and the batch keeps its shape, so a candidate's numbers do not depend on its neighbours and a
+resumed round is still byte-identical. A stopped candidate is a row with ``pruned_at`` (the steps it ran)
+and its partial MI, without an image or latents; every row of such a round has ``pruned_at`` (None for
+the candidates that finished). Decoding, PNG encoding and writes run on one writer thread (``Writer``),
+overlapping the sampling of the next micro-batch.
 """
 
 from __future__ import annotations
@@ -18,7 +26,10 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import time
+from collections import deque
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -31,10 +42,10 @@ from tqdm.auto import tqdm
 from mitune.mi.maps import overlay
 from mitune.mi.phrases import check_phrases, prompt_phrases
 from mitune.mi.pipeline import decode_latents
-from mitune.mi.sampler import Samples, sample
+from mitune.mi.sampler import Candidate, ContinuousSampler, Outcome, Samples, sample
 from mitune.rounds.settings import GenerationConfig
 from mitune.runs import io as mio
-from mitune.runs.artifacts import RoundDir, as_round_dir
+from mitune.runs.artifacts import RoundDir, as_round_dir, finished
 from mitune.runs.seeds import candidate_seed
 
 log = logging.getLogger(__name__)
@@ -62,12 +73,15 @@ def make_jobs(prompts: list[str], config: GenerationConfig) -> list[Job]:
 def round_settings(pipe: DiffusionPipeline, prompts: list[str], config: GenerationConfig) -> dict[str, Any]:
     """Everything that determines the round's output; a resume must reproduce it exactly."""
     prompts_hash = hashlib.sha256("\n".join(prompts).encode()).hexdigest()
+    generation = json.loads(json.dumps(asdict(config)))
+    if not config.prune:  # rounds made before generation.prune existed hold no such key
+        del generation["prune"]
     return {
         "model": str(pipe.config._name_or_path),
         "dtype": str(pipe.unet.dtype),
         "num_prompts": len(prompts),
         "prompts_sha256": prompts_hash,
-        "generation": json.loads(json.dumps(asdict(config))),
+        "generation": generation,
     }
 
 
@@ -119,8 +133,9 @@ def generate_batch(pipe: DiffusionPipeline, prompts: list[str], jobs: list[Job],
     return sample(pipe, rows, [j.seed for j in jobs], config.sampling, phrases=phrases, return_map=config.save_mi_maps)
 
 
-Result = tuple[torch.Tensor, Image.Image, dict[str, Any]]
-"""One candidate's latents, image and scores (``mi`` and the ``scores`` asked for), plus ``mi_map``."""
+Result = tuple[torch.Tensor | None, Image.Image | None, dict[str, Any]]
+"""One candidate's latents, image and scores (``mi`` and the ``scores`` asked for), plus ``mi_map``; a
+pruned candidate's is (None, None, {"mi": its partial MI, "pruned_at": the steps it ran})."""
 
 
 def batch_results(samples: Samples, images: list[Image.Image]) -> list[Result]:
@@ -133,13 +148,28 @@ def batch_results(samples: Samples, images: list[Image.Image]) -> list[Result]:
             for i, (z0, image) in enumerate(zip(samples.latents.float().cpu(), images))]
 
 
+def outcome_results(pipe: DiffusionPipeline, outcomes: list[Outcome]) -> dict[int, Result]:
+    """A pruned round's prompt: its finished candidates decoded together (in candidate order, so the images
+    do not depend on the schedule), its pruned ones as their partial MI."""
+    finished = [o for o in outcomes if o.pruned_at is None]
+    images = decode_latents(pipe, torch.stack([o.latents for o in finished]))
+    results: dict[int, Result] = {o.index: (None, None, {"mi": o.mi, "pruned_at": o.pruned_at}) for o in outcomes}
+    for o, image in zip(finished, images):
+        results[o.index] = (o.latents.float().cpu(), image, {"mi": o.mi, "pruned_at": None})
+    return results
+
+
 def commit_prompt(round_dir: RoundDir, prompt: str, jobs: list[Job], results: dict[int, Result],
                   config: GenerationConfig) -> None:
-    """Write one prompt's images and latents, then its rows (the commit marker)."""
+    """Write one prompt's images and latents, then its rows (the commit marker). Latents are kept for the
+    finished candidates only (``candidates`` names them when some were pruned)."""
     pid = jobs[0].prompt_id
     latents_name = round_dir.latents_name(pid)
-    tensors = {"latents": torch.stack([results[j.candidate][0] for j in jobs]),
-               "mi": torch.tensor([results[j.candidate][2]["mi"] for j in jobs], dtype=torch.float32)}
+    finished = [j for j in jobs if results[j.candidate][0] is not None]
+    tensors = {"latents": torch.stack([results[j.candidate][0] for j in finished]),
+               "mi": torch.tensor([results[j.candidate][2]["mi"] for j in finished], dtype=torch.float32)}
+    if len(finished) < len(jobs):
+        tensors["candidates"] = torch.tensor([j.candidate for j in finished])
     if config.save_mi_maps:
         tensors["mi_maps"] = torch.stack([results[j.candidate][2]["mi_map"] for j in jobs])
         for j in jobs:
@@ -148,11 +178,13 @@ def commit_prompt(round_dir: RoundDir, prompt: str, jobs: list[Job], results: di
     mio.write_safetensors(round_dir.path / latents_name, tensors, {"prompt": prompt})
     rows = []
     for j in jobs:
-        _, image, scores = results[j.candidate]
-        file_name = round_dir.image_name(pid, j.candidate)
-        mio.write_png(round_dir.path / file_name, image)
+        latents, image, scores = results[j.candidate]
+        file_name = round_dir.image_name(pid, j.candidate) if image is not None else None
+        if image is not None:
+            mio.write_png(round_dir.path / file_name, image)
         rows.append({"file_name": file_name, "prompt": prompt, "prompt_id": pid, "candidate": j.candidate,
-                     "seed": j.seed, **{k: v for k, v in scores.items() if k != "mi_map"}, "latents": latents_name})
+                     "seed": j.seed, **{k: v for k, v in scores.items() if k != "mi_map"},
+                     "latents": latents_name if latents is not None else None})
     mio.write_jsonl(round_dir.part(pid), rows)
 
 
@@ -162,9 +194,14 @@ def candidate_rows(round_dir: RoundDir, num_prompts: int) -> list[dict[str, Any]
 
 
 def mi_stats(rows: list[dict[str, Any]]) -> dict[str, float]:
-    mi = torch.tensor([r["mi"] for r in rows], dtype=torch.float64)
-    return {"num_prompts": len({r["prompt_id"] for r in rows}), "num_images": len(rows),
-            "mean_mi": mi.mean().item(), "median_mi": mi.median().item()}
+    """MI statistics of the finished candidates (a pruned one's MI is partial); ``num_pruned`` when any were."""
+    images = finished(rows)
+    mi = torch.tensor([r["mi"] for r in images], dtype=torch.float64)
+    stats = {"num_prompts": len({r["prompt_id"] for r in rows}), "num_images": len(images),
+             "mean_mi": mi.mean().item(), "median_mi": mi.median().item()}
+    if len(images) < len(rows):
+        stats["num_pruned"] = len(rows) - len(images)
+    return stats
 
 
 def finish_round(round_dir: RoundDir | Path, num_prompts: int) -> dict[str, float]:
@@ -200,6 +237,53 @@ def rank_batches(batches: list[list[Job]], rank: int, world_size: int) -> list[l
     return [batch for group in groups[rank::world_size] for batch in group]
 
 
+class Writer:
+    """One background thread for a round's CPU work (VAE decode, PNG encoding, writes), so it overlaps the
+    sampling of the next micro-batch. Tasks run in submission order; at most ``depth`` wait (bounded
+    memory); the first error is raised in the sampling thread at the next ``submit`` or at the end, and
+    tasks already submitted are finished before the round ends either way (their prompts are kept)."""
+
+    def __init__(self, enabled: bool = True, depth: int = 2) -> None:
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="mitune-writer") if enabled else None
+        self.depth = depth
+        self.futures: deque[Future] = deque()
+
+    def submit(self, fn: Callable[..., None], *args: Any) -> None:
+        if self.pool is None:
+            fn(*args)
+            return
+        self.futures.append(self.pool.submit(fn, *args))
+        while len(self.futures) > self.depth or (self.futures and self.futures[0].done()):
+            self.futures.popleft().result()
+
+    def close(self) -> None:
+        """Finish every submitted task; raises the first error."""
+        try:
+            while self.futures:
+                self.futures.popleft().result()
+        finally:
+            if self.pool is not None:
+                self.pool.shutdown()
+
+
+class Timer:
+    """Seconds per stage of a round, summed (``generate_round(timings=...)``); each stage is added to by
+    one thread only (sample: the sampling thread; decode, write: the writer)."""
+
+    def __init__(self, into: dict[str, float] | None) -> None:
+        self.into = into
+
+    def add(self, stage: str, since: float) -> float:
+        now = time.perf_counter()
+        if self.into is not None:
+            self.into[stage] = self.into.get(stage, 0.0) + now - since
+        return now
+
+    def count(self, key: str, value: float) -> None:
+        if self.into is not None:
+            self.into[key] = self.into.get(key, 0.0) + value
+
+
 def generate_round(
     pipe: DiffusionPipeline,
     prompts: list[str],
@@ -211,6 +295,8 @@ def generate_round(
     rank: int = 0,
     world_size: int = 1,
     stop: Callable[[], None] | None = None,
+    overlap: bool = True,
+    timings: dict[str, float] | None = None,
 ) -> RoundDir:
     """Sample and write every prompt's candidates; resumes a partly done ``round_dir``. The caller
     completes the folder (``finish_round`` or ``mitune.rounds.selection.select_round``).
@@ -218,7 +304,8 @@ def generate_round(
     With ``world_size`` > 1, rank r takes every world_size-th micro-batch (whole prompts) and writes its
     prompts into the shared ``round_dir``; the caller synchronises the ranks before completing it.
     ``stop`` is called before each micro-batch and may raise to end the round early (finished prompts
-    are kept).
+    are kept). ``overlap=False`` decodes and writes in the sampling thread (for measuring the writer
+    thread); ``timings`` receives seconds per stage (sample, decode, write, wall) and UNet rows.
     """
     unknown = set(scores) - set(SAMPLING_SCORES)
     if unknown:
@@ -232,27 +319,83 @@ def generate_round(
     batches = rank_batches(micro_batches(jobs, config.micro_batch), rank, world_size)
     mine = [j for batch in batches for j in batch]
     jobs_by_prompt = {pid: jobs[pid * config.num_candidates : (pid + 1) * config.num_candidates] for pid in range(len(prompts))}
-    pending: dict[int, dict[int, Result]] = {}
+    skip = set(done)
     # One tick per micro-batch, rate averaged over the whole round (smoothing=0): a true ETA from the first tick.
-    bar = tqdm(total=len(mine), initial=sum(j.prompt_id in done for j in mine), unit="img", smoothing=0,
+    bar = tqdm(total=len(mine), initial=sum(j.prompt_id in skip for j in mine), unit="img", smoothing=0,
                desc=f"{round_dir.name} generate" + (f" (rank {rank})" if world_size > 1 else ""),
                disable=not progress, dynamic_ncols=True)
-    for batch in batches:
-        if all(j.prompt_id in done for j in batch):
-            continue
-        if stop is not None:
-            stop()
-        samples = generate_batch(pipe, prompts, batch, config, scores)
+    timer, start = Timer(timings), time.perf_counter()
+
+    def commit(pid: int, results: dict[int, Result]) -> None:
+        since = time.perf_counter()
+        commit_prompt(round_dir, prompts[pid], jobs_by_prompt[pid], results, config)
+        done.add(pid)
+        timer.add("write", since)
+
+    writer = Writer(overlap)
+    try:
+        if config.prune:
+            sample_pruned(pipe, prompts, [j for j in mine if j.prompt_id not in skip], config, writer, timer, commit,
+                          bar, stop)
+        else:
+            sample_batches(pipe, prompts, [b for b in batches if not all(j.prompt_id in skip for j in b)], skip,
+                           config, scores, writer, timer, commit, bar, stop)
+    finally:
+        writer.close()
+    timer.add("wall", start)
+    bar.close()
+    return round_dir
+
+
+def sample_batches(pipe: DiffusionPipeline, prompts: list[str], batches: list[list[Job]], skip: set[int],
+                   config: GenerationConfig, scores: Sequence[str], writer: Writer, timer: Timer, commit: Callable[[int, dict[int, Result]], None],
+                   bar: tqdm, stop: Callable[[], None] | None) -> None:
+    """The paper's round: fixed micro-batches, a prompt committed once all its candidates are decoded."""
+    pending: dict[int, dict[int, Result]] = {}  # touched by the writer thread only
+
+    def write(batch: list[Job], samples: Samples) -> None:
+        since = time.perf_counter()
         results = batch_results(samples, decode_latents(pipe, samples.latents))
-        bar.update(sum(j.prompt_id not in done for j in batch))
+        timer.add("decode", since)
         for j, result in zip(batch, results):
-            if j.prompt_id in done:
+            if j.prompt_id in skip:  # committed before a resume; its batch is shared with a prompt that was not
                 continue
             mine_so_far = pending.setdefault(j.prompt_id, {})
             mine_so_far[j.candidate] = result
             if len(mine_so_far) == config.num_candidates:
-                commit_prompt(round_dir, prompts[j.prompt_id], jobs_by_prompt[j.prompt_id], mine_so_far, config)
-                done.add(j.prompt_id)
-                del pending[j.prompt_id]
-    bar.close()
-    return round_dir
+                commit(j.prompt_id, pending.pop(j.prompt_id))
+
+    for batch in batches:
+        if stop is not None:
+            stop()
+        since = time.perf_counter()
+        samples = generate_batch(pipe, prompts, batch, config, scores)
+        timer.add("sample", since)
+        timer.count("unet_rows", 2 * len(batch) * config.num_inference_steps)
+        writer.submit(write, batch, samples)
+        bar.update(sum(j.prompt_id not in skip for j in batch))
+
+
+def sample_pruned(pipe: DiffusionPipeline, prompts: list[str], jobs: list[Job], config: GenerationConfig,
+                  writer: Writer, timer: Timer, commit: Callable[[int, dict[int, Result]], None], bar: tqdm,
+                  stop: Callable[[], None] | None) -> None:
+    """Successive halving with continuous batching (``ContinuousSampler``): each prompt is decoded and
+    committed once its last candidate finished."""
+    sampler = ContinuousSampler(pipe, config.sampling, config.micro_batch, config.prune_points, config.top_k)
+
+    def write(pid: int, outcomes: list[Outcome]) -> None:
+        since = time.perf_counter()
+        results = outcome_results(pipe, outcomes)
+        timer.add("decode", since)
+        commit(pid, results)
+
+    candidates = [Candidate(j.prompt_id, j.candidate, prompts[j.prompt_id], j.seed) for j in jobs]
+    since = time.perf_counter()
+    for pid, outcomes in sampler.run(candidates, stop):
+        since = timer.add("sample", since)
+        writer.submit(write, pid, outcomes)
+        bar.update(len(outcomes))
+        since = time.perf_counter()
+    timer.add("sample", since)
+    timer.count("unet_rows", sampler.unet_rows)
+    timer.count("idle_rows", sampler.idle_rows)

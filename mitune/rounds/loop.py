@@ -30,7 +30,7 @@ from mitune.rounds.module import MITuneModule
 from mitune.rounds.plots import describe, plot_round
 from mitune.rounds.selection import check_strategy, sampling_scores, select_round, verify_round
 from mitune.rounds.settings import GenerationConfig
-from mitune.runs.artifacts import RoundDir, RunDir
+from mitune.runs.artifacts import RoundDir, RunDir, finished
 from mitune.runs.io import save_figure
 
 
@@ -118,7 +118,7 @@ class MIRounds(L.Callback):
                     "round/images",
                     columns=["round", "prompt", "image", "mi", "rank", "selected"],
                     data=[[r, row["prompt"], wandb_image(out.path / row["file_name"]), row["mi"], row["rank"],
-                           row["selected"]] for row in rows[: self.log_images]],
+                           row["selected"]] for row in finished(rows)[: self.log_images]],
                     step=trainer.global_step,
                 )
 

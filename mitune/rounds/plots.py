@@ -7,6 +7,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from mitune.rounds.settings import GenerationConfig
+from mitune.runs.artifacts import finished
 
 
 def describe(generation: GenerationConfig) -> str:
@@ -48,7 +49,8 @@ def plot_mi(mi: torch.Tensor, prompt_ids: torch.Tensor, chosen: torch.Tensor, ti
 
 
 def plot_round(rows: list[dict], title: str) -> Figure:
-    """``plot_mi`` of a selected round's rows."""
+    """``plot_mi`` of a selected round's rows (the finished candidates: a pruned one's MI is partial)."""
+    rows = finished(rows)
     mi = torch.tensor([row["mi"] for row in rows])
     chosen = torch.tensor([row["selected"] for row in rows])
     prompt_ids = torch.tensor([row["prompt_id"] for row in rows])

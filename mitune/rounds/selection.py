@@ -25,7 +25,7 @@ from mitune.metrics import ALIGNMENT_METRICS, AlignmentMetric, build_alignment_m
 from mitune.mi.phrases import check_phrases
 from mitune.rounds.generation import check_settings, mi_stats
 from mitune.rounds.settings import GenerationConfig, check_top_k
-from mitune.runs.artifacts import DamagedFolder, RoundDir, as_round_dir
+from mitune.runs.artifacts import DamagedFolder, RoundDir, as_round_dir, finished
 from mitune.runs.io import read_jsonl
 from mitune.runs.seeds import mix_seed
 
@@ -94,7 +94,10 @@ def select_top_k(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tens
 
 
 def select_prompt(round_dir: RoundDir, rows: list[dict[str, Any]], config: GenerationConfig) -> list[dict[str, Any]]:
-    """One prompt's rows with what selection ranked by (score), its rank and whether it is in the set."""
+    """One prompt's rows with what selection ranked by (score), its rank and whether it is in the set.
+    Only finished candidates are ranked; pruned ones (``generation.prune``) get no score or rank."""
+    pruned = [row for row in rows if row.get("pruned_at") is not None]
+    rows = finished(rows)
     prompt = rows[0]["prompt"]
     mi = torch.tensor([row["mi"] for row in rows], dtype=torch.float32)
     phrase_mi = torch.tensor([row["phrase_mi"] for row in rows], dtype=torch.float64) if "phrase_mi" in rows[0] else None
@@ -104,8 +107,10 @@ def select_prompt(round_dir: RoundDir, rows: list[dict[str, Any]], config: Gener
     generator = torch.Generator().manual_seed(mix_seed(config.seed, "select", prompt))
     scores = selection_scores(config.selection, prompt, images, mi, generator, phrase_mi)
     ranks, selected = select_top_k(scores, config.top_k)
-    return [{**row, "score": score, "rank": rank, "selected": sel}
-            for row, score, rank, sel in zip(rows, scores.tolist(), ranks.tolist(), selected.tolist())]
+    marked = {row["candidate"]: {**row, "score": score, "rank": rank, "selected": sel}
+              for row, score, rank, sel in zip(rows, scores.tolist(), ranks.tolist(), selected.tolist())}
+    marked.update({row["candidate"]: {**row, "score": None, "rank": None, "selected": False} for row in pruned})
+    return [marked[c] for c in sorted(marked)]
 
 
 def select_round(round_dir: RoundDir | Path, num_prompts: int, config: GenerationConfig) -> dict[str, float]:
@@ -113,8 +118,9 @@ def select_round(round_dir: RoundDir | Path, num_prompts: int, config: Generatio
     (MI of all candidates and of the set). Deterministic, so rerunning it rebuilds the same set."""
     round_dir = as_round_dir(round_dir)
     rows = [row for pid in range(num_prompts) for row in select_prompt(round_dir, read_jsonl(round_dir.part(pid)), config)]
-    mi = torch.tensor([r["mi"] for r in rows], dtype=torch.float64)
-    chosen = torch.tensor([r["selected"] for r in rows])
+    images = finished(rows)
+    mi = torch.tensor([r["mi"] for r in images], dtype=torch.float64)
+    chosen = torch.tensor([r["selected"] for r in images])
     rest = mi[~chosen]
     stats = {**mi_stats(rows), "mean_selected_mi": mi[chosen].mean().item(),
              "selection_margin": (mi[chosen].mean() - rest.mean()).item() if len(rest) else 0.0}
@@ -170,7 +176,7 @@ def verify_round(round_dir: RoundDir | Path, settings: dict[str, Any], num_promp
             raise DamagedFolder(f"{rebuild}, and rebuilding it from {round_dir.path / 'parts'} failed: {err}{regenerate}") from err
         log.warning("%s; rebuilt the round's metadata and summary from its parts", rebuild)
         rows = round_dir.rows()
-    for row in rows:
+    for row in finished(rows):  # a pruned candidate has neither image nor latents
         names = [row["latents"], row["file_name"]]
         if config.save_mi_maps:
             names.append(round_dir.mi_map_name(row["prompt_id"], row["candidate"]))

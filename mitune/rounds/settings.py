@@ -9,6 +9,7 @@ stack, and a strategy's name is checked by ``mitune.rounds.selection`` before an
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from itertools import pairwise
 
 from mitune.mi.estimators import MIConfig
 from mitune.mi.sampler import PAPER_SAMPLING, SamplingConfig
@@ -21,6 +22,33 @@ def check_top_k(num_candidates: int, k: int) -> None:
         raise ValueError(f"num_candidates (M) must be >= 1, got {num_candidates}")
     if not 1 <= k <= num_candidates:
         raise ValueError(f"top_k must be in [1, M={num_candidates}], got {k}")
+
+
+def prune_schedule(prune: object, num_inference_steps: int) -> tuple[tuple[float, float], ...]:
+    """``generation.prune`` checked and as a tuple of (fraction of steps done, fraction kept) pairs: the
+    fractions of steps strictly increasing in (0, 1), each at a distinct step in [1, steps - 1], the kept
+    fractions in (0, 1]."""
+    try:
+        pairs = tuple((float(f), float(k)) for f, k in prune)  # type: ignore[union-attr,misc]
+    except (TypeError, ValueError):
+        raise ValueError(f"generation.prune must be a list of [fraction of steps, fraction kept] pairs, got {prune!r}") from None
+    steps = [prune_step(f, num_inference_steps) for f, _ in pairs]
+    for (f, k), step in zip(pairs, steps):
+        if not (0 < f < 1 and 0 < k <= 1):
+            raise ValueError(f"generation.prune: each pair needs 0 < fraction of steps < 1 and 0 < fraction kept <= 1, "
+                             f"got [{f:g}, {k:g}]")
+        if not 1 <= step < num_inference_steps:
+            raise ValueError(f"generation.prune: fraction {f:g} of {num_inference_steps} steps is step {step}, outside "
+                             f"[1, {num_inference_steps - 1}]")
+    if any(b <= a for a, b in pairwise(steps)):
+        raise ValueError(f"generation.prune: the points must fall on increasing steps of {num_inference_steps}, "
+                         f"got steps {steps}")
+    return pairs
+
+
+def prune_step(fraction: float, num_inference_steps: int) -> int:
+    """The number of sampling steps done at a pruning point."""
+    return round(fraction * num_inference_steps)
 
 
 @dataclass(frozen=True)
@@ -49,9 +77,19 @@ class GenerationConfig:
     # (mitune.rounds.selection; toy_oracle is the toy world's upper bound).
     selection: str = "mi"
     mi: MIConfig = field(default_factory=MIConfig)
+    # Successive halving by partial MI (not in the paper; empty = the paper): (fraction of the sampling
+    # steps done, fraction of the still-running candidates kept) pairs, e.g. [[0.4, 0.5], [0.7, 0.5]]. At
+    # each point the lowest-MI candidates of each prompt stop (never below top_k); rows refill with the
+    # next prompts' candidates (mitune.mi.sampler.ContinuousSampler). Stored as a tuple of pairs.
+    prune: list[list[float]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         check_top_k(self.num_candidates, self.top_k)
+        object.__setattr__(self, "prune", prune_schedule(self.prune, self.num_inference_steps))
+        if self.prune and self.selection == "phrase_mi":
+            raise ValueError("generation.prune is not available with selection=phrase_mi (it prunes by MI)")
+        if self.prune and self.save_mi_maps:
+            raise ValueError("generation.prune is not available with save_mi_maps")
         self.sampling  # noqa: B018  (checks the sampling settings)
         if self.micro_batch < 1:
             raise ValueError(f"micro_batch must be >= 1, got {self.micro_batch}")
@@ -59,6 +97,11 @@ class GenerationConfig:
             raise ValueError(f"seed_mode must be 'per_prompt' or 'shared', got {self.seed_mode!r}")
         if self.save_mi_maps and self.selection == "phrase_mi":
             raise ValueError("save_mi_maps is not available with selection=phrase_mi")
+
+    @property
+    def prune_points(self) -> tuple[tuple[int, float], ...]:
+        """The pruning points as (steps done, fraction kept)."""
+        return tuple((prune_step(f, self.num_inference_steps), k) for f, k in self.prune)
 
     @property
     def sampling(self) -> SamplingConfig:

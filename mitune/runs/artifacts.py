@@ -209,17 +209,28 @@ class RoundDir:
 
     def latents(self, rows: list[dict[str, Any]]) -> torch.Tensor:
         """The cached clean latents of ``rows`` (no VAE needed to train)."""
-        files: dict[str, torch.Tensor] = {}
+        files: dict[str, dict[int, torch.Tensor]] = {}
         latents = []
         for row in rows:
             name = row["latents"]
             if name not in files:
                 try:
-                    files[name] = load_file(str(self.path / name))["latents"]
+                    stored = load_file(str(self.path / name))
+                    # A pruned prompt's file holds its finished candidates only, named by `candidates`.
+                    index = stored["candidates"].tolist() if "candidates" in stored else range(len(stored["latents"]))
+                    files[name] = dict(zip(index, stored["latents"]))
                 except (FileNotFoundError, SafetensorError, KeyError) as err:
                     raise ValueError(f"latents {self.path / name} are missing or corrupt: {err}") from err
+            if row["candidate"] not in files[name]:
+                raise ValueError(f"latents {self.path / name} hold no candidate {row['candidate']}")
             latents.append(files[name][row["candidate"]])
         return torch.stack(latents)
+
+
+def finished(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The rows of candidates that finished sampling: those with an image (a round with ``generation.prune``
+    also holds the stopped ones, ``pruned_at`` set, with their partial MI and no image)."""
+    return [row for row in rows if row.get("pruned_at") is None]
 
 
 def as_round_dir(folder: RoundDir | str | Path) -> RoundDir:

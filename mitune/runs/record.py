@@ -70,7 +70,7 @@ MOVED_TARGETS = {
 
 # Settings added since records were first written, with the value that computes what runs before them did:
 # a record without the key reads as if it held that value.
-ADDED_SETTINGS = {("train", "gradient_checkpointing"): False}
+ADDED_SETTINGS = {("train", "gradient_checkpointing"): False, ("generation", "prune"): []}
 
 
 def renamed_targets(tree: Any) -> Any:
