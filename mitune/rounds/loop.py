@@ -11,6 +11,11 @@ stands after round r-1 (the base model for r=1) and after epoch r-1's checkpoint
 a 24-hour round resumes that round, not the training before it). It then hands the round's set to the
 data module and the round's prompts to the module: the hand-off is ``RoundSet``. Lightning sized the
 epoch before the round existed, since ``FinetuneSet`` has a fixed length.
+
+Two variants of the paper's: real image-prompt pairs in the set (``RealSet``: mixed with the selected images at
+``train.real_fraction``, or alone, when no round is generated), and candidates from another model (``generator``:
+Table 1's SpRight candidates for SD-2.1-base, Algorithm 2's MI under that model), while the adapters train on the
+model being aligned.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from matplotlib.figure import Figure
 
 from mitune.models.adapters import merged_adapters, save_adapters
 from mitune.rounds.data import FinetuneData, RoundSet, epoch_index
+from mitune.rounds.external import RealSet
 from mitune.rounds.generation import generate_round, round_settings
 from mitune.rounds.module import MITuneModule
 from mitune.rounds.plots import describe, plot_round
@@ -38,8 +44,11 @@ class MIRounds(L.Callback):
     """Runs generation rounds with the current model and keeps each round's set and adapter."""
 
     def __init__(self, prompts: list[str], generation: GenerationConfig, run_dir: str | Path, *, base_model: str,
-                 log_images: int = 16, stop: Callable[[], None] | None = None) -> None:
+                 log_images: int = 16, stop: Callable[[], None] | None = None, real: RealSet | None = None,
+                 generator: DiffusionPipeline | None = None) -> None:
         self.prompts = prompts
+        self.real = real  # real pairs in each round's set (train.real_fraction)
+        self.generator = generator  # the model that samples the candidates; None: the model being trained
         self.generation = generation
         self.run = RunDir(Path(run_dir))
         self.base_model = base_model
@@ -61,7 +70,12 @@ class MIRounds(L.Callback):
         r = epoch_index(trainer) + 1
         if data.dataset.round_index == r:
             return
-        round_set = RoundSet.from_round(r, self.ensure_round(trainer, module, r))
+        if self.real is not None and self.real.fraction == 1:
+            round_set = self.real.alone(r)
+        else:
+            round_set = RoundSet.from_round(r, self.ensure_round(trainer, module, r))
+            if self.real is not None:
+                round_set = self.real.mix(round_set)
         module.set_prompts(round_set.prompts)
         data.dataset.load(round_set)
 
@@ -69,9 +83,10 @@ class MIRounds(L.Callback):
         """Generate and select round r unless it is complete; every rank generates a share of the prompts,
         rank 0 selects."""
         out = self.run.round(r)
+        pipe = self.generator or module.pipe
         if out.is_complete():
             if trainer.is_global_zero:  # may rebuild the metadata and the plot: one writer
-                verify_round(out, round_settings(module.pipe, self.prompts, self.generation), len(self.prompts),
+                verify_round(out, round_settings(pipe, self.prompts, self.generation), len(self.prompts),
                              self.generation)
                 if not out.histogram.is_file():  # killed between the round's end and its plot
                     save_figure(out.histogram, self.histogram(out.rows(), r), dpi=100)
@@ -80,7 +95,7 @@ class MIRounds(L.Callback):
         training = module.unet.training
         module.unet.eval()
         with merged_adapters(module.pipe):  # base-model speed; the weights come back bit-exact
-            generate_round(module.pipe, self.prompts, self.generation, out, scores=sampling_scores(self.generation.selection),
+            generate_round(pipe, self.prompts, self.generation, out, scores=sampling_scores(self.generation.selection),
                            progress=trainer.is_global_zero, rank=trainer.global_rank, world_size=trainer.world_size,
                            stop=self.stop)
         module.unet.train(training)

@@ -59,7 +59,8 @@ MOVED_TARGETS = {
 
 # Settings added since records were first written, with the value that computes what runs before them did:
 # a record without the key reads as if it held that value.
-ADDED_SETTINGS = {("train", "gradient_checkpointing"): False}
+ADDED_SETTINGS = {("train", "gradient_checkpointing"): False, ("train", "real_images"): None,
+                  ("train", "real_fraction"): 0.0, ("train", "real_prompt_column"): "prompt", ("generator",): None}
 
 
 def renamed_targets(tree: Any) -> Any:
@@ -74,9 +75,12 @@ def renamed_targets(tree: Any) -> Any:
 def migrated(record: dict[str, Any]) -> dict[str, Any]:
     """A record read as if written now: moved ``_target_``s renamed, added settings at their earlier behaviour."""
     record = renamed_targets(record)
-    for (group, key), value in ADDED_SETTINGS.items():
-        if isinstance(record.get(group), dict):
-            record[group].setdefault(key, value)
+    for (*groups, key), value in ADDED_SETTINGS.items():
+        parent = record
+        for group in groups:
+            parent = parent.get(group) if isinstance(parent, dict) else None
+        if isinstance(parent, dict):
+            parent.setdefault(key, value)
     return record
 
 
