@@ -83,3 +83,48 @@ toy-mk-%: $(STAMP)
 
 toy-started: $(STAMP)
 	mkdir -p $(TOY)/summary && date +%s > $(TOY)/summary/.started
+
+# MI + Real (the paper's Table 3; docs/toy/real/): `make toy-real` (one process: about 80 process-minutes on 2 cores).
+# Per seed: the renderer's scenes of the 75 train prompts (the toy's "real" pairs, mitune.toy.real), then one round of
+# MI-TUNE with f = 25, 50, 90 % of its fine-tuning set replaced by scenes (mi_real<f>), and the scenes alone (real, no
+# generation), each evaluated at round 1 on the benchmark's 50 test prompts x 6 images at CFG $(TOY_REAL_CFGS), against the
+# benchmark's own MI-TUNE run of the seed (its round 1: `toy-run-mi-seed<n>` with one round; a 3-round run's round 1
+# is the same) and the base model (round 0, shared). Everything resumes; the tables go to docs/toy/real/.
+TOY_REAL_SEEDS := 0 1 2
+TOY_REAL_PCTS := 25 50 90 100
+TOY_REAL_CFGS := 3.0
+TOY_REAL_METHODS := mi_real25 mi_real50 mi_real90 real
+TOY_REAL_CONTRASTS := $(foreach m,$(TOY_REAL_METHODS),$(m)-mi $(m)-base) mi-base real-mi_real90
+toy_real_method = $(if $(filter 100,$(1)),real,mi_real$(1))
+toy_real_fraction = $(if $(filter 100,$(1)),1.0,0.$(1))
+toy_real_pct = $(firstword $(subst -seed, ,$(1)))
+toy-real toy-real-summary toy-real-run-% toy-real-mi-%: export OMP_NUM_THREADS := 1
+toy-real: $(foreach n,$(TOY_REAL_SEEDS),toy-real-mi-seed$(n) $(foreach p,$(TOY_REAL_PCTS),toy-real-run-$(p)-seed$(n)))
+	$(MAKE) --no-print-directory toy-real-summary
+
+# The benchmark's MI-TUNE run of a seed, one round, evaluated at rounds 0 (the base model) and 1 at TOY_REAL_CFGS.
+toy-real-mi-seed%: $(STAMP)
+	$(MAKE) --no-print-directory toy-run-mi-seed$* TOY_ROUND_SEEDS= TOY_CFGS=$(TOY_REAL_CFGS)
+
+# The scenes of a seed: written once, as one folder (mitune.toy.real writes it atomically).
+$(TOY)/real/pairs/seed%/metadata.jsonl: | $(STAMP)
+	$(PY) -m mitune.toy.real --out $(TOY)/real/pairs/seed$* --per-category 15 --seed $*
+
+# One run (<pct>-seed<n>): f = pct/100 of the set real, one round, and its round-1 evaluation.
+.SECONDEXPANSION:
+toy-real-run-%: $(STAMP) $(TOY)/real/pairs/seed$$(call toy_seed,$$*)/metadata.jsonl
+	$(PY) -m mitune.run +experiment=toy_real train.real_images=$(TOY)/real/pairs/seed$(call toy_seed,$*) \
+		train.real_fraction=$(call toy_real_fraction,$(call toy_real_pct,$*)) seed=$(call toy_seed,$*) resume=true \
+		hydra.run.dir=$(TOY)/real/train/$(call toy_real_method,$(call toy_real_pct,$*))-seed$(call toy_seed,$*) \
+		$(call toy_wandb,$(call toy_real_method,$(call toy_real_pct,$*))-seed$(call toy_seed,$*),$(TOY)/real/train)
+	$(PY) -m mitune.evaluate -m +experiment=toy_eval seed=$(call toy_seed,$*) eval.round=1 \
+		generation.guidance_scale=$(TOY_REAL_CFGS) toy_dir=$(TOY) \
+		run_dir=$(TOY)/real/train/$(call toy_real_method,$(call toy_real_pct,$*))-seed$(call toy_seed,$*) \
+		eval.method=$(call toy_real_method,$(call toy_real_pct,$*)) \
+		hydra.sweep.dir=$(TOY)/real/eval/$(call toy_real_method,$(call toy_real_pct,$*))-seed$(call toy_seed,$*)
+
+# The tables: the real runs beside the seeds' MI-TUNE and base points, paired contrasts with bootstrap CIs.
+toy-real-summary: $(STAMP)
+	$(PY) -m mitune.summary $(TOY)/real/eval $(wildcard $(foreach n,$(TOY_REAL_SEEDS),$(TOY)/eval/mi-seed$(n)/round_[01]-cfg_$(TOY_REAL_CFGS))) \
+		--out $(TOY)/real/summary --cfg $(TOY_REAL_CFGS) --contrast $(TOY_REAL_CONTRASTS)
+	mkdir -p docs/toy/real && cp $(addprefix $(TOY)/real/summary/,table1.md table1.csv contrasts.csv contrasts.md) docs/toy/real/
