@@ -110,11 +110,18 @@ toy-real-mi-seed%: $(STAMP)
 $(TOY)/real/pairs/seed%/metadata.jsonl: | $(STAMP)
 	$(PY) -m mitune.toy.real --out $(TOY)/real/pairs/seed$* --per-category 15 --seed $*
 
-# One run (<pct>-seed<n>): f = pct/100 of the set real, one round, and its round-1 evaluation.
+# The seed's MI-TUNE round (its candidates and picks), which the mixed runs take as theirs (rounds_from).
+$(TOY)/train/mi-seed%/rounds/round_1/summary.json: | $(STAMP)
+	$(MAKE) --no-print-directory toy-real-mi-seed$*
+
+# One run (<pct>-seed<n>): f = pct/100 of the set real, one round, and its round-1 evaluation. The mixed runs take the
+# seed's MI-TUNE round as theirs (rounds_from: the same candidates and picks, generated once).
 .SECONDEXPANSION:
-toy-real-run-%: $(STAMP) $(TOY)/real/pairs/seed$$(call toy_seed,$$*)/metadata.jsonl
+toy-real-run-%: $(STAMP) $(TOY)/real/pairs/seed$$(call toy_seed,$$*)/metadata.jsonl \
+		$(TOY)/train/mi-seed$$(call toy_seed,$$*)/rounds/round_1/summary.json
 	$(PY) -m mitune.run +experiment=toy_real train.real_images=$(TOY)/real/pairs/seed$(call toy_seed,$*) \
 		train.real_fraction=$(call toy_real_fraction,$(call toy_real_pct,$*)) seed=$(call toy_seed,$*) resume=true \
+		$(if $(filter 100,$(call toy_real_pct,$*)),,rounds_from=$(TOY)/train/mi-seed$(call toy_seed,$*)) \
 		hydra.run.dir=$(TOY)/real/train/$(call toy_real_method,$(call toy_real_pct,$*))-seed$(call toy_seed,$*) \
 		$(call toy_wandb,$(call toy_real_method,$(call toy_real_pct,$*))-seed$(call toy_seed,$*),$(TOY)/real/train)
 	$(PY) -m mitune.evaluate -m +experiment=toy_eval seed=$(call toy_seed,$*) eval.round=1 \

@@ -165,7 +165,8 @@ def fit(cfg: DictConfig, prompts: list[str], generation: GenerationConfig, adapt
     ckpt = resolve_resume(cfg.resume, out_dir)
     base_model = str(cfg.model.path_or_id)
     stop = SigtermStop(RunDir(out_dir).checkpoints)
-    rounds = MIRounds(prompts, generation, out_dir, base_model=base_model, stop=stop.check)
+    rounds = MIRounds(prompts, generation, out_dir, base_model=base_model, stop=stop.check,
+                      rounds_from=cfg.get("rounds_from"))
     # The rounds first: a round is generated before the other callbacks' epoch-start hooks (its training bar) run.
     callbacks = [rounds, stop] + [instantiate(spec) for spec in cfg.callbacks.values()]
     loggers = make_loggers(cfg, read_state(ckpt).get("wandb_run_id") if ckpt else None)

@@ -20,6 +20,7 @@ model being aligned.
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 
@@ -31,13 +32,13 @@ from matplotlib.figure import Figure
 from mitune.models.adapters import merged_adapters, save_adapters
 from mitune.rounds.data import FinetuneData, RoundSet, epoch_index
 from mitune.rounds.external import RealSet
-from mitune.rounds.generation import generate_round, round_settings
+from mitune.rounds.generation import check_settings, generate_round, round_settings
 from mitune.rounds.module import MITuneModule
 from mitune.rounds.plots import describe, plot_round
 from mitune.rounds.selection import check_strategy, sampling_scores, select_round, verify_round
 from mitune.rounds.settings import GenerationConfig
 from mitune.runs.artifacts import RoundDir, RunDir
-from mitune.runs.io import save_figure
+from mitune.runs.io import atomic_dir, save_figure
 
 
 class MIRounds(L.Callback):
@@ -45,10 +46,11 @@ class MIRounds(L.Callback):
 
     def __init__(self, prompts: list[str], generation: GenerationConfig, run_dir: str | Path, *, base_model: str,
                  log_images: int = 16, stop: Callable[[], None] | None = None, real: RealSet | None = None,
-                 generator: DiffusionPipeline | None = None) -> None:
+                 generator: DiffusionPipeline | None = None, rounds_from: str | Path | None = None) -> None:
         self.prompts = prompts
         self.real = real  # real pairs in each round's set (train.real_fraction)
         self.generator = generator  # the model that samples the candidates; None: the model being trained
+        self.rounds_from = RunDir(Path(rounds_from)) if rounds_from is not None else None
         self.generation = generation
         self.run = RunDir(Path(run_dir))
         self.base_model = base_model
@@ -84,6 +86,9 @@ class MIRounds(L.Callback):
         rank 0 selects."""
         out = self.run.round(r)
         pipe = self.generator or module.pipe
+        if self.rounds_from is not None and trainer.is_global_zero and not out.path.exists():
+            self.take_round(self.rounds_from.round(r), out, round_settings(pipe, self.prompts, self.generation))
+        trainer.strategy.barrier("mitune-round-taken")
         if out.is_complete():
             if trainer.is_global_zero:  # may rebuild the metadata and the plot: one writer
                 verify_round(out, round_settings(pipe, self.prompts, self.generation), len(self.prompts),
@@ -104,6 +109,16 @@ class MIRounds(L.Callback):
             self.log_round(trainer, r, out, select_round(out, len(self.prompts), self.generation))
         trainer.strategy.barrier("mitune-round-done")
         return out
+
+    def take_round(self, source: RoundDir, out: RoundDir, settings: dict) -> None:
+        """Another run's finished round r as this run's (``rounds_from``), where its settings (model, prompts,
+        generation and selection) are this round's: the same candidates and picks, generated once. Copied whole
+        (nothing of the other run is written); then checked as any finished round is."""
+        if not source.is_complete():
+            return
+        check_settings(source, settings)  # another round's settings: refused, naming them
+        with atomic_dir(out.path, source.summary_file.name) as tmp:
+            shutil.copytree(source.path, tmp, dirs_exist_ok=True, ignore=shutil.ignore_patterns("adapter", ".*"))
 
     def on_train_epoch_end(self, trainer: L.Trainer, module: MITuneModule) -> None:
         """Keep the adapter of the round just trained (and the latest one as the run's result)."""

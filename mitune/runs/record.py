@@ -60,7 +60,8 @@ MOVED_TARGETS = {
 # Settings added since records were first written, with the value that computes what runs before them did:
 # a record without the key reads as if it held that value.
 ADDED_SETTINGS = {("train", "gradient_checkpointing"): False, ("train", "real_images"): None,
-                  ("train", "real_fraction"): 0.0, ("train", "real_prompt_column"): "prompt", ("generator",): None}
+                  ("train", "real_fraction"): 0.0, ("train", "real_prompt_column"): "prompt", ("generator",): None,
+                  ("rounds_from",): None}
 
 
 def renamed_targets(tree: Any) -> Any:
