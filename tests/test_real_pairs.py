@@ -291,3 +291,36 @@ def test_mi_real_asks_for_its_folder():
         cfg = compose("config", overrides=["+exp=color", "+experiment=mi_real"])
     with pytest.raises(ValueError, match=r"train\.real_images"):
         typed(cfg.train, TrainConfig, "train")
+
+
+def test_diffusiondb_images_are_written_as_the_pairs_the_baseline_reads(tmp_path):
+    """``python -m mitune.prompts.diffusiondb --images`` on a local metadata table and image parts (no hub)."""
+    import io
+    import zipfile
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from mitune.prompts.diffusiondb import export_pairs
+
+    rows = [(f"img{i}.webp", f"prompt {i % 12}", 1 + i % 3, 0.05 if i != 5 else 0.9) for i in range(30)]
+    pq.write_table(pa.table({"image_name": [r[0] for r in rows], "prompt": [r[1] for r in rows],
+                             "part_id": [r[2] for r in rows], "prompt_nsfw": [r[3] for r in rows]}),
+                   tmp_path / "metadata.parquet")
+    for part in (1, 2, 3):
+        with zipfile.ZipFile(tmp_path / f"part-{part}.zip", "w") as archive:
+            for name, _, p, _ in rows:
+                if p == part:
+                    buffer = io.BytesIO()
+                    Image.new("RGB", (96, 64), (part * 60, 0, 0)).save(buffer, format="WEBP")
+                    archive.writestr(name, buffer.getvalue())
+    fetched = []
+    out = export_pairs(tmp_path / "ddb", num_train=4, num_test=3, source=str(tmp_path / "metadata.parquet"), parts=2,
+                       size=32, fetch=lambda part: fetched.append(part) or tmp_path / f"part-{part}.zip")
+    pairs = read_pairs(out / "images")
+    train = (out / "train.txt").read_text().splitlines()
+    assert sorted(pairs.prompts) == sorted(train) and len(train) == 4 and pairs.size == (32, 32)
+    assert set(fetched) <= {1, 2} and not set(train) & set((out / "test.txt").read_text().splitlines())
+    first_part = {r[1]: r[2] for r in reversed(rows)}  # each prompt's first image's part
+    for prompt, f in zip(pairs.prompts, pairs.files):
+        assert Image.open(f).getpixel((16, 16))[0] == pytest.approx(first_part[prompt] * 60, abs=8)
