@@ -183,8 +183,8 @@ def fit(cfg: DictConfig, prompts: list[str], generation: GenerationConfig, adapt
         over_length(pipe.tokenizer, prompts)
         if pairs is not None:  # encoded once with the trained model's VAE, before any training
             check_size(pairs, pipe)
-            rounds.real = RealSet(encode_pairs(pipe, pairs, RunDir(out_dir).external), pairs.prompts,
-                                  train_config.real_fraction, train_config.seed)
+            latents = encode_pairs(pipe, pairs, RunDir(out_dir).external, write=launching_process())
+            rounds.real = RealSet(latents, pairs.prompts, train_config.real_fraction, train_config.seed)
         if generator is not None:
             rounds.generator = instantiate(cfg.generator, path_or_id=str(generator.folder))
             # Candidates at the trained model's size (SpRight's SD-2.1 is a 768 px model, SD-2.1-base 512 px).

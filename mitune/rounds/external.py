@@ -111,7 +111,7 @@ def check_size(pairs: Pairs, pipe: DiffusionPipeline) -> None:
     """The images must have the size the model generates: fine-tuning on another size changes the task."""
     height, width = default_size(pipe)
     if pairs.size != (width, height):
-        raise ExternalSetError(f"{pairs.folder / pairs.files[0].name}: images are {pairs.size[0]}x{pairs.size[1]}, the "
+        raise ExternalSetError(f"{pairs.files[0]}: images are {pairs.size[0]}x{pairs.size[1]}, the "
                                f"model generates {width}x{height}; resize the folder's images to {width}x{height}")
 
 
@@ -130,9 +130,10 @@ def _encode(pipe: DiffusionPipeline, images: list[Image.Image]) -> torch.Tensor:
     return latents * config.scaling_factor
 
 
-def encode_pairs(pipe: DiffusionPipeline, pairs: Pairs, cache: Path, batch: int = 16) -> torch.Tensor:
+def encode_pairs(pipe: DiffusionPipeline, pairs: Pairs, cache: Path, batch: int = 16, write: bool = True) -> torch.Tensor:
     """The pairs' latents, encoded once: chunk files under ``cache`` carry the set's digest, a chunk of another
-    set or a damaged one is encoded again."""
+    set or a damaged one is encoded again. ``write=False`` (the extra DDP ranks) encodes what is not cached without
+    writing it: one writer per file."""
     chunks = []
     for start in range(0, len(pairs.files), ENCODE_CHUNK):
         path = external_part(cache, start // ENCODE_CHUNK)
@@ -147,7 +148,8 @@ def encode_pairs(pipe: DiffusionPipeline, pairs: Pairs, cache: Path, batch: int 
                         images.append(image.convert("RGB"))
                 parts.append(_encode(pipe, images).cpu())
             chunk = torch.cat(parts)
-            write_safetensors(path, {"latents": chunk}, metadata={"digest": pairs.digest})
+            if write:
+                write_safetensors(path, {"latents": chunk}, metadata={"digest": pairs.digest})
         chunks.append(chunk)
     return torch.cat(chunks)
 
