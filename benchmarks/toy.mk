@@ -104,12 +104,17 @@ toy_real_fraction = $(if $(filter 100,$(1)),1.0,0.$(1))
 toy_real_pct = $(firstword $(subst -seed, ,$(1)))
 toy-real toy-real-summary toy-real-run-% toy-real-mi-%: export OMP_NUM_THREADS := 1
 # Method-major: real images alone first (no generation), then the mixes; each seed's MI-TUNE run comes with its first.
-toy-real: $(foreach p,$(TOY_REAL_PCTS),$(foreach n,$(TOY_REAL_SEEDS),toy-real-run-$(p)-seed$(n)))
+toy-real: $(foreach p,$(TOY_REAL_PCTS),$(foreach n,$(TOY_REAL_SEEDS),toy-real-run-$(p)-seed$(n))) \
+		$(foreach n,$(TOY_REAL_SEEDS),$(TOY)/eval/mi-seed$(n)/round_1-cfg_$(TOY_REAL_CFGS)/results.csv)
 	$(MAKE) --no-print-directory toy-real-summary
 
 # The benchmark's MI-TUNE run of a seed, one round, evaluated at rounds 0 (the base model) and 1 at TOY_REAL_CFGS.
 toy-real-mi-seed%: $(STAMP)
 	$(MAKE) --no-print-directory toy-run-mi-seed$* TOY_ROUND_SEEDS= TOY_CFGS=$(TOY_REAL_CFGS)
+
+# Files that stand for finished work: never deleted by make (as intermediate files, or when a recipe is interrupted).
+.PRECIOUS: $(TOY)/real/pairs/seed%/metadata.jsonl $(TOY)/train/mi-seed%/rounds/round_1/summary.json \
+	$(TOY)/eval/mi-seed%/round_1-cfg_$(TOY_REAL_CFGS)/results.csv
 
 # The scenes of a seed: written once, as one folder (mitune.toy.real writes it atomically).
 $(TOY)/real/pairs/seed%/metadata.jsonl: | $(STAMP)
@@ -117,6 +122,10 @@ $(TOY)/real/pairs/seed%/metadata.jsonl: | $(STAMP)
 
 # The seed's MI-TUNE round (its candidates and picks), which the mixed runs take as theirs (rounds_from).
 $(TOY)/train/mi-seed%/rounds/round_1/summary.json: | $(STAMP)
+	$(MAKE) --no-print-directory toy-real-mi-seed$*
+
+# Its evaluation (rounds 0 and 1), after the round: one make job per seed's MI-TUNE run at a time, also with -j2.
+$(TOY)/eval/mi-seed%/round_1-cfg_$(TOY_REAL_CFGS)/results.csv: $(TOY)/train/mi-seed%/rounds/round_1/summary.json
 	$(MAKE) --no-print-directory toy-real-mi-seed$*
 
 # One run (<pct>-seed<n>): f = pct/100 of the set real, one round, and its round-1 evaluation. The mixed runs take the

@@ -22,7 +22,13 @@ from mitune.config import register, typed
 from mitune.models.adapters import export_pipeline
 from mitune.models.loading import LatentSpaceError, load_pipeline
 from mitune.rounds.data import RoundSet
-from mitune.rounds.external import ExternalSetError, RealSet, check_fraction, encode_pairs, read_pairs
+from mitune.rounds.external import (
+    ExternalSetError,
+    RealSet,
+    check_fraction,
+    encode_pairs,
+    read_pairs,
+)
 from mitune.rounds.settings import TrainConfig
 from mitune.run import train
 from mitune.runs.artifacts import METADATA, RunDir
@@ -64,15 +70,16 @@ def test_pairs_are_read_with_a_digest_of_their_bytes(tmp_path):
 
 
 @pytest.mark.parametrize(("damage", "message"), [
-    (lambda f: (f / METADATA).write_text('{"file_name": "images/0000.png", "prompt": "a"}\n{"file_name": '
-                                         '"images/0001.png", "caption": "b"}\n'), r"metadata.jsonl:2: no 'prompt'"),
-    (lambda f: (f / "images/0001.png").write_bytes(b"not a png"), r"metadata.jsonl:2: image 'images/0001.png' is "
-                                                                  r"missing or unreadable"),
+    (lambda f: (f / METADATA).write_text('{"file_name": "images/0000.png", "prompt": "a"}\n'
+                                         '{"file_name": "images/0001.png", "caption": "b"}\n'),
+     r"metadata.jsonl:2: no 'prompt'"),
+    (lambda f: (f / "images/0001.png").write_bytes(b"not a png"),
+     r"metadata.jsonl:2: image 'images/0001.png' is missing or unreadable"),
     (lambda f: (f / "images/0001.png").unlink(), r"metadata.jsonl:2: image 'images/0001.png' is missing"),
-    (lambda f: Image.new("RGB", (16, 16)).save(f / "images/0001.png"), r"metadata.jsonl:2: image 'images/0001.png' "
-                                                                       r"is 16x16, the folder's first is 32x32"),
-    (lambda f: (f / METADATA).write_text('{"file_name": "../x.png", "prompt": "a"}\n'), r":1: file_name '../x.png' "
-                                                                                        r"is outside"),
+    (lambda f: Image.new("RGB", (16, 16)).save(f / "images/0001.png"),
+     r"metadata.jsonl:2: image 'images/0001.png' is 16x16, the folder's first is 32x32"),
+    (lambda f: (f / METADATA).write_text('{"file_name": "../x.png", "prompt": "a"}\n'),
+     r":1: file_name '../x.png' is outside"),
     (lambda f: (f / METADATA).write_text('{"file_name": "images/0000.png", "prompt": "a"}\nnot json\n'),
      r"metadata.jsonl:2: not a JSON object"),
     (lambda f: (f / METADATA).unlink(), r"has no metadata.jsonl"),
@@ -125,7 +132,7 @@ def test_a_fraction_replaces_that_share_of_the_selected_set_keeping_its_size(fra
 
 
 def test_the_draw_is_a_function_of_seed_and_round():
-    draw = lambda seed, r: real_set(20, 0.5, seed).mix(selected_set(8, r)).latents.flatten().tolist()  # noqa: E731
+    draw = lambda seed, r: real_set(20, 0.5, seed).mix(selected_set(8, r)).latents.flatten().tolist()
     assert draw(0, 1) == draw(0, 1)
     assert draw(0, 1) != draw(1, 1) and draw(0, 1) != draw(0, 2)
 
@@ -228,7 +235,7 @@ def test_candidates_from_another_generator_sharing_the_vae(tiny, tiny_sd_path, t
     assert "generator_weights" in yaml.safe_load(RunDir(run_dir).config_record.read_text())
     mine = tmp_path / "mine"
     train(tiny(mine))
-    rows = lambda d: [json.loads(x)["mi"] for x in RunDir(d).round(1).metadata.read_text().splitlines()]  # noqa: E731
+    rows = lambda d: [json.loads(x)["mi"] for x in RunDir(d).round(1).metadata.read_text().splitlines()]
     assert rows(run_dir) != rows(mine)  # the other UNet sampled and scored them
 
     other_vae = copy_model(Path(tiny_sd_path), tmp_path / "gen-vae", "vae")
@@ -246,7 +253,7 @@ def test_a_round_taken_from_another_run_trains_bit_identically(tiny, tmp_path):
     mixed = [f"train.real_images={folder}", "train.real_fraction=0.25"]
     train(tiny(taken, *mixed, f"rounds_from={source}"))
     train(tiny(own, *mixed))
-    adapter = lambda d: load_file(str(RunDir(d).adapter / "pytorch_lora_weights.safetensors"))  # noqa: E731
+    adapter = lambda d: load_file(str(RunDir(d).adapter / "pytorch_lora_weights.safetensors"))
     a, b = adapter(taken), adapter(own)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     with pytest.raises(ValueError, match=r"different settings \(generation\)"):
