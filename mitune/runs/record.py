@@ -135,7 +135,7 @@ def check_config(run_dir: Path, config: dict[str, Any], resume: bool, weights: d
     old = migrated(old or {})
     if WEIGHTS not in old:  # recorded before weights were: unknown, not compared (the record is left as written)
         config.pop(WEIGHTS)
-    diff = differences(old, config)
+    diff = differences(old, migrated(config))  # both sides read as if written now
     if diff:
         raise RunDirError(
             f"run dir {run_dir} was made with another config; one run dir holds one run, so it is not reused:\n  "
