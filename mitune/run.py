@@ -22,10 +22,11 @@ from omegaconf import DictConfig, OmegaConf
 from mitune.runs.console import one_line_errors, quiet_libraries
 from mitune.config import RunSettings, register, typed
 from mitune.models.adapters import AdapterConfig
-from mitune.models.loading import model_weights
+from mitune.models.loading import LatentSpaceError, check_latent_space, model_weights
 from mitune.models.weights import ModelLoadError, Weights
 from mitune.prompts.sources import over_length
 from mitune.rounds.data import FinetuneData
+from mitune.rounds.external import ExternalSetError, Pairs, RealSet, check_fraction, check_size, encode_pairs, read_pairs
 from mitune.rounds.loop import MIRounds
 from mitune.rounds.module import MITuneModule, accumulation_steps
 from mitune.rounds.selection import check_strategy
@@ -143,19 +144,31 @@ def train(cfg: DictConfig) -> float:
     accumulation_steps(train_config.effective_batch, train_config.micro_batch)  # unreachable on any device count
     if isinstance(cfg.resume, str):
         resolve_resume(cfg.resume, out_dir)
+    pairs = None
+    if train_config.real_images is not None:  # every line and image checked, and hashed, before any model loads
+        pairs = read_pairs(train_config.real_images, train_config.real_prompt_column)
+        check_fraction(train_config.real_fraction, len(prompts) * generation.top_k, pairs)
     model = OmegaConf.to_container(cfg.model, resolve=True)
     if not launching_process():
-        return fit(cfg, prompts, generation, adapter, train_config, out_dir, model_weights(model, cfg.paths.cache_dir))
+        weights = model_weights(model, cfg.paths.cache_dir)
+        return fit(cfg, prompts, generation, adapter, train_config, out_dir, weights, pairs,
+                   generator_weights(cfg, weights))
     with exclusive(out_dir):
         # The weights are found (a hub id downloaded where it is not cached) and hashed before the record is checked.
         weights = model_weights(model, cfg.paths.cache_dir)
         check_schedule(weights.folder, generation)
-        check_config(out_dir, OmegaConf.to_container(cfg, resolve=True), resume=bool(cfg.resume),
-                     weights=weights.record(), prompts=prompt_record(prompts, prompt_set.source))
+        generator = generator_weights(cfg, weights)
+        record = OmegaConf.to_container(cfg, resolve=True)
+        if pairs is not None:  # a resume with another folder of real pairs is another run
+            record["real_set"] = pairs.record()
+        if generator is not None:
+            record["generator_weights"] = generator.record()
+        check_config(out_dir, record, resume=bool(cfg.resume), weights=weights.record(),
+                     prompts=prompt_record(prompts, prompt_set.source))
         save_hydra_files(cfg, out_dir)  # once the dir has accepted the config
         remove_temporaries(out_dir)
         try:
-            return fit(cfg, prompts, generation, adapter, train_config, out_dir, weights)
+            return fit(cfg, prompts, generation, adapter, train_config, out_dir, weights, pairs, generator)
         except Preempted as stop:
             command = resume_command(sys.argv[1:], out_dir)
             print(f"mitune: {stop}; newest checkpoint: {stop.checkpoint or latest_checkpoint(RunDir(out_dir).checkpoints)}. "
@@ -163,12 +176,30 @@ def train(cfg: DictConfig) -> float:
             raise SystemExit(EXIT_STATUS) from None
 
 
+def generator_weights(cfg: DictConfig, weights: Weights) -> Weights | None:
+    """The weights of the model that samples the candidates (``generator``; None: the model being trained), hashed,
+    and checked to share the trained model's latent space before either loads."""
+    if cfg.get("generator") is None:
+        return None
+    if train_alone(cfg):
+        raise ValueError("generator is set but train.real_fraction=1 generates nothing; set one or the other")
+    generator = model_weights(OmegaConf.to_container(cfg.generator, resolve=True), cfg.paths.cache_dir)
+    check_latent_space(weights, generator)
+    return generator
+
+
+def train_alone(cfg: DictConfig) -> bool:
+    return float(cfg.train.get("real_fraction", 0.0)) == 1
+
+
 def fit(cfg: DictConfig, prompts: list[str], generation: GenerationConfig, adapter: AdapterConfig,
-        train_config: TrainConfig, out_dir: Path, weights: Weights) -> float:
+        train_config: TrainConfig, out_dir: Path, weights: Weights, pairs: Pairs | None = None,
+        generator: Weights | None = None) -> float:
     ckpt = resolve_resume(cfg.resume, out_dir)
     base_model = str(cfg.model.path_or_id)
     stop = SigtermStop(RunDir(out_dir).checkpoints)
-    rounds = MIRounds(prompts, generation, out_dir, base_model=base_model, stop=stop.check)
+    rounds = MIRounds(prompts, generation, out_dir, base_model=base_model, stop=stop.check,
+                      rounds_from=cfg.get("rounds_from"))
     # The rounds first: a round is generated before the other callbacks' epoch-start hooks (its training bar) run.
     callbacks = [rounds, stop] + [instantiate(spec) for spec in cfg.callbacks.values()]
     loggers = make_loggers(cfg, read_state(ckpt).get("wandb_run_id") if ckpt else None)
@@ -187,6 +218,14 @@ def fit(cfg: DictConfig, prompts: list[str], generation: GenerationConfig, adapt
             lg.log_hyperparams(config)
         pipe = instantiate(cfg.model, path_or_id=str(weights.folder))  # the weights just hashed, wherever they are
         over_length(pipe.tokenizer, prompts)
+        if pairs is not None:  # encoded once with the trained model's VAE, before any training
+            check_size(pairs, pipe)
+            latents = encode_pairs(pipe, pairs, RunDir(out_dir).external, write=launching_process())
+            rounds.real = RealSet(latents, pairs.prompts, train_config.real_fraction, train_config.seed)
+        if generator is not None:
+            rounds.generator = instantiate(cfg.generator, path_or_id=str(generator.folder))
+            # Candidates at the trained model's size (SpRight's SD-2.1 is a 768 px model, SD-2.1-base 512 px).
+            rounds.generator.unet.register_to_config(sample_size=pipe.unet.config.sample_size)
         module = MITuneModule(pipe, adapter, train_config)
         trainer.fit(module, datamodule=FinetuneData(train_config), ckpt_path=ckpt)
     finally:
@@ -201,7 +240,7 @@ def fit(cfg: DictConfig, prompts: list[str], generation: GenerationConfig, adapt
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 def main(cfg: DictConfig) -> float:
     quiet_libraries()
-    with one_line_errors("mitune.run", ModelLoadError):
+    with one_line_errors("mitune.run", ModelLoadError, ExternalSetError, LatentSpaceError):
         return train(cfg)
 
 

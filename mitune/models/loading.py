@@ -120,3 +120,35 @@ def compile_unet(pipe: DiffusionPipeline, batch: int, backend: str = "inductor")
     if unet.device.type == "cuda":
         torch.cuda.synchronize(unet.device)
     return time.perf_counter() - start
+
+
+class LatentSpaceError(ValueError):
+    """A generator whose latents the trained model could not read as its own."""
+
+
+def _vae_config(folder: Path) -> dict[str, Any]:
+    import json
+
+    path = folder / "vae" / "config.json"
+    if not path.is_file():
+        raise LatentSpaceError(f"{folder} has no vae/config.json, so its latent space is unknown")
+    config = json.loads(path.read_text(encoding="utf-8"))
+    return {k: v for k, v in config.items() if not k.startswith("_")}  # _name_or_path, _diffusers_version
+
+
+def check_latent_space(model: Weights, generator: Weights) -> None:
+    """The generator's candidates are trained on as the model's own latents: both must use the same VAE (its config
+    and the SHA-256 of its weight files), checked on the hashed files before either model loads."""
+    def vae_files(weights: Weights) -> list[str]:
+        return sorted(h for name, h in weights.files.items() if name.startswith("vae/"))
+
+    ours, theirs = _vae_config(model.folder), _vae_config(generator.folder)
+    if ours != theirs:
+        changed = sorted(k for k in ours.keys() | theirs.keys() if ours.get(k) != theirs.get(k))
+        raise LatentSpaceError(f"the generator {generator.folder} has another VAE config than the model "
+                               f"({', '.join(changed)}): its latents are not the model's; use a generator with the "
+                               "model's VAE")
+    if not vae_files(model) or vae_files(model) != vae_files(generator):
+        raise LatentSpaceError(f"the generator {generator.folder} has other VAE weights than the model {model.folder} "
+                               "(SHA-256 of vae/*.safetensors): its latents are not the model's; use a generator with "
+                               "the model's VAE")

@@ -11,10 +11,16 @@ stands after round r-1 (the base model for r=1) and after epoch r-1's checkpoint
 a 24-hour round resumes that round, not the training before it). It then hands the round's set to the
 data module and the round's prompts to the module: the hand-off is ``RoundSet``. Lightning sized the
 epoch before the round existed, since ``FinetuneSet`` has a fixed length.
+
+Two variants of the paper's: real image-prompt pairs in the set (``RealSet``: mixed with the selected images at
+``train.real_fraction``, or alone, when no round is generated), and candidates from another model (``generator``:
+Table 1's SpRight candidates for SD-2.1-base, Algorithm 2's MI under that model), while the adapters train on the
+model being aligned.
 """
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 
@@ -25,21 +31,26 @@ from matplotlib.figure import Figure
 
 from mitune.models.adapters import merged_adapters, save_adapters
 from mitune.rounds.data import FinetuneData, RoundSet, epoch_index
-from mitune.rounds.generation import generate_round, round_settings
+from mitune.rounds.external import RealSet
+from mitune.rounds.generation import check_settings, generate_round, round_settings
 from mitune.rounds.module import MITuneModule
 from mitune.rounds.plots import describe, plot_round
 from mitune.rounds.selection import check_strategy, sampling_scores, select_round, verify_round
 from mitune.rounds.settings import GenerationConfig
 from mitune.runs.artifacts import RoundDir, RunDir, finished
-from mitune.runs.io import save_figure
+from mitune.runs.io import atomic_dir, save_figure
 
 
 class MIRounds(L.Callback):
     """Runs generation rounds with the current model and keeps each round's set and adapter."""
 
     def __init__(self, prompts: list[str], generation: GenerationConfig, run_dir: str | Path, *, base_model: str,
-                 log_images: int = 16, stop: Callable[[], None] | None = None) -> None:
+                 log_images: int = 16, stop: Callable[[], None] | None = None, real: RealSet | None = None,
+                 generator: DiffusionPipeline | None = None, rounds_from: str | Path | None = None) -> None:
         self.prompts = prompts
+        self.real = real  # real pairs in each round's set (train.real_fraction)
+        self.generator = generator  # the model that samples the candidates; None: the model being trained
+        self.rounds_from = RunDir(Path(rounds_from)) if rounds_from is not None else None
         self.generation = generation
         self.run = RunDir(Path(run_dir))
         self.base_model = base_model
@@ -67,7 +78,12 @@ class MIRounds(L.Callback):
         r = epoch_index(trainer) + 1
         if data.dataset.round_index == r:
             return
-        round_set = RoundSet.from_round(r, self.ensure_round(trainer, module, r))
+        if self.real is not None and self.real.fraction == 1:
+            round_set = self.real.alone(r)
+        else:
+            round_set = RoundSet.from_round(r, self.ensure_round(trainer, module, r))
+            if self.real is not None:
+                round_set = self.real.mix(round_set)
         module.set_prompts(round_set.prompts)
         data.dataset.load(round_set)
 
@@ -75,9 +91,13 @@ class MIRounds(L.Callback):
         """Generate and select round r unless it is complete; every rank generates a share of the prompts,
         rank 0 selects."""
         out = self.run.round(r)
+        pipe = self.generator or module.pipe
+        if self.rounds_from is not None and trainer.is_global_zero and not out.path.exists():
+            self.take_round(self.rounds_from.round(r), out, round_settings(pipe, self.prompts, self.generation))
+        trainer.strategy.barrier("mitune-round-taken")
         if out.is_complete():
             if trainer.is_global_zero:  # may rebuild the metadata and the plot: one writer
-                verify_round(out, round_settings(module.pipe, self.prompts, self.generation), len(self.prompts),
+                verify_round(out, round_settings(pipe, self.prompts, self.generation), len(self.prompts),
                              self.generation)
                 if not out.histogram.is_file():  # killed between the round's end and its plot
                     save_figure(out.histogram, self.histogram(out.rows(), r), dpi=100)
@@ -86,7 +106,7 @@ class MIRounds(L.Callback):
         training = module.unet.training
         module.unet.eval()
         with merged_adapters(module.pipe):  # base-model speed; the weights come back bit-exact
-            generate_round(module.pipe, self.prompts, self.generation, out, scores=sampling_scores(self.generation.selection),
+            generate_round(pipe, self.prompts, self.generation, out, scores=sampling_scores(self.generation.selection),
                            progress=trainer.is_global_zero, rank=trainer.global_rank, world_size=trainer.world_size,
                            stop=self.stop)
         module.unet.train(training)
@@ -95,6 +115,16 @@ class MIRounds(L.Callback):
             self.log_round(trainer, r, out, select_round(out, len(self.prompts), self.generation))
         trainer.strategy.barrier("mitune-round-done")
         return out
+
+    def take_round(self, source: RoundDir, out: RoundDir, settings: dict) -> None:
+        """Another run's finished round r as this run's (``rounds_from``), where its settings (model, prompts,
+        generation and selection) are this round's: the same candidates and picks, generated once. Copied whole
+        (nothing of the other run is written); then checked as any finished round is."""
+        if not source.is_complete():
+            return
+        check_settings(source, settings)  # another round's settings: refused, naming them
+        with atomic_dir(out.path, source.summary_file.name) as tmp:
+            shutil.copytree(source.path, tmp, dirs_exist_ok=True, ignore=shutil.ignore_patterns("adapter", ".*"))
 
     def on_train_epoch_end(self, trainer: L.Trainer, module: MITuneModule) -> None:
         """Keep the adapter of the round just trained (and the latest one as the run's result)."""

@@ -138,6 +138,13 @@ class TrainConfig:
     # Recompute the UNet's activations in the backward pass (diffusers' gradient checkpointing): SDXL at
     # 1024 px needs it where memory is short (its smoke run's training step was OOM-killed at 20 GiB without).
     gradient_checkpointing: bool = False
+    # Real image-prompt pairs in each round's set (the paper's Table 3 "MI + Real", Table 5's DiffusionDB images): a
+    # Hugging Face imagefolder whose metadata.jsonl has a `real_prompt_column`. real_fraction f of a round's N selected
+    # images (prompts x top_k) are replaced by round(f N) real pairs, drawn per (seed, round); f = 1 trains on the whole
+    # folder alone and generates nothing (mitune.rounds.external). The paper's MI-TUNE: none.
+    real_images: str | None = None
+    real_fraction: float = 0.0
+    real_prompt_column: str = "prompt"
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -150,6 +157,12 @@ class TrainConfig:
             raise ValueError(f"train.lr must be > 0, got {self.lr}")
         if not 0 <= self.empty_prompt_prob < 1:
             raise ValueError(f"train.empty_prompt_prob must be in [0, 1), got {self.empty_prompt_prob}")
+        if not 0 <= self.real_fraction <= 1:
+            raise ValueError(f"train.real_fraction must be in [0, 1], got {self.real_fraction}")
+        if (self.real_fraction > 0) != (self.real_images is not None):
+            raise ValueError("train.real_images and train.real_fraction > 0 go together: the folder of real pairs and "
+                             f"their share of each round's set (got real_images={self.real_images!r}, "
+                             f"real_fraction={self.real_fraction})")
         if self.gradient_checkpointing and self.cache_dora_norm:
             # The recomputed forward would take the cached norm and save fewer tensors than the first one did.
             raise ValueError("train.gradient_checkpointing=true needs train.cache_dora_norm=false: the DoRA norm cache "

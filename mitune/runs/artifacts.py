@@ -14,6 +14,7 @@ construction::
       rounds/progress.json            rounds trained and the global step at the last round's end
       rounds/round_<r>/               RoundDir of round r, with adapter/ (the model after round r)
       eval/round_<r>/<point>/         RoundDir of an evaluation point (mitune.evaluate)
+      external/latents_00003.safetensors  the external image folder's latents, 64 images a file (train.real_images)
 
     <image folder>/                   RoundDir, a Hugging Face imagefolder
       round.json                      settings that decide the images (a resume must match them)
@@ -238,6 +239,11 @@ def as_round_dir(folder: RoundDir | str | Path) -> RoundDir:
     return folder if isinstance(folder, RoundDir) else RoundDir(Path(folder))
 
 
+def external_part(cache: Path, chunk: int) -> Path:
+    """One chunk of an external image folder's cached latents (``RunDir.external``)."""
+    return cache / f"latents_{chunk:05d}.safetensors"
+
+
 def eval_images(root: Path, r: int, cfg: float, num_images: int, seed: int, key: str) -> RoundDir:
     """The image folder of one evaluation point under ``root`` (a run's ``eval/`` by default); ``key``
     hashes everything else that decides the images, so a folder is only reused for the same images."""
@@ -286,6 +292,11 @@ class RunDir:
         return self.path / "eval"
 
     @property
+    def external(self) -> Path:
+        """The external image folder's cached latents (``mitune.rounds.external``)."""
+        return self.path / "external"
+
+    @property
     def csv_logs(self) -> Path:
         return self.path / "csv"
 
@@ -296,12 +307,13 @@ class RunDir:
     def check_inside(self, rounds: int) -> None:
         """Every path a run of ``rounds`` rounds writes must stay inside the dir (``check_inside``)."""
         check_inside(self.path, self.config_record, self.lock, self.lock_owner, self.checkpoints, self.adapter,
-                     self.rounds_dir, self.progress_file, self.eval_root, self.csv_logs, self.wandb_logs,
+                     self.rounds_dir, self.progress_file, self.eval_root, self.external, self.csv_logs, self.wandb_logs,
                      self.path / ".hydra", *(p for r in range(1, rounds + 1) for p in self.round(r).paths()))
 
     def work(self) -> tuple[Path, ...]:
-        """What ties the dir to its config once it exists: generated rounds, checkpoints, adapters."""
-        return self.rounds_dir, self.checkpoints, self.adapter
+        """What ties the dir to its config once it exists: generated rounds, encoded external images, checkpoints,
+        adapters."""
+        return self.rounds_dir, self.external, self.checkpoints, self.adapter
 
     def round(self, r: int) -> RoundDir:
         return RoundDir(self.rounds_dir / f"round_{r}")

@@ -70,7 +70,9 @@ MOVED_TARGETS = {
 
 # Settings added since records were first written, with the value that computes what runs before them did:
 # a record without the key reads as if it held that value.
-ADDED_SETTINGS = {("train", "gradient_checkpointing"): False, ("generation", "prune"): []}
+ADDED_SETTINGS = {("train", "gradient_checkpointing"): False, ("generation", "prune"): [], ("train", "real_images"): None,
+                  ("train", "real_fraction"): 0.0, ("train", "real_prompt_column"): "prompt", ("generator",): None,
+                  ("rounds_from",): None}
 
 
 def renamed_targets(tree: Any) -> Any:
@@ -85,9 +87,12 @@ def renamed_targets(tree: Any) -> Any:
 def migrated(record: dict[str, Any]) -> dict[str, Any]:
     """A record read as if written now: moved ``_target_``s renamed, added settings at their earlier behaviour."""
     record = renamed_targets(record)
-    for (group, key), value in ADDED_SETTINGS.items():
-        if isinstance(record.get(group), dict):
-            record[group].setdefault(key, value)
+    for (*groups, key), value in ADDED_SETTINGS.items():
+        parent = record
+        for group in groups:
+            parent = parent.get(group) if isinstance(parent, dict) else None
+        if isinstance(parent, dict):
+            parent.setdefault(key, value)
     return record
 
 
@@ -172,7 +177,8 @@ def check_config(run_dir: Path, config: dict[str, Any], resume: bool, weights: d
         if key not in old:
             config.pop(key, None)
     new_dir = recorded_dir(config) or str(run_dir)
-    diff = differences(relative_to_run(old, recorded_dir(old)), relative_to_run(config, new_dir))
+    # Both sides read as if written now, paths inside the run dir relative to it.
+    diff = differences(relative_to_run(old, recorded_dir(old)), relative_to_run(migrated(config), new_dir))
     if diff:
         changed_prompts = [line for line in diff if line.startswith(f"{PROMPTS}.")]
         raise RunDirError(
