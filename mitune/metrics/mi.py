@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from mitune.metrics.base import AlignmentMetric, MetricInputError, batches
 from mitune.mi.estimators import PAPER, EpsFn, MIConfig, pointwise_mi
-from mitune.mi.pipeline import ddpm_scheduler, default_size, encode_prompts, is_sdxl, null_embedding, unet_eps_fn
+from mitune.mi.pipeline import ddpm_scheduler, encode_images, encode_prompts, null_embedding, unet_eps_fn
 from mitune.models.loading import check_model_source, load_pipeline
 from mitune.runs.seeds import mix_seed
 
@@ -65,27 +65,9 @@ class MIMetric(AlignmentMetric):
     def eps_fn(self) -> EpsFn:
         return unet_eps_fn(self.pipe)
 
-    @torch.no_grad()
     def encode(self, images: list[Image.Image]) -> torch.Tensor:
-        """Scaled VAE latents (posterior mean) at the pipeline's default size, as the UNet sees them."""
-        pipe, vae = self.pipe, self.pipe.vae
-        height, width = default_size(pipe)
-        pixels = pipe.image_processor.preprocess(images, height=height, width=width)
-        # SDXL's fp16 VAE overflows; its pipeline runs the VAE in fp32 (as decode_latents does).
-        upcast = vae.dtype == torch.float16 and vae.config.get("force_upcast", False)
-        if upcast:
-            vae.to(torch.float32)
-        try:
-            latents = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist.mode().float()
-        finally:
-            if upcast:
-                vae.to(torch.float16)
-        config = vae.config
-        if is_sdxl(pipe) and config.get("latents_mean") is not None and config.get("latents_std") is not None:
-            mean = torch.tensor(config.latents_mean).view(1, -1, 1, 1).to(latents)
-            std = torch.tensor(config.latents_std).view(1, -1, 1, 1).to(latents)
-            return (latents - mean) * config.scaling_factor / std
-        return latents * config.scaling_factor
+        """Scaled VAE latents (posterior mode) at the pipeline's default size, as the UNet sees them."""
+        return encode_images(self.pipe, images)
 
     def score_batch(self, images: list[Image.Image], prompts: list[str]) -> torch.Tensor:
         seeds = [mix_seed(self.seed, prompt, image_digest(image)) for image, prompt in zip(images, prompts)]

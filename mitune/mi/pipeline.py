@@ -157,6 +157,31 @@ def _unscale_latents(pipe: DiffusionPipeline, latents: torch.Tensor) -> torch.Te
 
 
 @torch.no_grad()
+def encode_images(pipe: DiffusionPipeline, images: list[Image.Image]) -> torch.Tensor:
+    """Images at the pipeline's default size to scaled latents as the UNet sees them (the inverse of
+    ``decode_latents``), with the posterior's mode: the latents depend on the images alone."""
+    vae = pipe.vae
+    height, width = default_size(pipe)
+    pixels = pipe.image_processor.preprocess([image.convert("RGB") for image in images], height=height, width=width)
+    # SDXL's fp16 VAE overflows; its pipeline runs the VAE in fp32 (as decode_latents does).
+    upcast = vae.dtype == torch.float16 and vae.config.get("force_upcast", False)
+    if upcast:
+        vae.to(torch.float32)
+    try:
+        latents = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist.mode().float()
+    finally:
+        if upcast:
+            vae.to(torch.float16)
+    config = vae.config
+    # Only the SDXL pipeline honours a VAE's latents_mean/latents_std (e.g. Playground v2.5).
+    if is_sdxl(pipe) and config.get("latents_mean") is not None and config.get("latents_std") is not None:
+        mean = torch.tensor(config.latents_mean).view(1, -1, 1, 1).to(latents)
+        std = torch.tensor(config.latents_std).view(1, -1, 1, 1).to(latents)
+        return (latents - mean) * config.scaling_factor / std
+    return latents * config.scaling_factor
+
+
+@torch.no_grad()
 def decode_latents(pipe: DiffusionPipeline, latents: torch.Tensor) -> list[Image.Image]:
     """Latents to PIL images exactly as the pipeline's own ``output_type="pil"`` path."""
     vae = pipe.vae

@@ -26,7 +26,7 @@ from PIL import Image, UnidentifiedImageError
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 
-from mitune.mi.pipeline import default_size, is_sdxl
+from mitune.mi.pipeline import default_size, encode_images
 from mitune.rounds.data import RoundSet
 from mitune.runs.artifacts import METADATA, external_part
 from mitune.runs.io import write_safetensors
@@ -115,21 +115,6 @@ def check_size(pairs: Pairs, pipe: DiffusionPipeline) -> None:
                                f"model generates {width}x{height}; resize the folder's images to {width}x{height}")
 
 
-@torch.no_grad()
-def _encode(pipe: DiffusionPipeline, images: list[Image.Image]) -> torch.Tensor:
-    """Images to scaled latents as the pipeline's training scripts do, with the posterior's mode instead of a
-    sample, so the cache depends on the images alone."""
-    vae = pipe.vae
-    pixels = pipe.image_processor.preprocess([im.convert("RGB") for im in images]).to(vae.device, vae.dtype)
-    latents = vae.encode(pixels).latent_dist.mode().float()
-    config = vae.config
-    if is_sdxl(pipe) and config.get("latents_mean") is not None and config.get("latents_std") is not None:
-        mean = torch.tensor(config.latents_mean).view(1, -1, 1, 1).to(latents)
-        std = torch.tensor(config.latents_std).view(1, -1, 1, 1).to(latents)
-        return (latents - mean) * config.scaling_factor / std
-    return latents * config.scaling_factor
-
-
 def encode_pairs(pipe: DiffusionPipeline, pairs: Pairs, cache: Path, batch: int = 16, write: bool = True) -> torch.Tensor:
     """The pairs' latents, encoded once: chunk files under ``cache`` carry the set's digest, a chunk of another
     set or a damaged one is encoded again. ``write=False`` (the extra DDP ranks) encodes what is not cached without
@@ -146,7 +131,7 @@ def encode_pairs(pipe: DiffusionPipeline, pairs: Pairs, cache: Path, batch: int 
                 for f in files[i : i + batch]:
                     with Image.open(f) as image:
                         images.append(image.convert("RGB"))
-                parts.append(_encode(pipe, images).cpu())
+                parts.append(encode_images(pipe, images).cpu())
             chunk = torch.cat(parts)
             if write:
                 write_safetensors(path, {"latents": chunk}, metadata={"digest": pairs.digest})
