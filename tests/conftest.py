@@ -63,6 +63,21 @@ def config(task_config):
         "config", ["model=tiny", f"model.path_or_id={tiny}", *SMALL_RUN, *overrides], run_dir)
 
 
+@pytest.fixture
+def round_dir(tiny_sd_path, tmp_path):
+    """A finished generation round of the tiny model (2 prompts x 2 candidates) in ``tmp_path``:
+    (folder, its settings, its GenerationConfig)."""
+    from mitune.models.loading import load_pipeline
+    from mitune.rounds.generation import round_settings
+    from mitune.rounds.loop import run_round
+    from mitune.rounds.settings import GenerationConfig
+
+    pipe = load_pipeline(str(tiny_sd_path))
+    prompts, generation = ["a red cube", "a blue ball"], GenerationConfig(num_candidates=2, num_inference_steps=2)
+    run_round(pipe, prompts, generation, tmp_path, progress=False)
+    return tmp_path, round_settings(pipe, prompts, generation), generation
+
+
 @pytest.fixture(scope="module")
 def load_benchmark():
     """``load_benchmark("gpu")``: benchmarks/gpu.py as a module (benchmarks/ is not a package). Each is

@@ -29,10 +29,7 @@ from safetensors.torch import load_file, save_file
 from test_run_integrity import RECORD, snapshot
 
 from mitune.cli import main as cli_main
-from mitune.rounds.generation import round_settings
-from mitune.rounds.loop import run_round
 from mitune.rounds.selection import verify_round
-from mitune.rounds.settings import GenerationConfig
 from mitune.run import resume_command, train
 from mitune.runs.artifacts import METADATA, RESULT_COLUMNS, DamagedFolder, OutsideRunDir, RunDir
 from mitune.runs.checkpoints import CHECKSUM, STATE, TENSORS, SafetensorsCheckpointIO
@@ -153,16 +150,6 @@ def test_C_an_earlier_round_is_checked_when_a_run_is_extended(config, tiny_sd_pa
     assert "rebuilt the round's metadata and summary from its parts" in caplog.text
     assert {name: (round_1 / name).read_bytes() for name in whole} == whole  # rebuilt exactly
     assert (run_dir / "rounds" / "round_2" / "adapter").is_dir()
-
-
-@pytest.fixture
-def round_dir(tiny_sd_path, tmp_path):
-    from mitune.models.loading import load_pipeline
-
-    pipe = load_pipeline(str(tiny_sd_path))
-    prompts, generation = ["a red cube", "a blue ball"], GenerationConfig(num_candidates=2, num_inference_steps=2)
-    run_round(pipe, prompts, generation, tmp_path, progress=False)
-    return tmp_path, round_settings(pipe, prompts, generation), generation
 
 
 @pytest.mark.parametrize("name, damage, message", [

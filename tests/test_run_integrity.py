@@ -16,12 +16,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from mitune.models.loading import load_pipeline
 from mitune.prompts.sources import read_prompt_file
-from mitune.rounds.generation import round_settings
-from mitune.rounds.loop import run_round
 from mitune.rounds.selection import verify_round
-from mitune.rounds.settings import GenerationConfig
 from mitune.run import train
 from mitune.runs.artifacts import METADATA, RunDir
 from mitune.runs.checkpoints import STATE, TENSORS, SafetensorsCheckpointIO, latest_checkpoint, read_state
@@ -215,14 +211,6 @@ def test_a_non_finite_checkpoint_is_not_written(tmp_path):
 
 
 # ----------------------------------------------------------------------------- cases 6, 10: damaged rounds
-
-
-@pytest.fixture
-def round_dir(tiny_sd_path, tmp_path):
-    pipe = load_pipeline(str(tiny_sd_path))
-    prompts, generation = ["a red cube", "a blue ball"], GenerationConfig(num_candidates=2, num_inference_steps=2)
-    run_round(pipe, prompts, generation, tmp_path, progress=False)
-    return tmp_path, round_settings(pipe, prompts, generation), generation
 
 
 def test_a_metadata_file_missing_lines_is_rebuilt_from_parts(round_dir):
