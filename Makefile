@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-fast smoke-sd21 smoke-sdxl bench bench-gpu device-wheels data toy-model toy-eval toy-summary toy-started
+.PHONY: install demo test test-fast smoke-sd21 smoke-sdxl bench bench-gpu device-wheels data toy-model toy-features toy-eval toy-summary toy-started
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -64,6 +64,10 @@ data: $(STAMP)
 # Train the toy world's base model from scratch (CPU, ~25 min on 2 cores) into mitune/assets/toy-model.
 toy-model: $(STAMP)
 	$(PY) -m mitune.toy.base_model
+
+# Train the toy world's feature network (toy_fd's "Inception"; CPU, ~3 min) into mitune/assets/toy-features.
+toy-features: $(STAMP)
+	OMP_NUM_THREADS=1 $(PY) -m mitune.toy.features
 
 # The toy benchmark's runs, evaluations and summary (`make -j2 toy-eval`): a table of runs in benchmarks/toy.mk.
 include benchmarks/toy.mk
