@@ -33,7 +33,7 @@ from mitune.runs.checkpoints import SafetensorsCheckpointIO, latest_checkpoint, 
 from mitune.runs.io import check_writable
 from mitune.runs.preemption import EXIT_STATUS, Preempted, SigtermStop
 from mitune.runs.record import check_config, exclusive, remove_temporaries
-from mitune.runs.tracking import finish_wandb, make_loggers, run_config
+from mitune.runs.tracking import finish_wandb, make_loggers, run_config, start_wandb
 
 log = logging.getLogger(__name__)
 register()  # conf/ composes the settings' defaults and the ${mitune.*} resolvers
@@ -139,6 +139,10 @@ def fit(cfg: DictConfig, prompts: list[str], generation: GenerationConfig, adapt
     rounds = MIRounds(prompts, generation, out_dir, base_model=base_model, stop=stop.check)
     # The rounds first: a round is generated before the other callbacks' epoch-start hooks (its training bar) run.
     callbacks = [rounds, stop] + [instantiate(spec) for spec in cfg.callbacks.values()]
+    # The model first: a start that fails to load it leaves no W&B run behind (mitune.runs.tracking.start_wandb).
+    pipe = instantiate(cfg.model, path_or_id=str(weights.folder))  # the weights just hashed, wherever they are
+    over_length(pipe.tokenizer, prompts)
+    module = MITuneModule(pipe, adapter, train_config)
     loggers = make_loggers(cfg, read_state(ckpt).get("wandb_run_id") if ckpt else None)
     try:
         trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers,
@@ -147,11 +151,10 @@ def fit(cfg: DictConfig, prompts: list[str], generation: GenerationConfig, adapt
             train_config.effective_batch, train_config.micro_batch, trainer.world_size)
         config = run_config(cfg, accumulate_grad_batches=trainer.accumulate_grad_batches, world_size=trainer.world_size,
                             weights=weights.digest)
+        if trainer.is_global_zero:
+            start_wandb(loggers)
         for lg in loggers:
             lg.log_hyperparams(config)
-        pipe = instantiate(cfg.model, path_or_id=str(weights.folder))  # the weights just hashed, wherever they are
-        over_length(pipe.tokenizer, prompts)
-        module = MITuneModule(pipe, adapter, train_config)
         trainer.fit(module, datamodule=FinetuneData(train_config), ckpt_path=ckpt)
     finally:
         finish_wandb()

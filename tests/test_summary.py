@@ -67,9 +67,11 @@ def test_tables_from_two_categories(tmp_path):
         assert float(row["spatial"]) == pytest.approx(1 + 0.1 * r + 0.075)
         assert (row["color_std"], row["color_n"]) == ("0.1", "20")
     md = written["table1_md"].read_text().splitlines()
-    assert "CFG 7.5 (mean ± std over images, n = 20 images per cell;" in md[0]
-    assert md[2:4] == ["| model | method | round | color | spatial |", "|---|---|---|---|---|"]
-    assert md[5] == "| mitune R=1 | mitune | 1 | 0.175 ± 0.1 | 1.175 ± 0.1 |"
+    # The table says which CFGs it shows, of those evaluated.
+    assert md[0].startswith("CFG shown: 7.5 (evaluated: 2.5, 7.5; `--cfg` picks others;")
+    assert "CFG 7.5 (mean ± std over images, n = 20 images per cell;" in md[2]
+    assert md[4:6] == ["| model | method | round | color | spatial |", "|---|---|---|---|---|"]
+    assert md[7] == "| mitune R=1 | mitune | 1 | 0.175 ± 0.1 | 1.175 ± 0.1 |"
 
     table2 = read_csv(written["table2_csv"])
     assert list(table2[0]) == ["model", "method", "round", "category", "cfg", "cmmd", "fid"]
@@ -191,7 +193,7 @@ def test_train_once_evaluate_the_grid_and_summarise(task_config, tiny_sd_path, t
     table1 = read_csv(out / "table1.csv")
     assert [(r["model"], r["round"]) for r in table1] == [("base", "0"), ("mitune R=1", "1"), ("mitune R=2", "2")]
     assert [float(r["toy"]) for r in table1] == pytest.approx([mean_score(f"round_{r}-cfg_7.5") for r in (0, 1, 2)])
-    assert (out / "table1.md").read_text().splitlines()[2] == "| model | method | round | toy |"
+    assert (out / "table1.md").read_text().splitlines()[4] == "| model | method | round | toy |"
     assert [int(r["toy_n"]) for r in table1] == [2 * 2] * 3  # 2 prompts x eval.num_images=2
     table2 = read_csv(out / "table2.csv")
     assert [(r["model"], r["cfg"]) for r in table2] == [(m, g) for m in ("base", "mitune R=1", "mitune R=2")

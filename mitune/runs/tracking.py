@@ -72,12 +72,25 @@ def make_loggers(cfg: Any, wandb_run_id: str | None = None) -> list[Any]:
     return loggers
 
 
+def start_wandb(loggers: list[Any], say: bool = True) -> str | None:
+    """Create the W&B run of ``loggers`` (if one logs to W&B); says where it is (``say``) and returns that line.
+
+    Called only once a job has got past loading its model and inputs: a job that fails before leaves no
+    W&B run (an offline one would be uploaded by ``wandb sync`` as a crashed run)."""
+    for logger in loggers:
+        if hasattr(logger, "log_table"):  # Lightning's WandbLogger: its run is made on first use
+            where = wandb_summary(logger.experiment)
+            if say:
+                log.info(where)
+            return where
+    return None
+
+
 def finish_wandb() -> None:
     """Close the W&B run, if one is open, even after a failure, so a failed multirun job does not
-    break the sweep; says where the run is."""
+    break the sweep."""
     wandb = sys.modules.get("wandb")
     if wandb is not None and wandb.run is not None:
-        log.info(wandb_summary(wandb.run))
         wandb.finish()
 
 
