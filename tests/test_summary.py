@@ -231,3 +231,31 @@ def test_table1_labels_give_the_seeds_when_rows_have_different_numbers_of_them(t
     assert "| mitune R=2 (2 seeds) | mitune | 2 | 0.29 ± 0.0071 (n=40) |" in table
     summary.summarize([tmp_path / "seed1", tmp_path / "seed2"], tmp_path / "two", cfg=7.5)
     assert "mean ± std across 2 seeds" in (tmp_path / "two" / "table1.md").read_text()
+
+
+def test_summary_logs_the_tradeoff_as_interactive_wandb_charts(tmp_path, monkeypatch):
+    """W&B-native trade-off: one scatter chart per category (alignment vs quality, one point per (round, CFG)) and
+    the table behind them, read back from the offline run's files."""
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    rows = grid()
+    for i, point in enumerate(range(0, len(rows), 4)):
+        write_results(tmp_path / "sweep" / f"job{i}", rows[point:point + 4])
+    out = tmp_path / "out"
+    written = summary.summarize([tmp_path / "sweep"], out, cfg=[2.5, 7.5])
+    points = read_csv(written["tradeoff_csv"])
+    assert len(points) == 2 * 3 * 2  # category x round x CFG
+    where = summary.log_to_wandb(written, out, "mitune")
+    assert where.startswith("W&B: offline run summary-out") and "wandb sync" in where
+    [run] = out.glob("wandb/offline-run-*")
+    tables = {p.name.rsplit("_", 2)[0]: json.loads(p.read_text()) for p in run.glob("files/media/table/summary/*.table.json")}
+    for category in ("color", "spatial"):
+        chart = tables[f"tradeoff_{category}_table"]
+        x, y = chart["columns"].index("quality"), chart["columns"].index("alignment")
+        mine = [p for p in points if p["category"] == category]
+        assert sorted((row[x], row[y]) for row in chart["data"]) == sorted(
+            (float(p["quality"]), float(p["alignment"])) for p in mine)
+    assert len(tables["tradeoff_points"]["data"]) == len(points)
+    from tests.test_run import wandb_records  # the offline run file's records
+
+    blob = b"".join(r.SerializeToString() for r in wandb_records(out))
+    assert b"wandb/scatter" in blob and b"summary/tradeoff_color" in blob
