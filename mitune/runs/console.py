@@ -10,6 +10,7 @@ their exact text. Library users who import ``mitune`` alone keep the libraries' 
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import warnings
 from collections.abc import Iterator
@@ -25,6 +26,7 @@ LIBRARY_LOGGERS = {
     # "No LoRA keys associated to CLIPTextModel" on loading an adapter that trained the UNet alone (the
     # default; the adapter's own metadata lists the components it holds), once per evaluation job.
     "diffusers.loaders.lora_base": logging.ERROR,
+    "diffusers.loaders.peft": logging.ERROR,
 }
 
 HARMLESS_WARNINGS = [
@@ -35,6 +37,9 @@ HARMLESS_WARNINGS = [
     (r"Found \d+ module\(s\) in eval mode at the start of training", r"lightning\.pytorch\.loops\.fit_loop"),
     # A resume finds the run's own checkpoints in its checkpoint folder (mitune.runs.record: one run per dir).
     (r"Checkpoint directory .* exists and is not empty", r"lightning\.pytorch\.callbacks\.model_checkpoint"),
+    # diffusers' config loader passes huggingface_hub a deprecated argument on every hub download; nothing
+    # a user can change.
+    (r"The `local_dir_use_symlinks` argument is deprecated", r"huggingface_hub\.utils\._validators"),
 ]
 
 
@@ -63,12 +68,29 @@ def one_line(err: BaseException) -> str:
     return " ".join(str(err).split())
 
 
+def user_errors() -> tuple[type[Exception], ...]:
+    """What bad input raises in mitune's tasks: a setting's value or type (ValueError, TypeError, omegaconf's
+    errors: a missing or misspelt key), a path (OSError: missing, unreadable, not writable). Their messages
+    name the key or file; a bug raises something else and keeps its traceback."""
+    from omegaconf.errors import OmegaConfBaseException
+
+    return ValueError, TypeError, OSError, OmegaConfBaseException
+
+
+def debugging() -> bool:
+    """``HYDRA_FULL_ERROR=1`` (Hydra's own switch) or ``MITUNE_DEBUG=1``: errors keep their full traceback."""
+    return any(os.environ.get(name) == "1" for name in ("HYDRA_FULL_ERROR", "MITUNE_DEBUG"))
+
+
 @contextmanager
 def one_line_errors(task: str, *errors: type[Exception]) -> Iterator[None]:
-    """``errors`` end the task with ``<task>: error: <message>`` on stderr and exit status 1: their message
-    already says what to set or fetch, and a traceback and Hydra's hint would bury it."""
+    """User errors (``user_errors``) and ``errors`` end the task with ``<task>: error: <message>`` on stderr
+    and exit status 1: their message says what to set or fetch, and a traceback and Hydra's
+    "Set the environment variable HYDRA_FULL_ERROR=1" hint would bury it. ``debugging()`` keeps the traceback."""
     try:
         yield
-    except errors as err:
+    except (*user_errors(), *errors) as err:
+        if debugging():
+            raise
         print(f"{task}: error: {one_line(err)}", file=sys.stderr)
         raise SystemExit(1) from None
