@@ -4,8 +4,8 @@ FID measures image quality as the distance between Gaussians fitted to the featu
 real images, in the penultimate layer of a network trained to recognise what natural images show
 (Inception-v3 on ImageNet). The toy world has no Inception, but it has an exact renderer: this
 module trains the same kind of network on it. A small CNN learns to say which colors, shapes, sizes
-and textures a rendered scene holds and whether it has one object or two; its pooled penultimate
-layer (``FEATURE_DIM`` values) is the feature space of ``toy_fd`` (``mitune.toy.metric.ToyFD``),
+and textures a rendered scene holds and whether it has one object or two; its penultimate layer
+(``FEATURE_DIM`` values, before the ReLU) is the feature space of ``toy_fd`` (``mitune.toy.metric.ToyFD``),
 where renderer scenes of the evaluated prompts are the "real" images. Small (``FEATURE_DIM``) so that
 a category's few hundred images give a full-rank covariance. Weights: ``mitune/assets/toy-features``
 (safetensors, with its training record and model card).
@@ -65,13 +65,14 @@ class ToyFeatureNet(nn.Module):
         self.head = nn.Linear(FEATURE_DIM, len(LABELS))
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
-        """Images in [-1, 1], NCHW -> features [N, FEATURE_DIM]."""
+        """Images in [-1, 1], NCHW -> features [N, FEATURE_DIM]: the feature layer before its ReLU, so that a unit
+        the ReLU silences on every image does not leave the covariance singular."""
         for conv in self.convs:
             x = F.relu(conv(x))
-        return F.relu(self.features(x.mean((2, 3))))
+        return self.features(x.mean((2, 3)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.embed(x))
+        return self.head(F.relu(self.embed(x)))
 
 
 def scene_labels(scene: Scene, image: np.ndarray) -> np.ndarray:
@@ -103,7 +104,7 @@ def to_input(images: np.ndarray) -> torch.Tensor:
 @dataclass(frozen=True)
 class FeatureTrainConfig:
     num_images: int = 20_000
-    steps: int = 4000
+    steps: int = 1500
     batch: int = 128
     lr: float = 2e-3
     seed: int = 0
@@ -148,7 +149,8 @@ recipe with the toy world's own network in place of Inception-v3. Trained from s
 `make toy-features` (`python -m mitune.toy.features`), {train_seconds:.0f} s on a CPU.
 
 - **What it is**: 4 conv layers (32 px -> 4 px), global average pooling, a {feature_dim}-unit ReLU
-  feature layer (the features) and a linear multi-label head used only in training.
+  feature layer and a linear multi-label head used only in training. The features are that layer's
+  values before the ReLU (a unit the ReLU silences on every image would make the covariance singular).
 - **Trained on**: {num_images} scenes drawn by the toy renderer (`mitune.toy.world`, all five
   categories, seed {seed}), {steps} AdamW steps of batch {batch}, one-cycle lr {lr}; labels: which colors,
   shapes, sizes and textures a scene holds and whether it has two objects ({n_labels} labels).
