@@ -78,14 +78,12 @@ def test_toy_evaluation_gives_a_tradeoff_per_category_and_pooled(task_config, tm
     sweep = tmp_path / "eval"
     for cfg in (2.0, 7.5):
         job = sweep / f"cfg_{cfg}"
-        ev.evaluate(task_config("evaluate", [
-            "logger=csv", "+experiment=demo", "data.per_category=2", "eval.num_images=6",
-            "generation.num_inference_steps=8", f"generation.guidance_scale={cfg}", f"eval.image_root={tmp_path / 'images'}",
-            "eval.metric_kwargs.toy_fd.progress=false"], job))
+        ev.evaluate(task_config("evaluate", ["logger=csv", "+experiment=demo_eval", "generation.num_inference_steps=8",
+                                             f"generation.guidance_scale={cfg}", f"eval.image_root={tmp_path / 'images'}"], job))
         rows = read_csv(job / "results.csv")
         quality = {r["category"]: r for r in rows if r["metric"] == "toy_fd"}
         assert sorted(quality) == sorted(["color", "shape", "texture", "spatial", "complex", "all"])
-        assert int(quality["all"]["n"]) == 10 * 6 and int(quality["color"]["n"]) == 2 * 6
+        assert int(quality["all"]["n"]) == 15 * 6 and int(quality["color"]["n"]) == 3 * 6
         aligned = {r["category"] for r in rows if r["metric"] == "toy_oracle"}
         assert aligned == set(quality) - {"all"}
     written = summary.summarize([sweep], tmp_path / "summary", cfg=[2.0, 7.5], quality="toy_fd")

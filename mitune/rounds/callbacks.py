@@ -6,7 +6,11 @@ from __future__ import annotations
 import sys
 
 import lightning as L
-from lightning.pytorch.callbacks import ModelCheckpoint, ThroughputMonitor, TQDMProgressBar
+from lightning.pytorch.callbacks import (
+    ModelCheckpoint,
+    ThroughputMonitor,
+    TQDMProgressBar,
+)
 from lightning.pytorch.callbacks.progress.tqdm_progress import Tqdm, convert_inf
 
 
