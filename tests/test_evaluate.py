@@ -331,9 +331,12 @@ def test_an_evaluation_run_logs_its_point_to_wandb(eval_config, tiny_sd_path, tm
     records = wandb_records(tmp_path / "job")
     config = {item.key: json.loads(item.value_json) for r in records if r.WhichOneof("record_type") == "config"
               for item in r.config.update}
-    summary = {item.key: json.loads(item.value_json) for r in records if r.WhichOneof("record_type") == "summary"
+    def key(item) -> str:
+        return item.key or "/".join(item.nested_key)
+
+    summary = {key(item): json.loads(item.value_json) for r in records if r.WhichOneof("record_type") == "summary"
                for item in r.summary.update}
-    history = {item.key: json.loads(item.value_json) for r in records if r.WhichOneof("record_type") == "history"
+    history = {key(item): json.loads(item.value_json) for r in records if r.WhichOneof("record_type") == "history"
                for item in r.history.item}
     logged = {**history, **summary}
     assert (config["round"], config["cfg"]) == (0, 3.0)
