@@ -37,7 +37,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 # First: quiets library loggers before the imports below load them.
-from mitune.runs.console import one_line_errors, quiet_libraries
+from mitune.runs.console import hydra_task, one_line_errors, quiet_libraries
 from mitune.config import register, typed
 from mitune.metrics import (
     QUALITY_METRICS,
@@ -416,4 +416,4 @@ def main(cfg: DictConfig) -> float:
 
 
 if __name__ == "__main__":
-    main()
+    hydra_task(main, "mitune.evaluate")

@@ -63,3 +63,27 @@ def test_the_known_library_notices_are_silenced_at_their_source():
 
         _validators.smoothly_deprecate_legacy_arguments("hf_hub_download", {"local_dir_use_symlinks": "auto"})
     assert not [w for w in caught if "local_dir_use_symlinks" in str(w.message)]
+
+
+@pytest.mark.slow  # a subprocess per case
+@pytest.mark.parametrize("full_error", [False, True])
+def test_a_hydra_composition_error_is_one_line_unless_the_traceback_is_asked_for(full_error, tmp_path):
+    """Hydra's own errors (a key that does not exist) printed several lines and its HYDRA_FULL_ERROR hint."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = {k: v for k, v in os.environ.items() if k not in ("HYDRA_FULL_ERROR", "MITUNE_DEBUG")}
+    env.update({"HF_HUB_OFFLINE": "1", **({"HYDRA_FULL_ERROR": "1"} if full_error else {})})
+    result = subprocess.run([sys.executable, "-m", "mitune.evaluate", "nosuch=1", f"hydra.run.dir={tmp_path}"],
+                            cwd=Path(__file__).resolve().parents[1], env=env, capture_output=True, text=True,
+                            timeout=300, check=False)
+    assert result.returncode == 1
+    if full_error:
+        assert "Traceback" in result.stderr
+    else:
+        assert result.stderr.splitlines() == [
+            "mitune.evaluate: error: Could not override 'nosuch'. To append to your config use +nosuch=1 "
+            "(Key 'nosuch' is not in struct full_key: nosuch object_type=dict)"]
+        assert "HYDRA_FULL_ERROR" not in result.stdout + result.stderr

@@ -13,8 +13,9 @@ import logging
 import os
 import sys
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import Any
 
 LIBRARY_LOGGERS = {
     # transformers' notice, on importing diffusers, that image processors fall back to PIL without
@@ -77,9 +78,30 @@ def user_errors() -> tuple[type[Exception], ...]:
     return ValueError, TypeError, OSError, OmegaConfBaseException
 
 
+_REPORTING_HYDRA_ERRORS = False  # set by ``hydra_task``, which turns Hydra's own reporting off
+
+
 def debugging() -> bool:
-    """``HYDRA_FULL_ERROR=1`` (Hydra's own switch) or ``MITUNE_DEBUG=1``: errors keep their full traceback."""
-    return any(os.environ.get(name) == "1" for name in ("HYDRA_FULL_ERROR", "MITUNE_DEBUG"))
+    """``HYDRA_FULL_ERROR=1`` (Hydra's own switch, as the user set it) or ``MITUNE_DEBUG=1``: errors keep their
+    full traceback."""
+    if os.environ.get("MITUNE_DEBUG") == "1":
+        return True
+    return not _REPORTING_HYDRA_ERRORS and os.environ.get("HYDRA_FULL_ERROR") == "1"
+
+
+def hydra_task(main: Callable[[], Any], task: str) -> None:
+    """Run a ``@hydra.main`` task so that Hydra's own errors (an override of a key that does not exist, a config
+    group option that is not there) are one line too, without Hydra's "Set the environment variable
+    HYDRA_FULL_ERROR=1" hint: Hydra is told to raise (its ``HYDRA_FULL_ERROR``) and ``one_line_errors`` reports."""
+    global _REPORTING_HYDRA_ERRORS
+    from hydra.errors import HydraException
+
+    if os.environ.get("HYDRA_FULL_ERROR") == "1":
+        os.environ["MITUNE_DEBUG"] = "1"  # the user asked for tracebacks
+    os.environ["HYDRA_FULL_ERROR"] = "1"
+    _REPORTING_HYDRA_ERRORS = True
+    with one_line_errors(task, HydraException):
+        main()
 
 
 @contextmanager
@@ -92,5 +114,7 @@ def one_line_errors(task: str, *errors: type[Exception]) -> Iterator[None]:
     except (*user_errors(), *errors) as err:
         if debugging():
             raise
-        print(f"{task}: error: {one_line(err)}", file=sys.stderr)
+        cause = err.__cause__  # Hydra's composition errors say what went wrong in their cause
+        detail = f" ({one_line(cause)})" if cause is not None and str(cause) not in str(err) else ""
+        print(f"{task}: error: {one_line(err)}{detail}", file=sys.stderr)
         raise SystemExit(1) from None
