@@ -83,7 +83,7 @@ def test_a_hydra_composition_error_is_one_line_unless_the_traceback_is_asked_for
     if full_error:
         assert "Traceback" in result.stderr
     else:
-        assert result.stderr.splitlines() == [
+        assert result.stderr.splitlines() == [(
             "mitune.evaluate: error: Could not override 'nosuch'. To append to your config use +nosuch=1 "
-            "(Key 'nosuch' is not in struct full_key: nosuch object_type=dict)"]
+            "(Key 'nosuch' is not in struct full_key: nosuch object_type=dict)")]
         assert "HYDRA_FULL_ERROR" not in result.stdout + result.stderr
