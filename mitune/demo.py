@@ -37,7 +37,8 @@ def commands(out: Path) -> list[tuple[str, list[str]]]:
         ("train R=2", ["-m", "mitune.run", "+experiment=demo", f"hydra.run.dir={run}"]),
         (f"evaluate rounds {'/'.join(grid()['eval.round'])} x CFG {'/'.join(CFGS)}",
          ["-m", "mitune.evaluate", "-m", "+experiment=demo_eval", f"run_dir={run}", f"hydra.sweep.dir={sweep}"]),
-        ("summarise", ["-m", "mitune.summary", str(sweep), "--out", str(out / "summary"), "--cfg", *CFGS]),
+        ("summarise", ["-m", "mitune.summary", str(sweep), "--out", str(out / "summary"), "--quality", "toy_fd",
+                       "--cfg", *CFGS]),
     ]
 
 
