@@ -3,24 +3,27 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-fast smoke-sd21 smoke-sdxl bench bench-gpu device-wheels data toy-model toy-eval toy-summary toy-started
+.PHONY: install demo test test-fast smoke-sd21 smoke-sdxl bench bench-gpu device-wheels data toy-model toy-features toy-eval toy-summary toy-started
 
+# clean-fid (FID's Inception) is installed without its torchvision dependency, which mitune never imports and
+# whose wheels would replace the pinned torch: so the FID path is tested here too. open_clip_torch for the BPE
+# vocabulary file it ships (CLIP's real tokenizer in the full-size builders), read from its files, never
+# imported: no-deps for the same reason. Quiet: `make demo` prints one line for the install.
 $(STAMP): pyproject.toml
-	python3 -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[dev]'
-	# clean-fid (FID's Inception) without its torchvision dependency, which mitune never imports
-	# and whose wheels would replace the pinned torch: so the FID path is tested here too.
-	$(PY) -m pip install --quiet --no-deps 'clean-fid>=0.1.35'
-	# open_clip_torch for the BPE vocabulary file it ships (CLIP's real tokenizer in the full-size builders),
-	# read from its files, never imported: no-deps for the same reason.
-	$(PY) -m pip install --quiet --no-deps 'open_clip_torch>=2.20'
-	touch $(STAMP)
+	@echo "installing mitune and its dependencies into $(VENV) (first run only; pip's output in $(VENV)/install.log)"
+	@python3 -m venv $(VENV)
+	@$(PY) -m pip install --quiet --upgrade pip > $(VENV)/install.log 2>&1 || (cat $(VENV)/install.log; exit 1)
+	@$(PY) -m pip install --quiet -e '.[dev]' >> $(VENV)/install.log 2>&1 || (cat $(VENV)/install.log; exit 1)
+	@$(PY) -m pip install --quiet --no-deps 'clean-fid>=0.1.35' >> $(VENV)/install.log 2>&1 || (cat $(VENV)/install.log; exit 1)
+	@$(PY) -m pip install --quiet --no-deps 'open_clip_torch>=2.20' >> $(VENV)/install.log 2>&1 || (cat $(VENV)/install.log; exit 1)
+	@touch $(STAMP)
 
 install: $(STAMP)
 
+# The design card end to end on the toy model, offline (mitune/demo.py): train R=2, evaluate rounds 0-2 x CFG,
+# Table 1, Table 2, tradeoff.png and the W&B trade-off charts; prints where they are.
 demo: $(STAMP)
-	$(PY) -m mitune.run
+	@$(PY) -m mitune.demo
 
 # One thread per process: the tests' models are tiny, and on the 2-core CI machine extra threads only
 # contend (the suite took 9.5 min so, against 18.5 min with torch's default threads).
@@ -64,6 +67,10 @@ data: $(STAMP)
 # Train the toy world's base model from scratch (CPU, ~25 min on 2 cores) into mitune/assets/toy-model.
 toy-model: $(STAMP)
 	$(PY) -m mitune.toy.base_model
+
+# Train the toy world's feature network (toy_fd's "Inception"; CPU, ~3 min) into mitune/assets/toy-features.
+toy-features: $(STAMP)
+	OMP_NUM_THREADS=1 $(PY) -m mitune.toy.features
 
 # The toy benchmark's runs, evaluations and summary (`make -j2 toy-eval`): a table of runs in benchmarks/toy.mk.
 include benchmarks/toy.mk

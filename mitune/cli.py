@@ -19,7 +19,8 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     export = commands.add_parser("export", help="save base + adapter as a plain diffusers pipeline dir")
-    export.add_argument("--base", required=True, help="base model: local diffusers dir or hub id")
+    export.add_argument("--base", help="base model: local diffusers dir, hub id or 'toy' (default: the one the "
+                                       "adapter records, its mitune_adapter.json's base_model)")
     export.add_argument("--adapter", required=True, help="adapter dir written by mitune")
     export.add_argument("--out", required=True, help="output pipeline dir")
     export.add_argument("--no-fuse", dest="fuse", action="store_false", help="keep the adapter as a separate file")
@@ -56,7 +57,6 @@ def run_rerank(args: argparse.Namespace) -> str:
     from mitune.models.loading import load_pipeline
     from mitune.rerank import RerankConfig, check_out, check_request, rerank, write_ranking
     from mitune.runs import io as mio
-    from mitune.toy.base_model import MODEL_DIR
 
     sampling = {"guidance_scale": args.guidance, "num_inference_steps": args.steps}
     config = RerankConfig(n=args.n, score=args.score, phrases=tuple(args.phrases) if args.phrases else None,
@@ -65,17 +65,18 @@ def run_rerank(args: argparse.Namespace) -> str:
     check_request(args.prompt, config)
     check_out(args.out, args.prompt)
     out = mio.check_writable(args.out)
-    model = MODEL_DIR if args.model == "toy" else args.model
     diffusers_logging.disable_progress_bar()  # loading bars; rerank's own bar shows the sampling
-    pipe = load_pipeline(str(model), torch_dtype=args.dtype, device=args.device)
+    pipe = load_pipeline(args.model, torch_dtype=args.dtype, device=args.device)  # "toy": the shipped model
     return str(write_ranking(rerank(pipe, args.prompt, config), out, prompt=args.prompt))
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     # Imported after parsing so that --help and usage errors answer without loading torch and diffusers.
+    from mitune.runs.console import debugging, one_line, quiet_libraries
+
+    quiet_libraries()
     from mitune.models.adapters import export_pipeline, merge_adapters
-    from mitune.runs.console import one_line
 
     try:
         if args.command == "rerank":
@@ -86,6 +87,8 @@ def main(argv: list[str] | None = None) -> int:
             weights = args.weights if args.weights is not None else [1.0] * len(args.adapters)
             out = merge_adapters(args.adapters, weights, args.out, overwrite=args.overwrite)
     except (ValueError, OSError) as err:  # bad paths, foreign adapters, bad weights: no traceback
+        if debugging():
+            raise
         print(f"mitune {args.command}: error: {one_line(err)}", file=sys.stderr)
         return 1
     print(out)

@@ -24,6 +24,7 @@ import json
 import logging
 import math
 import re
+from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -36,9 +37,10 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 # First: quiets library loggers before the imports below load them.
-from mitune.runs.console import one_line_errors, quiet_libraries
+from mitune.runs.console import hydra_task, one_line_errors, quiet_libraries
 from mitune.config import register, typed
 from mitune.metrics import (
+    QUALITY_METRICS,
     AlignmentMetric,
     MetricInputError,
     MissingModelError,
@@ -48,6 +50,7 @@ from mitune.metrics import (
     load_image_folder,
     load_images,
     metric_for_category,
+    quality_needs_reference,
 )
 from mitune.models.adapters import META_NAME, WEIGHTS_NAME, load_fused
 from mitune.models.loading import compile_unet, model_weights
@@ -58,11 +61,12 @@ from mitune.rounds.settings import GenerationConfig
 from mitune.runs.artifacts import RESULT_COLUMNS, RESULTS, SCORES, RoundDir, RunDir, check_inside, eval_images
 from mitune.runs.record import WEIGHTS
 from mitune.runs.io import check_writable, csv_text, sha256_file, write_jsonl, write_text
-from mitune.runs.tracking import finish_wandb, make_loggers, run_config, save_hydra_files
+from mitune.runs.tracking import finish_wandb, make_loggers, run_config, save_hydra_files, start_wandb
 
 log = logging.getLogger(__name__)
 register()  # conf/ composes the settings' defaults and the ${mitune.*} resolvers
 
+POOLED = "all"  # the category label of a row over every category's images (as mitune.summary pools alignment)
 MI_SAMPLING = "mi_sampling"  # mean MI of the evaluated images, computed while sampling them (free)
 
 
@@ -175,16 +179,23 @@ def build_metrics(cfg: DictConfig, category: str) -> tuple[dict[str, AlignmentMe
 
 
 def check_metric_inputs(alignment: dict[str, AlignmentMetric], quality: dict[str, QualityMetric],
-                        prompts: list[str], num_images: int, reference: str | None) -> None:
-    """Prompts each metric can parse, and enough images on both sides of every quality metric."""
+                        prompts: list[str], num_images: int, reference: str | None,
+                        categories: list[str] | None = None, seed: int = 0) -> None:
+    """Prompts each metric can parse, and enough images on both sides of every quality metric (per category
+    for a metric that draws its own reference: each category is compared on its own)."""
     for metric in alignment.values():
         metric.check_prompts(prompts)
-    if not quality:
-        return
-    count = len(load_images(reference))  # verifies every file, so an unreadable image fails here
-    generated = len(prompts) * num_images
+    external = [name for name, metric in quality.items() if metric.needs_reference]
+    if external and not reference:
+        raise MetricInputError(f"quality metrics {external} need eval.reference=<folder of reference images>")
+    count = len(load_images(reference)) if external else 0  # verifies every file, so an unreadable image fails here
+    smallest = min(Counter(categories or [""] * len(prompts)).values(), default=0) * num_images
     for name, metric in quality.items():
-        for what, have in (("reference images", count), ("generated images", generated)):
+        if not metric.needs_reference:
+            metric.reference_for(prompts, seed)  # a prompt it cannot draw fails here, before any image
+        sides = ((("reference images", count), ("generated images", len(prompts) * num_images)) if metric.needs_reference
+                 else (("generated images of a category", smallest),))
+        for what, have in sides:
             if have < metric.min_samples:
                 raise MetricInputError(f"{name} needs at least {metric.min_samples} {what}, got {have}"
                                        + (f" in {reference}" if what.startswith("reference") else
@@ -233,25 +244,53 @@ def generate_images(cfg: DictConfig, folder: RoundDir, prompts: list[str], gener
         batch = min(generation.micro_batch, len(prompts) * generation.num_candidates)
         seconds = compile_unet(pipe, batch, backend=backend)
         log.info("torch.compile (%s) of the UNet took %.1f s", backend, seconds)
-    generate_round(pipe, prompts, generation, folder)
+    generate_round(pipe, prompts, generation, folder, leave=False)  # a sweep's console keeps one line per job
     finish_round(folder, len(prompts))
 
 
 # ----------------------------------------------------------------------------- scoring and results
 
 
+def quality_groups(categories: list[str]) -> dict[str, list[int]]:
+    """The images each quality row compares: every category's, and all of them as ``all`` where they span
+    several (the label ``mitune.summary`` pools alignment under, so the two meet per category and pooled)."""
+    groups: dict[str, list[int]] = defaultdict(list)
+    for i, category in enumerate(categories):
+        groups[category].append(i)
+    if len(groups) > 1:
+        groups[POOLED] = list(range(len(categories)))
+    return dict(groups)
+
+
 def score(folder: RoundDir, alignment: dict[str, AlignmentMetric], quality: dict[str, QualityMetric],
-          reference: str | None) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+          reference: str | None, categories: list[str], seed: int
+          ) -> tuple[dict[str, torch.Tensor], dict[tuple[str, str], tuple[float, int]]]:
+    """Per-image alignment scores, and per (category, quality metric) the distance and its image count.
+
+    A metric with an external reference compares the whole set with it (one row: the job's only category,
+    or ``all``); one that draws its own (``toy_fd``) compares each category with its prompts' references.
+    """
     images, prompts = load_image_folder(folder.path)
     per_image = {name: metric.score(images, prompts) for name, metric in alignment.items()}
-    distances = {name: float(metric.distance(folder.path, reference)) for name, metric in quality.items()}
+    distances: dict[tuple[str, str], tuple[float, int]] = {}
+    groups = quality_groups(categories)
+    for name, metric in quality.items():
+        features = metric.features(images, "images")
+        if metric.needs_reference:
+            label = categories[0] if len(groups) == 1 else POOLED
+            distances[(label, name)] = (metric.compare(features, metric.features(load_images(reference), "reference")),
+                                        len(images))
+            continue
+        drawn = metric.features(metric.reference_for(prompts, seed), "reference")
+        for label, index in groups.items():
+            distances[(label, name)] = (metric.compare(features[index], drawn[index]), len(index))
     return per_image, distances
 
 
-def result_rows(point: EvalPoint, per_image: dict[str, torch.Tensor], distances: dict[str, float],
+def result_rows(point: EvalPoint, per_image: dict[str, torch.Tensor], distances: dict[tuple[str, str], tuple[float, int]],
                 mi: torch.Tensor, categories: list[str], meta: dict[str, Any]) -> list[dict[str, Any]]:
     """The tidy table: one row per category and metric (alignment: mean over the category's images,
-    std across them); quality metrics compare the whole set, under the job's category."""
+    std across them); quality rows as ``score`` made them."""
     base = {"method": point.method, "round": point.round, "cfg": point.cfg, "images_per_prompt": point.num_images,
             "seed": point.seed, "train_seed": point.train_seed, **meta}
     rows = []
@@ -262,8 +301,8 @@ def result_rows(point: EvalPoint, per_image: dict[str, torch.Tensor], distances:
             rows.append({**base, "category": category, "metric": name, "kind": kind, "value": s.mean().item(),
                          "std": s.std().item() if len(s) > 1 else 0.0, "n": len(s),
                          "num_prompts": len(s) // point.num_images})
-    rows += [{**base, "category": point.category, "metric": name, "kind": "quality", "value": value, "std": None,
-              "n": len(mi)} for name, value in distances.items()]
+    rows += [{**base, "category": category, "metric": name, "kind": "quality", "value": value, "std": None,
+              "n": n, "num_prompts": n // point.num_images} for (category, name), (value, n) in distances.items()]
     return rows
 
 
@@ -276,21 +315,46 @@ def write_results(out_dir: Path, rows: list[dict[str, Any]], metadata: list[dict
     return out_dir / RESULTS
 
 
-def log_results(cfg: DictConfig, point: EvalPoint, rows: list[dict[str, Any]]) -> None:
-    """Each metric as a scalar and the rows as a W&B table (offline without an API key)."""
+def point_metrics(point: EvalPoint, rows: list[dict[str, Any]]) -> dict[str, float]:
+    """The job's point as W&B summary metrics: ``eval/<category>/<metric>`` plus ``eval/round`` and ``eval/cfg``,
+    so a scatter panel over a sweep's group (x: a quality metric, y: an alignment metric) draws the trade-off."""
+    return {**{f"eval/{row['category']}/{row['metric']}": row["value"] for row in rows},
+            "eval/round": point.round, "eval/cfg": point.cfg}
+
+
+def log_results(cfg: DictConfig, point: EvalPoint, rows: list[dict[str, Any]]) -> str | None:
+    """The point's metrics (W&B: summary metrics, with round and CFG in the config) and the rows as a W&B
+    table (offline without an API key); returns where the W&B run is (None without W&B)."""
     if "wandb" in cfg.logger:
         OmegaConf.update(cfg, "logger.wandb.name", f"{cfg.task_name}-eval-r{point.round}-cfg{point.cfg:g}")
     loggers = make_loggers(cfg)
+    where = start_wandb(loggers, say=False)  # said in the job's one line
     try:
         for logger in loggers:
-            logger.log_hyperparams(run_config(cfg))
-            logger.log_metrics({f"eval/{row['category']}/{row['metric']}": row["value"] for row in rows}, step=0)
+            logger.log_hyperparams({**run_config(cfg), "round": point.round, "cfg": point.cfg, "method": point.method})
+            logger.log_metrics(point_metrics(point, rows), step=0)
             if hasattr(logger, "log_table"):  # W&B
                 logger.log_table("eval/results", columns=RESULT_COLUMNS,
                                  data=[[row[c] for c in RESULT_COLUMNS] for row in rows])
             logger.save()
     finally:
         finish_wandb()
+    return where
+
+
+def headline(rows: list[dict[str, Any]]) -> str:
+    """The job's console summary: each metric over all its images (``all`` where the job spans categories,
+    whose means are pooled here as mitune.summary pools them); the per-category rows are in the table."""
+    by_metric: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for row in rows:
+        by_metric[row["metric"]].append(row)
+    parts = []
+    for name, mine in by_metric.items():
+        pooled = [row for row in mine if row["category"] == POOLED] or mine
+        value = sum(row["value"] * row["n"] for row in pooled) / sum(row["n"] for row in pooled)
+        parts.append(f"{name} {value:.4g}")
+    categories = {row["category"] for row in rows} - {POOLED}
+    return ", ".join(parts) + (f" (all {len(categories)} categories)" if len(categories) > 1 else "")
 
 
 def eval_point(cfg: DictConfig) -> EvalPoint:
@@ -314,10 +378,13 @@ def evaluate(cfg: DictConfig) -> list[dict[str, Any]]:
     generation = replace(typed(cfg.generation, GenerationConfig, "generation"), num_candidates=point.num_images, top_k=1,
                          seed=point.seed, selection="mi", prune=())
     out_dir = check_writable(Path(cfg.paths.output_dir))
-    if cfg.eval.quality and not cfg.eval.reference:
-        raise MetricInputError(f"quality metrics {list(cfg.eval.quality)} need eval.reference=<folder of reference images>")
+    # Registry metrics that need a reference folder are checked before any is built (a built FID loads Inception).
+    external = [name for name in cfg.eval.quality if name in QUALITY_METRICS and quality_needs_reference(name)]
+    if external and not cfg.eval.reference:
+        raise MetricInputError(f"quality metrics {external} need eval.reference=<folder of reference images>")
     alignment, quality = build_metrics(cfg, point.category)
-    check_metric_inputs(alignment, quality, prompts, point.num_images, cfg.eval.reference)
+    check_metric_inputs(alignment, quality, prompts, point.num_images, cfg.eval.reference, prompt_set.categories,
+                        point.seed)
     model = OmegaConf.to_container(cfg.model, resolve=True)
     weights = model_weights(model, cfg.paths.cache_dir)  # found (downloaded where not cached) and hashed, not loaded
     check_base_weights(cfg.run_dir, str(model["path_or_id"]), weights)
@@ -331,18 +398,18 @@ def evaluate(cfg: DictConfig) -> list[dict[str, Any]]:
     folder = ensure_images(cfg, eval_images(root, point.round, point.cfg, point.num_images, point.seed,
                                            settings_key(prompts, generation, model, adapter)), prompts,
                            generation, adapter, weights)
-    per_image, distances = score(folder, alignment, quality, cfg.eval.reference)
     metadata = folder.rows()
     categories = [(prompt_set.categories or [point.category] * len(prompts))[row["prompt_id"]] for row in metadata]
+    per_image, distances = score(folder, alignment, quality, cfg.eval.reference, categories, point.seed)
     meta = {"num_prompts": len(prompts), "model": str(model["path_or_id"]), "weights": weights.digest,
             "run_dir": str(cfg.run_dir or ""), "image_dir": str(folder.path)}
     rows = result_rows(point, per_image, distances, torch.tensor([row["mi"] for row in metadata]), categories, meta)
     # Each image's category travels with its scores: paired contrasts (mitune.contrasts) split by it.
     scored = [{**row, "category": category} for row, category in zip(metadata, categories)]
     path = write_results(out_dir, rows, scored, per_image)
-    log_results(cfg, point, rows)
-    print(f"mitune.evaluate: round {point.round}, CFG {point.cfg:g}: "
-          + ", ".join(f"{row['category']}/{row['metric']}={row['value']:.4g}" for row in rows) + f"; table in {path}")
+    where = log_results(cfg, point, rows)
+    print(f"mitune.evaluate: round {point.round}, CFG {point.cfg:g}: {headline(rows)}; table in {path}"
+          + (f"; {where}" if where else ""))
     return rows
 
 
@@ -355,4 +422,4 @@ def main(cfg: DictConfig) -> float:
 
 
 if __name__ == "__main__":
-    main()
+    hydra_task(main, "mitune.evaluate")

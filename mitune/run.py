@@ -19,7 +19,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 # First: quiets library loggers before the imports below load them.
-from mitune.runs.console import one_line_errors, quiet_libraries
+from mitune.runs.console import hydra_task, one_line_errors, quiet_libraries
 from mitune.config import RunSettings, register, typed
 from mitune.models.adapters import AdapterConfig
 from mitune.models.loading import LatentSpaceError, check_latent_space, model_weights
@@ -37,7 +37,7 @@ from mitune.runs.io import check_writable
 from mitune.runs.loggers import ResumableCSVLogger
 from mitune.runs.preemption import EXIT_STATUS, Preempted, SigtermStop
 from mitune.runs.record import RunDirError, check_config, exclusive, prompt_record, remove_temporaries
-from mitune.runs.tracking import finish_wandb, make_loggers, run_config, save_hydra_files
+from mitune.runs.tracking import finish_wandb, make_loggers, run_config, save_hydra_files, start_wandb
 
 log = logging.getLogger(__name__)
 register()  # conf/ composes the settings' defaults and the ${mitune.*} resolvers
@@ -202,6 +202,18 @@ def fit(cfg: DictConfig, prompts: list[str], generation: GenerationConfig, adapt
                       rounds_from=cfg.get("rounds_from"))
     # The rounds first: a round is generated before the other callbacks' epoch-start hooks (its training bar) run.
     callbacks = [rounds, stop] + [instantiate(spec) for spec in cfg.callbacks.values()]
+    # The models first: a start that fails to load one leaves no W&B run behind (mitune.runs.tracking.start_wandb).
+    pipe = instantiate(cfg.model, path_or_id=str(weights.folder))  # the weights just hashed, wherever they are
+    over_length(pipe.tokenizer, prompts)
+    if pairs is not None:  # encoded once with the trained model's VAE, before any training
+        check_size(pairs, pipe)
+        latents = encode_pairs(pipe, pairs, RunDir(out_dir).external, write=launching_process())
+        rounds.real = RealSet(latents, pairs.prompts, train_config.real_fraction, train_config.seed)
+    if generator is not None:
+        rounds.generator = instantiate(cfg.generator, path_or_id=str(generator.folder))
+        # Candidates at the trained model's size (SpRight's SD-2.1 is a 768 px model, SD-2.1-base 512 px).
+        rounds.generator.unet.register_to_config(sample_size=pipe.unet.config.sample_size)
+    module = MITuneModule(pipe, adapter, train_config)
     loggers = make_loggers(cfg, read_state(ckpt).get("wandb_run_id") if ckpt else None)
     if cfg.resume:  # what was logged after the checkpoint is logged again
         for lg in loggers:
@@ -214,19 +226,10 @@ def fit(cfg: DictConfig, prompts: list[str], generation: GenerationConfig, adapt
             train_config.effective_batch, train_config.micro_batch, trainer.world_size)
         config = run_config(cfg, accumulate_grad_batches=trainer.accumulate_grad_batches, world_size=trainer.world_size,
                             weights=weights.digest)
+        if trainer.is_global_zero:
+            start_wandb(loggers)
         for lg in loggers:
             lg.log_hyperparams(config)
-        pipe = instantiate(cfg.model, path_or_id=str(weights.folder))  # the weights just hashed, wherever they are
-        over_length(pipe.tokenizer, prompts)
-        if pairs is not None:  # encoded once with the trained model's VAE, before any training
-            check_size(pairs, pipe)
-            latents = encode_pairs(pipe, pairs, RunDir(out_dir).external, write=launching_process())
-            rounds.real = RealSet(latents, pairs.prompts, train_config.real_fraction, train_config.seed)
-        if generator is not None:
-            rounds.generator = instantiate(cfg.generator, path_or_id=str(generator.folder))
-            # Candidates at the trained model's size (SpRight's SD-2.1 is a 768 px model, SD-2.1-base 512 px).
-            rounds.generator.unet.register_to_config(sample_size=pipe.unet.config.sample_size)
-        module = MITuneModule(pipe, adapter, train_config)
         trainer.fit(module, datamodule=FinetuneData(train_config), ckpt_path=ckpt)
     finally:
         finish_wandb()
@@ -245,4 +248,4 @@ def main(cfg: DictConfig) -> float:
 
 
 if __name__ == "__main__":
-    main()
+    hydra_task(main, "mitune.run")

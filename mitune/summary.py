@@ -353,6 +353,21 @@ def tradeoff_series(rows: Sequence[Row], quality: str) -> dict[str, dict[tuple[s
     return {c: dict(s) for c, s in series.items()}
 
 
+TRADEOFF_COLUMNS = ["category", "model", "method", "round", "cfg", "alignment_metric", "alignment", "alignment_se",
+                    "quality_metric", "quality"]
+
+
+def tradeoff_rows(rows: Sequence[Row], quality: str) -> list[Row]:
+    """The trade-off plot's points as a table (``tradeoff.csv``; W&B's interactive chart): one per category,
+    (method, round) and CFG."""
+    metric_of = plotted_metric(rows)
+    return [{"category": category, "model": label(method, r), "method": method or "base", "round": r, "cfg": cfg,
+             "alignment_metric": metric_of[category], "alignment": y, "alignment_se": error,
+             "quality_metric": quality, "quality": x}
+            for category, lines in sorted(tradeoff_series(rows, quality).items())
+            for (method, r), points in sorted(lines.items()) for cfg, x, y, error in points]
+
+
 def plot_tradeoff(rows: Sequence[Row], quality: str) -> Figure:
     """One panel per category: a line per model (colour) across CFG (marker), alignment ± 1 standard error."""
     series = tradeoff_series(rows, quality)
@@ -440,8 +455,12 @@ def summarize(dirs: Sequence[str | os.PathLike], out: str | os.PathLike, *, cfg:
     written = {"results": out / "all_results.csv"}
     key = lambda r: tuple(str(r[c]) for c in RESULT_COLUMNS)  # noqa: E731
     write_text(written["results"], csv_text(sorted(rows, key=key), RESULT_COLUMNS))
-    sections, csv_rows, csv_header = [], [], []
-    for g in [cfg] if isinstance(cfg, (int, float)) else cfg:
+    shown = [cfg] if isinstance(cfg, (int, float)) else list(cfg)
+    evaluated = sorted({row["cfg"] for row in means if row["kind"] == "alignment"})
+    sections = [f"CFG shown: {', '.join(f'{g:g}' for g in shown)} (evaluated: {', '.join(f'{g:g}' for g in evaluated)}; "
+                "`--cfg` picks others; table2 and the trade-off plot show every evaluated CFG)\n"]
+    csv_rows, csv_header = [], []
+    for g in shown:
         header, body = table1(means, g)
         note, md_header, md_body = mean_pm_std(header, body)
         spread = seed_spread(alignment_at(means, g))
@@ -463,29 +482,62 @@ def summarize(dirs: Sequence[str | os.PathLike], out: str | os.PathLike, *, cfg:
     except SummaryError as err:
         log.warning("no Table 2 and no trade-off plot: %s", err)
         return written
-    write_text(out / "table2.md", markdown("Table 2 style: image quality (lower is better)", header, body))
+    write_text(out / "table2.md", markdown("Table 2 style: image quality (lower is better) at every evaluated CFG",
+                                           header, body))
     write_text(out / "table2.csv", table_csv(header, body))
-    save_figure(out / "tradeoff.png", plot_tradeoff(means, default_quality(means, quality)), dpi=120)
-    written.update(table2_md=out / "table2.md", table2_csv=out / "table2.csv", tradeoff=out / "tradeoff.png")
+    plotted = default_quality(means, quality)
+    save_figure(out / "tradeoff.png", plot_tradeoff(means, plotted), dpi=120)
+    write_text(out / "tradeoff.csv", csv_text(tradeoff_rows(means, plotted), TRADEOFF_COLUMNS))
+    written.update(table2_md=out / "table2.md", table2_csv=out / "table2.csv", tradeoff=out / "tradeoff.png",
+                   tradeoff_csv=out / "tradeoff.csv")
     return written
 
 
-def log_to_wandb(written: dict[str, Path], out: Path, project: str) -> None:
-    """The tables as W&B tables and the plot as an image, in a "summary" run."""
+def read_csv_rows(path: Path) -> tuple[list[str], list[list[Any]]]:
+    """A CSV's header and rows, numbers as floats (W&B charts need numeric columns)."""
+    def value(text: str) -> Any:
+        try:
+            return float(text)
+        except ValueError:
+            return text
+
+    with open(path, newline="", encoding="utf-8") as f:
+        reader = list(csv.reader(f))
+    return reader[0], [[value(v) for v in row] for row in reader[1:]]
+
+
+def log_to_wandb(written: dict[str, Path], out: Path, project: str) -> str:
+    """The tables as W&B tables, the plot as an image and the trade-off as interactive scatter charts (alignment
+    against quality, one point per (model, CFG); one chart per category and the table behind them), in a
+    "summary" run. Returns the line saying where the run is."""
     import wandb
+
+    from mitune.runs.tracking import wandb_summary
 
     setup_wandb()
     run = wandb.init(project=project, job_type="summary", name=f"summary-{out.name}", dir=str(out))
     try:
+        where = wandb_summary(run)
         for name in ("table1_csv", "table2_csv", "contrasts_csv"):
             if name in written:
-                with open(written[name], newline="", encoding="utf-8") as f:
-                    reader = list(csv.reader(f))
-                run.log({f"summary/{name[:-4]}": wandb.Table(columns=reader[0], data=reader[1:])})
+                columns, data = read_csv_rows(written[name])
+                run.log({f"summary/{name[:-4]}": wandb.Table(columns=columns, data=data)})
         if "tradeoff" in written:
             run.log({"summary/tradeoff": wandb.Image(str(written["tradeoff"]))})
+            columns, data = read_csv_rows(written["tradeoff_csv"])
+            table = wandb.Table(columns=columns, data=data)
+            charts = {"summary/tradeoff_points": table}
+            index = columns.index("category")
+            for category in dict.fromkeys(row[index] for row in data):
+                mine = [row for row in data if row[index] == category]
+                charts[f"summary/tradeoff_{category}"] = wandb.plot.scatter(
+                    wandb.Table(columns=columns, data=mine), x="quality", y="alignment",
+                    title=f"{category}: {mine[0][columns.index('alignment_metric')]} vs "
+                          f"{mine[0][columns.index('quality_metric')]}, one point per (round, CFG)")
+            run.log(charts)
     finally:
         wandb.finish()
+    return where
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -507,10 +559,10 @@ def main(argv: list[str] | None = None) -> int:
     except (SummaryError, ContrastError, OSError) as err:
         print(f"mitune.summary: error: {err}", file=sys.stderr)
         return 1
-    if args.wandb:
-        log_to_wandb(written, Path(args.out), args.project)
     for path in written.values():
         print(path)
+    if args.wandb:
+        print(log_to_wandb(written, Path(args.out), args.project))
     return 0
 
 

@@ -423,3 +423,18 @@ def test_cli_bad_input_is_one_line(sd_lora, tmp_path, capsys):
     assert "Traceback" not in stderr
     assert cli_main(["merge", "--adapters", str(sd_lora[2]), "--weights", "1", "2", "--out", str(tmp_path / "m")]) == 1
     assert "2 weights for 1 adapters" in capsys.readouterr().err
+
+
+def test_the_shipped_toy_model_by_name_and_export_without_base(tmp_path, capsys):
+    """``load_pipeline("toy")`` and ``mitune export --base toy`` work as ``rerank --model toy`` does; without
+    ``--base`` export uses the base model the adapter records."""
+    from mitune import ASSETS
+
+    pipe = load_pipeline("toy")
+    assert Path(pipe.unet.config._name_or_path).resolve() == (ASSETS / "toy-model" / "unet").resolve()
+    _, adapted_eps, folder = _save_adapted("toy", tmp_path / "adapter", SMALL_LORA)
+    assert json.loads((folder / META_NAME).read_text())["base_model"] == "toy"
+    for base in (["--base", "toy"], []):
+        out = tmp_path / f"export{len(base)}"
+        assert cli_main(["export", *base, "--adapter", str(folder), "--out", str(out)]) == 0, capsys.readouterr().err
+        torch.testing.assert_close(_eps(DiffusionPipeline.from_pretrained(out)), adapted_eps, atol=1e-5, rtol=0)

@@ -40,3 +40,24 @@ def test_device_stats_keep_memory_and_load_out_of_the_accelerators_many_figures(
     assert device_stats(cuda) == {"device/memory_gb": 2.0, "device/peak_memory_gb": 3.0}
     cpu = {"cpu_percent": 0.0, "cpu_vm_percent": 41.5, "cpu_swap_percent": 0.0}
     assert device_stats(cpu) == {"device/cpu_percent": 0.0, "device/ram_percent": 41.5}
+
+
+def test_mi_histogram_keeps_the_extremes_and_counts_whole_candidates():
+    """The selected best image was missing from mi_hist.png: float32 bin edges ended below the float64
+    maximum. Edges are float64 now, every candidate lands in a bin, and the count axis has whole numbers."""
+    import numpy as np
+
+    from mitune.rounds.plots import histogram_bins
+
+    z = torch.tensor([-0.7, -0.3, 0.1, 0.7], dtype=torch.float64)
+    float32_edges = torch.linspace(z.min().item(), z.max().item(), 30).tolist()
+    assert np.histogram(z.numpy(), bins=float32_edges)[0].sum() < 4  # the old edges drop the extremes
+    assert np.histogram(z.numpy(), bins=histogram_bins(z))[0].sum() == 4
+    mi = torch.tensor([1.0, 2.0, 3.0, 9.7, 0.5, 0.9, 1.3, 4.4], dtype=torch.float64)
+    prompt_ids, chosen = torch.tensor([0, 0, 0, 0, 1, 1, 1, 1]), torch.tensor([0, 0, 0, 1, 0, 0, 0, 1]).bool()
+    relative = plot_mi(mi, prompt_ids, chosen, "t").axes[0]
+    heights = [patch.get_height() for patch in relative.patches]
+    assert sum(heights) == len(mi) and all(h == int(h) for h in heights)
+    selected_bars = relative.containers[1]
+    assert sum(bar.get_height() for bar in selected_bars) == 2  # both selected maxima are drawn
+    assert all(tick == int(tick) for tick in relative.get_yticks())

@@ -317,3 +317,31 @@ def test_diffusiondb_sample_is_clean_disjoint_and_seeded():
     with pytest.raises(ValueError, match="only 3 usable prompts for 3 train \\+ 1 test"):
         sample_prompts(prompts, nsfw, 3, 1)
 
+
+
+@pytest.mark.slow
+def test_an_evaluation_run_logs_its_point_to_wandb(eval_config, tiny_sd_path, tmp_path, monkeypatch, capsys):
+    """Each job's W&B run holds its point as summary metrics and round and CFG in its config, so a scatter panel
+    over a sweep's group draws the trade-off; the job's one console line says where the run is."""
+    from tests.test_run import wandb_records
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    cfg = eval_config(*FAST, f"model.path_or_id={tiny_sd_path}", "generation.guidance_scale=3", "logger=default")
+    rows = ev.evaluate(cfg)
+    records = wandb_records(tmp_path / "job")
+    config = {item.key: json.loads(item.value_json) for r in records if r.WhichOneof("record_type") == "config"
+              for item in r.config.update}
+    def key(item) -> str:
+        return item.key or "/".join(item.nested_key)
+
+    summary = {key(item): json.loads(item.value_json) for r in records if r.WhichOneof("record_type") == "summary"
+               for item in r.summary.update}
+    history = {key(item): json.loads(item.value_json) for r in records if r.WhichOneof("record_type") == "history"
+               for item in r.history.item}
+    logged = {**history, **summary}
+    assert (config["round"], config["cfg"]) == (0, 3.0)
+    assert (logged["eval/round"], logged["eval/cfg"]) == (0, 3.0)
+    oracle = next(r for r in rows if r["metric"] == "toy_oracle")
+    assert logged["eval/toy/toy_oracle"] == pytest.approx(oracle["value"])
+    printed = capsys.readouterr().out
+    assert printed.count("mitune.evaluate: round 0, CFG 3:") == 1 and "W&B: offline run" in printed

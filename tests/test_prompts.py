@@ -30,6 +30,8 @@ def test_blank_and_duplicate_lines_are_reported_and_removed(tmp_path, caplog):
     assert ps.duplicates == {"a red cat": 2}
     assert ps.blank_lines == 1
     assert "1 blank line" in caplog.text and "1 duplicate line" in caplog.text
+    # Said as what was dropped and what is left ("of 1 prompt(s)" read as if every prompt was dropped).
+    assert "removed 1 duplicate line; 3 prompts kept (e.g. 'a red cat' was repeated)" in caplog.text
 
 
 @pytest.mark.parametrize("content", ["", "\n \r\n\t\n"])

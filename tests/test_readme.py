@@ -111,3 +111,4 @@ def test_the_mi_library_example_runs_as_written(monkeypatch):
     exec(compile(block, "README.md", "exec"), scope)
     assert scope["out"].latents.shape[0] == len(scope["mi"]) == 4
     assert (scope["out"].mi > 0).all() and (scope["mi"] > 0).all()
+    assert scope["scores"].shape == (4,) and scope["scores"].isfinite().all()  # the image-level scorer it names

@@ -175,8 +175,11 @@ def test_two_rounds_end_to_end_with_logs(tiny_sd_path, tmp_path):
     # A quiet console: mitune's own lines, each once; no library banners, tips or known warnings.
     console = result.stdout + result.stderr
     assert console.count("round done:") == 2 and console.count("W&B: offline run toy in") == 1
+    # Where the W&B run is: said when it starts, before the first round.
+    assert console.index("W&B: offline run toy in") < console.index("round done:")
+    assert console.count("round_1 train") >= 1 and console.count("round_2 train") >= 1
     for noise in ("wandb:", "GPU available", "Tip:", "LeafSpec", "eval mode", "flops_per_batch", "torchvision",
-                  "Loading pipeline components", "Epoch "):
+                  "Loading pipeline components", "Epoch ", "0/?"):
         assert noise not in console, noise
 
 
@@ -207,9 +210,9 @@ def test_cfg_sweep_has_one_root_named_jobs_and_grouped_wandb_runs(tiny_sd_path, 
                  f"hydra.sweep.dir={sweep}", tiny=tiny_sd_path, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     assert sorted(p.name for p in sweep.iterdir()) == [
-        "generation.guidance_scale=2.5", "generation.guidance_scale=7.5", "multirun.yaml"]
+        "generation.guidance_scale-2.5", "generation.guidance_scale-7.5", "multirun.yaml"]
     for cfg in ("2.5", "7.5"):
-        job = sweep / f"generation.guidance_scale={cfg}"
+        job = sweep / f"generation.guidance_scale-{cfg}"
         digest = yaml.safe_load((job / "run_config.yaml").read_text(encoding="utf-8"))["weights"]["digest"]
         records = wandb_records(job)
         [run] = [r.run for r in records if r.WhichOneof("record_type") == "run"]
@@ -232,7 +235,7 @@ def test_multirun_over_all_exps_and_cfg(tiny_sd_path, tmp_path):
                  MITUNE_COMPBENCH_DIR=str(FIXTURES / "compbench"))
     assert result.returncode == 0, result.stderr[-3000:]
     jobs = sorted(p.parent.parent.name for p in tmp_path.glob("*/adapter/pytorch_lora_weights.safetensors"))
-    assert jobs == sorted(f"+exp={e},generation.guidance_scale={g}" for e in EXPS for g in ("2.5", "7.5"))
+    assert jobs == sorted(f"exp-{e}__generation.guidance_scale-{g}" for e in EXPS for g in ("2.5", "7.5"))
     assert sorted(p.name for p in tmp_path.iterdir() if p.is_file()) == ["multirun.yaml"]  # one root for the sweep
 
 
@@ -385,3 +388,22 @@ def test_sigterm_checkpoints_exits_143_and_resumes_identically(tiny_sd_path, tmp
     assert round_outputs(stopped) == round_outputs(uninterrupted)
     ours, theirs = adapter_tensors(stopped), adapter_tensors(uninterrupted)
     assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+
+
+def test_a_start_that_fails_to_load_the_model_leaves_no_wandb_run(task_config, tiny_sd_path, tmp_path, monkeypatch):
+    """The W&B run is made once the model has loaded: a failed load left an offline run that `wandb sync` would
+    upload as a crashed run."""
+    import mitune.models
+    from mitune.models.weights import ModelLoadError
+
+    def broken(*_, **__):
+        raise ModelLoadError("unet/diffusion_pytorch_model.safetensors is damaged")
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setattr(mitune.models, "tiny_default_pipeline", broken)  # model=tiny's _target_
+    out = tmp_path / "run"
+    cfg = task_config("config", tiny_overrides("scale=smoke", "logger=default", tiny=tiny_sd_path), out)
+    with pytest.raises(InstantiationException, match="damaged"):  # Hydra's wrapper of the loader's error
+        train(cfg)
+    assert (out / "run_config.yaml").is_file()  # it got as far as loading
+    assert not (out / "wandb").exists()

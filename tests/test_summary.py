@@ -67,9 +67,11 @@ def test_tables_from_two_categories(tmp_path):
         assert float(row["spatial"]) == pytest.approx(1 + 0.1 * r + 0.075)
         assert (row["color_std"], row["color_n"]) == ("0.1", "20")
     md = written["table1_md"].read_text().splitlines()
-    assert "CFG 7.5 (mean ± std over images, n = 20 images per cell;" in md[0]
-    assert md[2:4] == ["| model | method | round | color | spatial |", "|---|---|---|---|---|"]
-    assert md[5] == "| mitune R=1 | mitune | 1 | 0.175 ± 0.1 | 1.175 ± 0.1 |"
+    # The table says which CFGs it shows, of those evaluated.
+    assert md[0].startswith("CFG shown: 7.5 (evaluated: 2.5, 7.5; `--cfg` picks others;")
+    assert "CFG 7.5 (mean ± std over images, n = 20 images per cell;" in md[2]
+    assert md[4:6] == ["| model | method | round | color | spatial |", "|---|---|---|---|---|"]
+    assert md[7] == "| mitune R=1 | mitune | 1 | 0.175 ± 0.1 | 1.175 ± 0.1 |"
 
     table2 = read_csv(written["table2_csv"])
     assert list(table2[0]) == ["model", "method", "round", "category", "cfg", "cmmd", "fid"]
@@ -191,7 +193,7 @@ def test_train_once_evaluate_the_grid_and_summarise(task_config, tiny_sd_path, t
     table1 = read_csv(out / "table1.csv")
     assert [(r["model"], r["round"]) for r in table1] == [("base", "0"), ("mitune R=1", "1"), ("mitune R=2", "2")]
     assert [float(r["toy"]) for r in table1] == pytest.approx([mean_score(f"round_{r}-cfg_7.5") for r in (0, 1, 2)])
-    assert (out / "table1.md").read_text().splitlines()[2] == "| model | method | round | toy |"
+    assert (out / "table1.md").read_text().splitlines()[4] == "| model | method | round | toy |"
     assert [int(r["toy_n"]) for r in table1] == [2 * 2] * 3  # 2 prompts x eval.num_images=2
     table2 = read_csv(out / "table2.csv")
     assert [(r["model"], r["cfg"]) for r in table2] == [(m, g) for m in ("base", "mitune R=1", "mitune R=2")
@@ -229,3 +231,31 @@ def test_table1_labels_give_the_seeds_when_rows_have_different_numbers_of_them(t
     assert "| mitune R=2 (2 seeds) | mitune | 2 | 0.29 ± 0.0071 (n=40) |" in table
     summary.summarize([tmp_path / "seed1", tmp_path / "seed2"], tmp_path / "two", cfg=7.5)
     assert "mean ± std across 2 seeds" in (tmp_path / "two" / "table1.md").read_text()
+
+
+def test_summary_logs_the_tradeoff_as_interactive_wandb_charts(tmp_path, monkeypatch):
+    """W&B-native trade-off: one scatter chart per category (alignment vs quality, one point per (round, CFG)) and
+    the table behind them, read back from the offline run's files."""
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    rows = grid()
+    for i, point in enumerate(range(0, len(rows), 4)):
+        write_results(tmp_path / "sweep" / f"job{i}", rows[point:point + 4])
+    out = tmp_path / "out"
+    written = summary.summarize([tmp_path / "sweep"], out, cfg=[2.5, 7.5])
+    points = read_csv(written["tradeoff_csv"])
+    assert len(points) == 2 * 3 * 2  # category x round x CFG
+    where = summary.log_to_wandb(written, out, "mitune")
+    assert where.startswith("W&B: offline run summary-out") and "wandb sync" in where
+    [run] = out.glob("wandb/offline-run-*")
+    tables = {p.name.rsplit("_", 2)[0]: json.loads(p.read_text()) for p in run.glob("files/media/table/summary/*.table.json")}
+    for category in ("color", "spatial"):
+        chart = tables[f"tradeoff_{category}_table"]
+        x, y = chart["columns"].index("quality"), chart["columns"].index("alignment")
+        mine = [p for p in points if p["category"] == category]
+        assert sorted((row[x], row[y]) for row in chart["data"]) == sorted(
+            (float(p["quality"]), float(p["alignment"])) for p in mine)
+    assert len(tables["tradeoff_points"]["data"]) == len(points)
+    from tests.test_run import wandb_records  # the offline run file's records
+
+    blob = b"".join(r.SerializeToString() for r in wandb_records(out))
+    assert b"wandb/scatter" in blob and b"summary/tradeoff_color" in blob

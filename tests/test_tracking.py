@@ -42,3 +42,21 @@ def test_swept_values_are_named_shortly():
     assert name_part("generation.guidance_scale", "2.5") == "cfg2.5"
     assert name_part("generation.num_candidates", "16") == "M16"
     assert name_part("train.lr", "0.001") == "lr=0.001"
+
+
+def test_sweep_job_dirs_can_be_passed_back_as_run_dir():
+    """A training sweep's job dir was `+exp=color,generation.guidance_scale=2.5`: Hydra's grammar refuses it as
+    `run_dir=<that dir>` without nested quoting. The names are plain now, and parse back unchanged."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    from mitune.runs.tracking import dirname_of
+
+    parser = OverridesParser.create()
+    swept = parser.parse_overrides(["+exp=color", "generation.guidance_scale=2.5", "data.prompt_file='my prompts, v2.txt'"])
+    name = dirname_of(swept)
+    assert name == "exp-color__generation.guidance_scale-2.5__data.prompt_file-my_prompts__v2.txt"
+    path = f"outputs/multiruns/2026-01-01_00-00-00/{name}"
+    [override] = parser.parse_overrides([f"run_dir={path}"])
+    assert override.value() == path
+    with pytest.raises(Exception, match="mismatched input"):  # the old name, for contrast
+        parser.parse_overrides(["run_dir=outputs/multiruns/t/+exp=color,generation.guidance_scale=2.5"])

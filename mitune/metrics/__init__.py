@@ -41,6 +41,7 @@ _QUALITY = {
     "fid": "mitune.metrics.quality:FID",
     "fd_dino": "mitune.metrics.quality:FDDino",
     "cmmd": "mitune.metrics.quality:CMMD",
+    "toy_fd": "mitune.toy.metric:ToyFD",  # the toy world's FID: renderer scenes as reference
 }
 ALIGNMENT_METRICS: tuple[str, ...] = tuple(_ALIGNMENT)
 QUALITY_METRICS: tuple[str, ...] = tuple(_QUALITY)
@@ -75,6 +76,12 @@ def build_quality_metric(name: str, **kwargs: Any) -> QualityMetric:
     return _load(_QUALITY, name, "quality")(**kwargs)
 
 
+def quality_needs_reference(name: str) -> bool:
+    """Whether a registry quality metric compares with given reference images (all but those that draw
+    their own, ``toy_fd``); checked before any metric's model loads."""
+    return _load(_QUALITY, name, "quality").needs_reference
+
+
 def metric_for_category(category: str) -> str:
     """The alignment metric T2I-CompBench uses for a category (a name for ``build_alignment_metric``)."""
     if category not in CATEGORY_METRICS:
@@ -99,4 +106,5 @@ __all__ = [
     "load_image_folder",
     "load_images",
     "metric_for_category",
+    "quality_needs_reference",
 ]

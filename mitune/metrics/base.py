@@ -253,6 +253,9 @@ class QualityMetric(ABC):
 
     name: str = ""
     min_samples: int = 2
+    needs_reference: bool = True
+    """False where the metric draws its own reference for the evaluated prompts (``reference_for``): the toy
+    world's renderer; then every category of a job is compared with its own prompts' references."""
 
     def __init__(self, extractor: FeatureExtractor, batch_size: int = 32, progress: bool = True) -> None:
         self.extractor = extractor
@@ -281,6 +284,10 @@ class QualityMetric(ABC):
             bar.update(len(batch))
         bar.close()
         return torch.cat(parts)
+
+    def reference_for(self, prompts: Sequence[str], seed: int) -> list[Image.Image]:
+        """One reference image per prompt (repeat a prompt for several), drawn from ``seed``."""
+        raise MetricInputError(f"{self.name} draws no reference images of its own; give a folder of them")
 
     @abstractmethod
     def compare(self, features: torch.Tensor, reference: torch.Tensor) -> float:

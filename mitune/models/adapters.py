@@ -321,9 +321,13 @@ def _load_checked(pipe: DiffusionPipeline, adapter_dir: Path, adapter_name: str)
 
 
 def export_pipeline(
-    base: str, adapter_dir: str | os.PathLike, out_dir: str | os.PathLike, *, fuse: bool = True, scale: float = 1.0
+    base: str | None, adapter_dir: str | os.PathLike, out_dir: str | os.PathLike, *, fuse: bool = True,
+    scale: float = 1.0,
 ) -> Path:
     """A plain diffusers pipeline dir of base + adapter, for tools that know nothing of LoRA or peft.
+
+    ``base`` None: the base model the adapter records (``mitune_adapter.json``); its fingerprint is checked
+    either way.
 
     With ``fuse`` the adapter is merged into the weights (times ``scale``). Without, the base is
     saved unchanged with the adapter file beside ``model_index.json``, so that
@@ -333,7 +337,7 @@ def export_pipeline(
         raise ValueError(f"scale applies only when fusing; got scale={scale} with fuse=False")
     adapter = Path(adapter_dir).expanduser()
     meta = _read_meta(adapter)  # a bad adapter dir fails before a large base model is loaded
-    pipe = load_pipeline(base)
+    pipe = load_pipeline(meta["base_model"] if base is None else base)
     _check_base(pipe, adapter, meta)
     if fuse:
         _load_checked(pipe, adapter, ADAPTER_NAME)

@@ -21,6 +21,7 @@ from typing import Any
 
 from filelock import FileLock
 
+from mitune import ASSETS
 from mitune.runs.artifacts import weight_hash_cache
 from mitune.runs.io import sha256_file, write_json
 
@@ -87,9 +88,15 @@ def hub_folder(repo_id: str, variant: str | None, setting: str | None = None) ->
     return Path(cached_or_fetched(repo_id, fetch, unavailable))
 
 
+SHIPPED_MODELS = {"toy": ASSETS / "toy-model"}
+"""Models mitune ships, by the name every entry point takes (``load_pipeline("toy")``, ``--model toy``)."""
+
+
 def local_folder(path_or_id: str, variant: str | None = None, setting: str | None = None) -> Path:
-    """The diffusers folder ``path_or_id`` names: a local path, checked, or a hub id's snapshot (``hub_folder``).
-    ``setting``: the config key that names the model, for the error messages."""
+    """The diffusers folder ``path_or_id`` names: a shipped model's name (``toy``), a local path, checked, or a hub
+    id's snapshot (``hub_folder``). ``setting``: the config key that names the model, for the error messages."""
+    if path_or_id in SHIPPED_MODELS:
+        return SHIPPED_MODELS[path_or_id]
     if not is_local_path(path_or_id):
         return hub_folder(path_or_id, variant, setting)
     path = Path(path_or_id).expanduser()

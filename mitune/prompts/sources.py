@@ -68,8 +68,8 @@ def clean_prompts(lines: list[str], source: str, limit: int | None = None) -> Pr
         log.warning("%s: skipped %d blank line(s)", source, blank)
     if duplicates:
         extra = sum(duplicates.values()) - len(duplicates)
-        log.warning("%s: removed %d duplicate line(s) of %d prompt(s), e.g. %r",
-                    source, extra, len(duplicates), next(iter(duplicates)))
+        log.warning("%s: removed %d duplicate line%s; %d prompts kept (e.g. %r was repeated)", source, extra,
+                    "s" * (extra != 1), len(counts), next(iter(duplicates)))
     return PromptSet(list(dict.fromkeys(kept))[:limit], source, duplicates, blank)
 
 

@@ -3,9 +3,15 @@ throughput and device statistics (``conf/callbacks/default.yaml``)."""
 
 from __future__ import annotations
 
+import sys
+
 import lightning as L
-from lightning.pytorch.callbacks import ModelCheckpoint, ThroughputMonitor, TQDMProgressBar
-from lightning.pytorch.callbacks.progress.tqdm_progress import convert_inf
+from lightning.pytorch.callbacks import (
+    ModelCheckpoint,
+    ThroughputMonitor,
+    TQDMProgressBar,
+)
+from lightning.pytorch.callbacks.progress.tqdm_progress import Tqdm, convert_inf
 
 
 class StepCheckpoint(ModelCheckpoint):
@@ -56,23 +62,35 @@ class RoundProgressBar(TQDMProgressBar):
     def train_description(self) -> str:
         return f"round_{self.trainer.current_epoch + 1} train"
 
-    def init_train_tqdm(self):
-        """Counted in images, as the generation bar is."""
-        bar = super().init_train_tqdm()
-        bar.unit, bar.unit_scale = "img", self.images_per_batch
-        return bar
+    def init_train_tqdm(self) -> Tqdm:
+        """Counted in images, as the generation bar is, and made with its total: a bar made without one
+        shows a ``0/?`` state first (Lightning's own, then reset)."""
+        return Tqdm(desc=self.train_description, position=2 * self.process_position, disable=self.is_disabled,
+                    leave=True, dynamic_ncols=True, file=sys.stdout, smoothing=0, bar_format=self.BAR_FORMAT,
+                    total=convert_inf(self.total_train_batches), unit="img", unit_scale=self.images_per_batch)
 
-    def on_train_start(self, trainer: L.Trainer, *_) -> None:
-        """The bar of the round about to train; made here too, as a run resumed mid-round gets no epoch start."""
-        self.round_bar(trainer)
+    def on_train_start(self, *_) -> None:
+        """No bar yet: round 1's candidates are generated at its epoch start, and a bar made now would stay on
+        the console as an empty ``round_1 train: 0/?`` above the generation bar."""
 
-    def on_train_epoch_start(self, trainer: L.Trainer, *_) -> None:
+    def on_train_epoch_start(self, *_) -> None:
+        """The bar is made at the round's first batch (``on_train_batch_start``), once its data exists."""
+
+    def on_train_batch_start(self, trainer: L.Trainer, *_) -> None:
+        """The round's bar, at its first batch (also the first batch after a resume mid-round)."""
         if self.bar_round != trainer.current_epoch:
             self.round_bar(trainer)
 
+    def on_train_epoch_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        if self.bar_round == trainer.current_epoch:
+            super().on_train_epoch_end(trainer, module)
+
+    def on_train_end(self, *_) -> None:
+        if self._train_progress_bar is not None:
+            self._train_progress_bar.close()
+
     def round_bar(self, trainer: L.Trainer) -> None:
         self.train_progress_bar = self.init_train_tqdm()
-        self.train_progress_bar.reset(total=convert_inf(self.total_train_batches))
         self.bar_round = trainer.current_epoch
 
     def get_metrics(self, trainer: L.Trainer, module: L.LightningModule) -> dict:

@@ -292,6 +292,7 @@ def generate_round(
     *,
     scores: Sequence[str] = (),
     progress: bool = True,
+    leave: bool = True,
     rank: int = 0,
     world_size: int = 1,
     stop: Callable[[], None] | None = None,
@@ -323,7 +324,7 @@ def generate_round(
     # One tick per micro-batch, rate averaged over the whole round (smoothing=0): a true ETA from the first tick.
     bar = tqdm(total=len(mine), initial=sum(j.prompt_id in skip for j in mine), unit="img", smoothing=0,
                desc=f"{round_dir.name} generate" + (f" (rank {rank})" if world_size > 1 else ""),
-               disable=not progress, dynamic_ncols=True)
+               disable=not progress, leave=leave, dynamic_ncols=True)
     timer, start = Timer(timings), time.perf_counter()
 
     def commit(pid: int, results: dict[int, Result]) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
@@ -29,15 +30,22 @@ def per_prompt_z(mi: torch.Tensor, prompt_ids: torch.Tensor) -> torch.Tensor:
     return z
 
 
+def histogram_bins(values: torch.Tensor, bins: int = 30) -> np.ndarray:
+    """Bin edges in float64 from the values' own minimum to maximum: float32 edges can end below the
+    float64 maximum and drop it (the selected best candidate is often that maximum)."""
+    return np.histogram_bin_edges(values.double().numpy(), bins=bins if values.max() > values.min() else 10)
+
+
 def plot_mi(mi: torch.Tensor, prompt_ids: torch.Tensor, chosen: torch.Tensor, title: str) -> Figure:
     """Left: MI relative to each prompt, selected vs not; right: raw MI per prompt, selected highlighted."""
     figure = Figure(figsize=(10, 3.6), layout="constrained")
     relative, raw = figure.subplots(1, 2)
     z = per_prompt_z(mi, prompt_ids)
-    bins = torch.linspace(z.min().item(), z.max().item(), 30).tolist() if z.max() > z.min() else 10
-    relative.hist(z[~chosen].tolist(), bins=bins, alpha=0.6, label="not selected")
-    relative.hist(z[chosen].tolist(), bins=bins, alpha=0.8, label="selected (top-k)")
+    bins = histogram_bins(z)
+    relative.hist(z[~chosen].numpy(), bins=bins, alpha=0.6, label="not selected")
+    relative.hist(z[chosen].numpy(), bins=bins, alpha=0.8, label="selected (top-k)")
     relative.set(xlabel="MI relative to its prompt (z-score)", ylabel="candidates")
+    relative.yaxis.set_major_locator(MaxNLocator(integer=True))  # counts: no 0.5 candidates
     relative.legend(fontsize=8)
     raw.scatter(prompt_ids[~chosen].tolist(), mi[~chosen].tolist(), s=6, color="0.6", label="not selected")
     raw.scatter(prompt_ids[chosen].tolist(), mi[chosen].tolist(), s=14, color="C1", label="selected (top-k)")

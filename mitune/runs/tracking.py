@@ -7,14 +7,16 @@ it without pulling in the training stack.
 A sweep's W&B runs are grouped by the sweep dir and named by the task and the values the sweep
 varies (``color-cfg2.5``), so a grid can be found and compared in the W&B UI; the configs use
 these through the ``${mitune.run_name:...}`` and ``${mitune.sweep_group:}`` resolvers. Each job's dir
-is named by its swept overrides (``${mitune.job_dirname:}``): Hydra's override_dirname holds all of a
-job's overrides, too long for a file name once a command has a dozen.
+is named by its swept overrides (``${mitune.job_dirname:}``, e.g. ``exp-color__seed-1``): Hydra's override_dirname
+holds all of a job's overrides, too long for a file name once a command has a dozen, and its ``=`` and ``,``
+make a path Hydra's grammar refuses as a value (``run_dir=...``).
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -72,12 +74,25 @@ def make_loggers(cfg: Any, wandb_run_id: str | None = None) -> list[Any]:
     return loggers
 
 
+def start_wandb(loggers: list[Any], say: bool = True) -> str | None:
+    """Create the W&B run of ``loggers`` (if one logs to W&B); says where it is (``say``) and returns that line.
+
+    Called only once a job has got past loading its model and inputs: a job that fails before leaves no
+    W&B run (an offline one would be uploaded by ``wandb sync`` as a crashed run)."""
+    for logger in loggers:
+        if hasattr(logger, "log_table"):  # Lightning's WandbLogger: its run is made on first use
+            where = wandb_summary(logger.experiment)
+            if say:
+                log.info(where)
+            return where
+    return None
+
+
 def finish_wandb() -> None:
     """Close the W&B run, if one is open, even after a failure, so a failed multirun job does not
-    break the sweep; says where the run is."""
+    break the sweep."""
     wandb = sys.modules.get("wandb")
     if wandb is not None and wandb.run is not None:
-        log.info(wandb_summary(wandb.run))
         wandb.finish()
 
 
@@ -120,10 +135,21 @@ def swept_overrides(hydra: Any) -> list[Any]:
 
 
 def job_dirname() -> str:
-    """A sweep job's dir: its swept overrides as Hydra's override_dirname writes them
-    (``+exp=color,generation.guidance_scale=2.5``), or the job number when the sweep varies nothing."""
+    """A sweep job's dir: its swept overrides (``+exp=color generation.guidance_scale=2.5`` ->
+    ``exp-color__generation.guidance_scale-2.5``), or the job number when the sweep varies nothing."""
     hydra = hydra_job()
-    return ",".join(o.input_line for o in swept_overrides(hydra)) or str(hydra.job.num)
+    return dirname_of(swept_overrides(hydra)) or str(hydra.job.num)
+
+
+def dirname_of(overrides: list[Any]) -> str:
+    """``<key>-<value>`` per override, joined by ``__``, in characters Hydra's grammar takes unquoted: the dir can
+    be passed back as it is (``run_dir=outputs/multiruns/<time>/exp-color__seed-1``), where Hydra's own
+    override_dirname (``+exp=color,seed=1``) needs nested quoting for its ``=`` and ``,``."""
+    def plain(text: str) -> str:
+        return re.sub(r"[^\w.+@%-]", "_", text)
+
+    return "__".join(plain(o.key_or_group.lstrip("+~")) + "-" + plain(o.get_value_element_as_str().strip("'\""))
+                     for o in overrides)
 
 
 def name_part(key: str, value: str) -> str:
