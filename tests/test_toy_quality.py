@@ -12,7 +12,8 @@ from PIL import Image, ImageFilter
 from mitune import evaluate as ev
 from mitune import summary
 from mitune.metrics import build_quality_metric, quality_needs_reference
-from mitune.toy.features import FEATURES_DIR, LABELS, load, scenes, to_input
+from mitune.toy.features import FEATURES_DIR, LABELS, load, scenes
+from mitune.toy.world import to_tensor
 from mitune.toy.world import balanced_prompts
 
 PROMPTS = balanced_prompts("test", 4, seed=0)  # 4 per category, 20 in all
@@ -27,7 +28,7 @@ def test_committed_feature_network_has_learned_the_world():
     """The committed weights (safetensors) recognise what fresh renderer scenes hold, far above chance."""
     assert (FEATURES_DIR / "model.safetensors").is_file() and (FEATURES_DIR / "README.md").is_file()
     images, labels = scenes(300, seed=123)
-    predicted = (load()(to_input(images)) > 0).numpy()
+    predicted = (load()(to_tensor(images)) > 0).numpy()
     accuracy = (predicted == labels.astype(bool)).mean(0)
     colors = [i for i, name in enumerate(LABELS) if name.startswith("color=")]
     assert accuracy[colors].min() > 0.97 and accuracy.mean() > 0.9, dict(zip(LABELS, accuracy.round(3)))

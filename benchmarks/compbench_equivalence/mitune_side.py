@@ -11,16 +11,16 @@ difference per stage and writes it to ``<out>/report.md``.
 
 from __future__ import annotations
 
-import gzip
 import json
 import re
 import sys
-from functools import lru_cache
 from pathlib import Path
 
 import torch
 from PIL import Image
 from safetensors.torch import load_file
+
+from mitune.models.builders import clip_bpe_files
 
 torch.set_num_threads(2)
 ROWS: list[str] = []
@@ -198,35 +198,6 @@ def clip_key_map(state: dict) -> dict:
     return {k: v.contiguous() for k, v in out.items()}
 
 
-@lru_cache(maxsize=1)
-def bytes_to_unicode() -> dict[int, str]:
-    """GPT-2's byte -> printable character table (OpenAI CLIP's tokenizer uses it)."""
-    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    chars, n = keep[:], 0
-    for b in range(256):
-        if b not in keep:
-            keep.append(b)
-            chars.append(256 + n)
-            n += 1
-    return dict(zip(keep, map(chr, chars)))
-
-
-def clip_tokenizer_files(folder: Path) -> tuple[Path, Path]:
-    """vocab.json / merges.txt from OpenAI's BPE file (shipped in the open_clip_torch wheel)."""
-    import importlib.util
-
-    package = Path(importlib.util.find_spec("open_clip").origin).parent  # not imported: it needs torchvision
-    with gzip.open(package / "bpe_simple_vocab_16e6.txt.gz") as f:
-        lines = f.read().decode().split("\n")
-    merges = [tuple(line.split()) for line in lines[1:49152 - 256 - 2 + 1]]
-    vocab = list(bytes_to_unicode().values())
-    vocab += [v + "</w>" for v in vocab] + ["".join(m) for m in merges] + ["<|startoftext|>", "<|endoftext|>"]
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}))
-    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n")
-    return folder / "vocab.json", folder / "merges.txt"
-
-
 def clip(out: Path) -> None:
     from transformers import (
         CLIPConfig,
@@ -246,7 +217,7 @@ def clip(out: Path) -> None:
     if missing or unexpected:
         raise SystemExit(f"CLIP: missing {missing}, unexpected {unexpected}")
     model.save_pretrained(folder)
-    vocab, merges = clip_tokenizer_files(out / "clip-bpe")
+    vocab, merges = clip_bpe_files(out / "clip-bpe")  # mitune's own builder of CLIP's BPE files
     processor = CLIPProcessor(image_processor=CLIPImageProcessor(), tokenizer=CLIPTokenizer(str(vocab), str(merges)))
     processor.save_pretrained(folder)
 

@@ -43,6 +43,7 @@ from mitune.toy.world import (
     render,
     sample_scene,
     split_prompts,
+    to_tensor,
 )
 
 log = logging.getLogger(__name__)
@@ -128,11 +129,6 @@ def training_pairs(split: Split, n: int, seed: int) -> tuple[list[str], np.ndarr
         images[len(captions)] = render(complete_scene(scene, split, rng), IMAGE_SIZE, rng)
         captions.append(prompt(scene))
     return captions, images
-
-
-def to_tensor(images: np.ndarray) -> torch.Tensor:
-    """uint8 NHWC -> float NCHW in [-1, 1], the VAE's input range."""
-    return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1
 
 
 # ----------------------------------------------------------------------------- training

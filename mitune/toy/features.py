@@ -40,6 +40,7 @@ from mitune.toy.world import (
     Scene,
     render,
     sample_scene,
+    to_tensor,
 )
 
 log = logging.getLogger(__name__)
@@ -96,11 +97,6 @@ def scenes(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     return images, labels
 
 
-def to_input(images: np.ndarray) -> torch.Tensor:
-    """uint8 NHWC -> float NCHW in [-1, 1]."""
-    return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1
-
-
 @dataclass(frozen=True)
 class FeatureTrainConfig:
     num_images: int = 20_000
@@ -117,7 +113,7 @@ def train(config: FeatureTrainConfig) -> tuple[ToyFeatureNet, dict]:
     start = time.time()
     images, labels = scenes(config.num_images, config.seed)
     test_images, test_labels = scenes(config.test_images, config.seed + 1)
-    x, y = to_input(images), torch.from_numpy(labels)
+    x, y = to_tensor(images), torch.from_numpy(labels)
     net = ToyFeatureNet()
     optimizer = torch.optim.AdamW(net.parameters(), lr=config.lr)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, config.lr, total_steps=config.steps)
@@ -133,7 +129,7 @@ def train(config: FeatureTrainConfig) -> tuple[ToyFeatureNet, dict]:
             log.info("step %d: loss %.4f", step, loss.item())
     net.eval()
     with torch.no_grad():
-        predicted = net(to_input(test_images)) > 0
+        predicted = net(to_tensor(test_images)) > 0
     accuracy = (predicted == torch.from_numpy(test_labels).bool()).float().mean(0)
     record = {"config": asdict(config), "labels": list(LABELS), "feature_dim": FEATURE_DIM,
               "final_loss": round(loss.item(), 4), "test_accuracy": {k: round(float(a), 4) for k, a in zip(LABELS, accuracy)},
@@ -208,7 +204,7 @@ class ToyFeatures:
     def __call__(self, images) -> torch.Tensor:
         arrays = [np.asarray(im.convert("RGB").resize((32, 32), Image.BICUBIC) if im.size != (32, 32)
                              else im.convert("RGB")) for im in images]
-        return self.net.embed(to_input(np.stack(arrays))).double()
+        return self.net.embed(to_tensor(np.stack(arrays))).double()
 
 
 def main(argv: list[str] | None = None) -> None:

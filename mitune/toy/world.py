@@ -12,6 +12,7 @@ import re
 from dataclasses import dataclass, field
 
 import numpy as np
+import torch
 
 PALETTE: dict[str, tuple[int, int, int]] = {
     "red": (220, 30, 30),
@@ -335,3 +336,8 @@ def balanced_prompts(which: str, per_category: int, seed: int = 0, skip: int = 0
         raise ValueError(f"split {seed} has too few {which} prompts for {skip} skipped + {per_category} per category: "
                          f"{short} (the shape category's pairs are few: 25 on the train side, 11 on the test side)")
     return [p for c in CATEGORIES for p in by_category[c][skip:n]]
+
+
+def to_tensor(images: np.ndarray) -> torch.Tensor:
+    """Rendered images, uint8 NHWC, as the networks take them: float NCHW in [-1, 1] (the VAE's input range)."""
+    return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1
