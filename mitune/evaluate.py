@@ -398,7 +398,10 @@ def evaluate(cfg: DictConfig) -> list[dict[str, Any]]:
     folder = ensure_images(cfg, eval_images(root, point.round, point.cfg, point.num_images, point.seed,
                                            settings_key(prompts, generation, model, adapter)), prompts,
                            generation, adapter, weights)
-    metadata = folder.rows()
+    try:
+        metadata = folder.rows()
+    except (OSError, ValueError) as err:  # a cached folder damaged since it was written
+        raise MetricInputError(f"{err}; delete {folder.path} to generate its images again") from err
     categories = [(prompt_set.categories or [point.category] * len(prompts))[row["prompt_id"]] for row in metadata]
     per_image, distances = score(folder, alignment, quality, cfg.eval.reference, categories, point.seed)
     meta = {"num_prompts": len(prompts), "model": str(model["path_or_id"]), "weights": weights.digest,
