@@ -13,6 +13,8 @@ agreement with full MI, and the oracle score of the pick minus full MI's pick, p
 seed, prompt), with a crossed bootstrap CI over seeds and prompts (``mitune.contrasts``). Controls: the
 oracle's own pick must beat MI's, a random pick must not.
 
+``rows``: UNet rows of the recommended schedule against full sampling as a round grows (the tail's share).
+
 ``wall``: real rounds (``generate_round``) on a few prompts: full sampling with the writer thread off (as
 before it) and on, and pruned with the recommended schedule; wall time per stage, UNet rows, and a check
 that the real pruned round picks what the replay says.
@@ -23,6 +25,7 @@ What docs/benchmarks/pruning*.md hold (about 45 min on a loaded 2-core CPU):
     OMP_NUM_THREADS=1 python benchmarks/pruning.py trace --m 8 16 --steps 25 --prompts 8 --seeds 0 1 2
     python benchmarks/pruning.py simulate --out docs/benchmarks/pruning_replay.md
     OMP_NUM_THREADS=1 python benchmarks/pruning.py wall --m 8 16 50 --wall-prompts 20 10 4 --out docs/benchmarks/pruning_wall.md
+    OMP_NUM_THREADS=1 python benchmarks/pruning.py rows --m 50 --out docs/benchmarks/pruning_rows.md
 """
 
 from __future__ import annotations
@@ -220,15 +223,40 @@ def wall(args: argparse.Namespace) -> str:
     return "\n".join(lines)
 
 
+def rows(args: argparse.Namespace) -> str:
+    """UNet rows of the recommended schedule against full sampling as a round grows: the tail's idle rows are
+    a constant per round and rank, so their share falls with the round's size. Row counts depend on the
+    schedule and the batch only, so the tiny random-init model (fast) stands in for the toy model."""
+    from mitune.models.builders import build_tiny_pipeline
+
+    lines = ["| M | prompts | UNet rows, full | UNet rows, pruned | of which idle | pruned / full |",
+             "|---|---|---|---|---|---|"]
+    with tempfile.TemporaryDirectory() as tmp:
+        pipe = load_pipeline(str(build_tiny_pipeline(Path(tmp) / "tiny", kind="sd")))
+        for m in args.m:
+            for n in args.rows_prompts:
+                config = GenerationConfig(num_candidates=m, num_inference_steps=args.wall_steps, micro_batch=ROWS,
+                                          seed=0, prune=RECOMMENDED)
+                timings: dict[str, float] = {}
+                generate_round(pipe, [f"a red cube number {i}" for i in range(n)], config, Path(tmp) / f"M{m}-{n}",
+                               progress=False, timings=timings)
+                full = 2 * n * m * args.wall_steps  # CFG: a conditional and an unconditional row per candidate and step
+                lines.append(f"| {m} | {n} | {full} | {timings['unet_rows']:.0f} | {timings.get('idle_rows', 0):.0f} | "
+                             f"{timings['unet_rows'] / full:.3f} |")
+                print(lines[-1], flush=True)
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("stage", choices=["trace", "simulate", "wall"])
+    parser.add_argument("stage", choices=["trace", "simulate", "wall", "rows"])
     parser.add_argument("--m", type=int, nargs="+", default=[8, 16, 50])
     parser.add_argument("--steps", type=int, nargs="+", default=[25])
     parser.add_argument("--prompts", type=int, default=25)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--wall-prompts", type=int, nargs="+", default=[10, 5, 2])
     parser.add_argument("--wall-steps", type=int, default=25)
+    parser.add_argument("--rows-prompts", type=int, nargs="+", default=[4, 16, 64, 256])
     parser.add_argument("--traces", type=Path, default=TRACES)
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
@@ -237,7 +265,7 @@ def main() -> None:
     if args.stage == "trace":
         trace(args)
         return
-    body = simulate(args) if args.stage == "simulate" else wall(args)
+    body = {"simulate": simulate, "wall": wall, "rows": rows}[args.stage](args)
     header = (f"<!-- python benchmarks/pruning.py {args.stage} ...: {time.perf_counter() - started:.0f} s on "
               f"{platform.processor() or platform.machine()}, torch {torch.__version__} -->\n")
     if args.out:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -241,3 +242,20 @@ def test_a_writer_error_reaches_the_round_and_earlier_prompts_are_kept(pipe, tmp
         generation.generate_round(pipe, PROMPTS, FULL, tmp_path, progress=False)
     # prompts handed to the writer are finished (kept), the failed one is not committed
     assert {0, 1} <= RoundDir(tmp_path).done_prompts() and 2 not in RoundDir(tmp_path).done_prompts()
+
+
+def test_the_rows_benchmark_counts_the_rows_the_sampler_ran(load_benchmark, monkeypatch, tmp_path):
+    """benchmarks/pruning.py rows: full sampling's rows by formula (CFG doubles them); a pruned round runs fewer
+    rows on candidates than full sampling, and its idle tail is at most one micro-batch per step."""
+    pruning = load_benchmark("pruning")
+    out = tmp_path / "rows.md"
+    monkeypatch.setattr(sys, "argv", ["pruning.py", "rows", "--m", "8", "--rows-prompts", "12", "--wall-steps", "4",
+                                      "--out", str(out)])
+    pruning.main()
+    [row] = [line for line in out.read_text().splitlines() if line.startswith("| 8 | 12 |")]
+    _, _, full, pruned, idle, ratio = (cell.strip() for cell in row.strip("|").split("|"))
+    steps = 4
+    assert int(full) == 2 * 12 * 8 * steps
+    assert 0 < int(pruned) - int(idle) < int(full)
+    assert 0 <= int(idle) <= 2 * pruning.ROWS * steps
+    assert float(ratio) == pytest.approx(int(pruned) / int(full), abs=1e-3)
