@@ -323,14 +323,14 @@ def test_diffusiondb_sample_is_clean_disjoint_and_seeded():
 def test_an_evaluation_run_logs_its_point_to_wandb(eval_config, tiny_sd_path, tmp_path, monkeypatch, capsys):
     """Each job's W&B run holds its point as summary metrics and round and CFG in its config, so a scatter panel
     over a sweep's group draws the trade-off; the job's one console line says where the run is."""
-    from tests.test_run import wandb_records
+    from tests.test_run import wandb_config, wandb_records
 
     monkeypatch.setenv("WANDB_MODE", "offline")
     cfg = eval_config(*FAST, f"model.path_or_id={tiny_sd_path}", "generation.guidance_scale=3", "logger=default")
     rows = ev.evaluate(cfg)
     records = wandb_records(tmp_path / "job")
-    config = {item.key: json.loads(item.value_json) for r in records if r.WhichOneof("record_type") == "config"
-              for item in r.config.update}
+    config = wandb_config(records)
+
     def key(item) -> str:
         return item.key or "/".join(item.nested_key)
 

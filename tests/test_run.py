@@ -203,6 +203,14 @@ def wandb_records(run_dir: Path) -> list:
     return records
 
 
+def wandb_config(records: list) -> dict:
+    """A run's config from its offline records: what the run record carries (W&B folds config updates made before
+    the run is set up into it, a race) updated by the later config records."""
+    items = [item for r in records if r.WhichOneof("record_type") == "run" for item in r.run.config.update]
+    items += [item for r in records if r.WhichOneof("record_type") == "config" for item in r.config.update]
+    return {item.key: json.loads(item.value_json) for item in items if not item.key.startswith("_")}
+
+
 @pytest.mark.slow
 def test_cfg_sweep_has_one_root_named_jobs_and_grouped_wandb_runs(tiny_sd_path, tmp_path):
     sweep = tmp_path / "sweep"
@@ -217,8 +225,7 @@ def test_cfg_sweep_has_one_root_named_jobs_and_grouped_wandb_runs(tiny_sd_path, 
         records = wandb_records(job)
         [run] = [r.run for r in records if r.WhichOneof("record_type") == "run"]
         assert (run.display_name, run.run_group) == (f"toy-cfg{cfg}", str(sweep))
-        config = {item.key: json.loads(item.value_json) for r in records if r.WhichOneof("record_type") == "config"
-                  for item in r.config.update}
+        config = wandb_config(records)
         assert config["generation"]["guidance_scale"] == float(cfg)
         assert f"generation.guidance_scale={cfg}" in config["hydra"]["overrides"]
         assert config["derived"] == {"accumulate_grad_batches": 2, "world_size": 1, "weights": digest}
