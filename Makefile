@@ -74,3 +74,4 @@ toy-features: $(STAMP)
 
 # The toy benchmark's runs, evaluations and summary (`make -j2 toy-eval`): a table of runs in benchmarks/toy.mk.
 include benchmarks/toy.mk
+include benchmarks/toy_best.mk

@@ -177,3 +177,21 @@ def test_the_test_prompts_are_unseen_prompts_of_the_training_distribution(task_c
     assert Counter(test_prompts.categories) == dict.fromkeys(CATEGORIES, eval_cfg.data.per_category)
     assert load_toy("train", eval_cfg.data.skip + eval_cfg.data.per_category).prompts == sorted(
         train_prompts.prompts + test_prompts.prompts, key=load_toy("train", 25).prompts.index)
+
+
+def test_the_dev_split_is_unseen_and_disjoint_from_training_and_test(task_config):
+    """toy_dev (make toy-best) chooses each method's best point on prompts that neither training nor the test
+    holds: the train side's next prompts after the test's, in the four categories that have them."""
+    train_cfg = task_config("config", ["+experiment=toy"], Path("unused"))
+    test_cfg = task_config("evaluate", ["+experiment=toy_eval"], Path("unused"))
+    dev_cfg = task_config("evaluate", ["+experiment=toy_dev"], Path("unused"))
+    assert dev_cfg.data.skip == test_cfg.data.skip + test_cfg.data.per_category
+    load = lambda cfg: load_toy("train", cfg.data.per_category, skip=cfg.data.skip,  # noqa: E731
+                                categories=cfg.data.get("categories"))
+    train, test, dev = (set(load(cfg).prompts) for cfg in (train_cfg, test_cfg, dev_cfg))
+    assert len(dev) == 40 and not dev & train and not dev & test
+    assert Counter(load(dev_cfg).categories) == dict.fromkeys(("color", "texture", "spatial", "complex"), 10)
+    with pytest.raises(ValueError, match="shape"):  # why shape is left out: no unseen train-side prompt is left
+        load_toy("train", 10, skip=25)
+    with pytest.raises(ValueError, match="categories must be"):
+        load_toy("train", 1, categories=["colour"])

@@ -20,6 +20,7 @@ model being aligned.
 
 from __future__ import annotations
 
+import json
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -32,13 +33,18 @@ from matplotlib.figure import Figure
 from mitune.models.adapters import merged_adapters, save_adapters
 from mitune.rounds.data import FinetuneData, RoundSet, epoch_index
 from mitune.rounds.external import RealSet
-from mitune.rounds.generation import check_settings, generate_round, round_settings
+from mitune.rounds.generation import check_settings, compared, generate_round, round_settings
 from mitune.rounds.module import MITuneModule
 from mitune.rounds.plots import describe, plot_round
 from mitune.rounds.selection import check_strategy, sampling_scores, select_round, verify_round
 from mitune.rounds.settings import GenerationConfig
 from mitune.runs.artifacts import RoundDir, RunDir, finished
-from mitune.runs.io import atomic_dir, save_figure
+from mitune.runs.io import atomic_dir, save_figure, write_json
+
+
+# Generation settings that decide which candidates a round keeps, not which it generates (``rounds_from`` ranks
+# another run's round-1 candidates again where only these differ).
+SELECTION = ("selection", "top_k")
 
 
 class MIRounds(L.Callback):
@@ -92,7 +98,7 @@ class MIRounds(L.Callback):
         rank 0 selects."""
         out = self.run.round(r)
         pipe = self.generator or module.pipe
-        if self.rounds_from is not None and trainer.is_global_zero and not out.path.exists():
+        if self.rounds_from is not None and r == 1 and trainer.is_global_zero and not out.path.exists():
             self.take_round(self.rounds_from.round(r), out, round_settings(pipe, self.prompts, self.generation))
         trainer.strategy.barrier("mitune-round-taken")
         if out.is_complete():
@@ -117,14 +123,36 @@ class MIRounds(L.Callback):
         return out
 
     def take_round(self, source: RoundDir, out: RoundDir, settings: dict) -> None:
-        """Another run's finished round r as this run's (``rounds_from``), where its settings (model, prompts,
-        generation and selection) are this round's: the same candidates and picks, generated once. Copied whole
-        (nothing of the other run is written); then checked as any finished round is."""
+        """Another run's finished round 1 as this run's (``rounds_from``): the same candidates, generated once.
+
+        Round 1 only: its candidates come from the base model (an adapter at its init changes no weight), while a
+        later round's come from the adapter that run trained. Where the settings (model, prompts, generation) are
+        this round's, the round is copied whole (the same picks); where they differ only in the selection
+        (``SELECTION``), its candidates are copied and ranked again by this run's selection, unless that needs a
+        score the source did not compute while sampling. Nothing of the other run is written; the round is then
+        checked, or selected, as any round is."""
         if not source.is_complete():
             return
-        check_settings(source, settings)  # another round's settings: refused, naming them
+        try:
+            check_settings(source, settings)
+        except ValueError:  # another round's settings: refused below, naming them, unless only selection differs
+            if not self.same_candidates(source, settings):
+                raise
+            with atomic_dir(out.path, source.summary_file.name) as tmp:
+                for name in RoundDir.CONTENT_DIRS:
+                    if (source.path / name).is_dir():
+                        shutil.copytree(source.path / name, tmp / name, ignore=shutil.ignore_patterns(".*"))
+                write_json(RoundDir(tmp).settings_file, settings)
+            return
         with atomic_dir(out.path, source.summary_file.name) as tmp:
             shutil.copytree(source.path, tmp, dirs_exist_ok=True, ignore=shutil.ignore_patterns("adapter", ".*"))
+
+    def same_candidates(self, source: RoundDir, settings: dict) -> bool:
+        """Whether ``source`` generated the candidates this round would, with every score this selection ranks by."""
+        theirs = json.loads(source.settings_file.read_text(encoding="utf-8"))
+        drop = lambda s: {**s, "generation": {k: v for k, v in s["generation"].items() if k not in SELECTION}}  # noqa: E731
+        computed = set(sampling_scores(theirs["generation"].get("selection", "mi")))
+        return drop(compared(theirs)) == drop(compared(settings)) and set(sampling_scores(self.generation.selection)) <= computed
 
     def on_train_epoch_end(self, trainer: L.Trainer, module: MITuneModule) -> None:
         """Keep the adapter of the round just trained (and the latest one as the run's result)."""
