@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from omegaconf import OmegaConf
 from PIL import Image
 
 from mitune import analysis, summary
@@ -120,7 +121,8 @@ def make_commands(target: str, tmp_path: Path) -> list[list[str]]:
     with the interpreter replaced by one that prints its arguments as JSON."""
     venv = tmp_path / "venv"
     result = subprocess.run(["make", "--no-print-directory", "-C", str(REPO), target, f"PY={ECHO_ARGS}",
-                             f"VENV={venv}", f"TOY={tmp_path / 'toy'}", "-o", f"{venv}/.installed"],
+                             f"VENV={venv}", f"TOY={tmp_path / 'toy'}", f"TOY_BEST={tmp_path / 'best'}",
+                             "-o", f"{venv}/.installed"],
                             capture_output=True, text=True, check=True)
     return [json.loads(line) for line in result.stdout.splitlines() if line.startswith("[")]
 
@@ -195,3 +197,29 @@ def test_the_dev_split_is_unseen_and_disjoint_from_training_and_test(task_config
         load_toy("train", 10, skip=25)
     with pytest.raises(ValueError, match="categories must be"):
         load_toy("train", 1, categories=["colour"])
+
+
+@pytest.mark.parametrize("run,rounds,extra", [
+    ("mi-seed0", 3, {}), ("random-seed1", 3, {}), ("toy_objects-seed2", 1, {}),
+    ("mi_r4-seed2", 2, {"adapter.rank": "4", "adapter.alpha": "4"}), ("toy_oracle_r8-seed1", 1, {"adapter.rank": "8"}),
+    ("mi_cfg3-seed0", 2, {"generation.guidance_scale": "3.0"}), ("mi_empty-seed1", 2, {"train.empty_prompt_prob": "0.1"})])
+def test_a_best_target_trains_its_method_and_evaluates_it_on_test_and_dev(task_config, tmp_path, run, rounds, extra):
+    """make toy-best: each run's training settings, round 1 from the seed's mi run where its candidates are the
+    same (all but mi and the CFG-3 recipe), test at every point; dev for the main methods only."""
+    commands = make_commands(f"toy-best-run-{run}", tmp_path)
+    method, seed = run.split("-seed")
+    mine = [args for args in commands if overrides(args).get("hydra.run.dir", "").endswith(f"/train/{run}")
+            or overrides(args).get("hydra.sweep.dir", "").endswith(f"/{run}")]
+    train_args, *evals = mine
+    train_cfg = compose_first(task_config, "config", train_args)
+    assert (train_cfg.seed, train_cfg.rounds) == (int(seed), rounds)
+    assert all(str(OmegaConf.select(train_cfg, k)) == v for k, v in extra.items())
+    shared = method not in ("mi", "mi_cfg3")
+    assert (overrides(train_args).get("rounds_from") == str(tmp_path / "best" / "train" / f"mi-seed{seed}")) == shared
+    splits = {Path(overrides(args)["hydra.sweep.dir"]).parent.name: args for args in evals}
+    assert set(splits) == ({"test", "dev"} if method in ("mi", "random", "toy_objects") else {"test"})
+    for split, args in splits.items():
+        cfg = compose_first(task_config, "evaluate", args)
+        assert cfg.eval.method == method and Path(cfg.run_dir) == Path(overrides(train_args)["hydra.run.dir"])
+        assert overrides(args)["eval.round"] == ",".join(map(str, range(0 if method == "mi" else 1, rounds + 1)))
+        assert (cfg.data.skip, cfg.eval.num_images) == ((25, 1) if split == "dev" else (15, 2))
