@@ -21,6 +21,7 @@ read the intervals as approximate; with one seed they cover the prompts only.
 from __future__ import annotations
 
 import logging
+import re
 from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
@@ -69,12 +70,24 @@ def prompt_means(jobs: Sequence[Job], metric: str) -> tuple[dict[Point, dict[tup
 
 
 def split_contrast(name: str, methods: set[str]) -> tuple[str, str]:
-    """``A-B`` into its sides; method names may hold "-", so it splits where both sides are known."""
+    """``A-B`` into its sides; method names may hold "-", so it splits where both sides are known. A side may pin
+    a round, ``method@r`` (e.g. ``mi@2-mi@1``: round 2 against round 1 of one method)."""
     known = methods | {BASE}
-    sides = [(name[:i], name[i + 1:]) for i, c in enumerate(name) if c == "-" and {name[:i], name[i + 1:]} <= known]
+    method = lambda side: re.sub(r"@\d+$", "", side)  # noqa: E731
+    sides = [(name[:i], name[i + 1:]) for i, c in enumerate(name)
+             if c == "-" and {method(name[:i]), method(name[i + 1:])} <= known]
     if len(sides) != 1:
-        raise ContrastError(f"contrast {name!r} is not A-B of two evaluated methods or {BASE}; evaluated: {sorted(methods)}")
+        raise ContrastError(f"contrast {name!r} is not A-B of two evaluated methods or {BASE} (a side may be "
+                            f"method@round); evaluated: {sorted(methods)}")
     return sides[0]
+
+
+def pinned(side: str) -> tuple[str, int | None]:
+    """A contrast side's method and the round it pins (``mi@2``; the base model is round 0), or None."""
+    found = re.fullmatch(r"(.+)@(\d+)", side)
+    if found:
+        return found[1], int(found[2])
+    return side, (0 if side == BASE else None)
 
 
 def crossed_bootstrap(diffs: np.ndarray, resamples: int = 10_000, seed: int = 0, level: float = 0.95) -> tuple[float, float]:
@@ -92,7 +105,7 @@ def crossed_bootstrap(diffs: np.ndarray, resamples: int = 10_000, seed: int = 0,
     return float(low), float(high)
 
 
-def contrast_row(name: str, category: str, r: int, cfg: float, cells: dict[tuple[str, Prompt], float],
+def contrast_row(name: str, category: str, r: int | str, cfg: float, cells: dict[tuple[str, Prompt], float],
                  resamples: int, seed: int) -> dict[str, Any]:
     seeds = sorted({s for s, _ in cells})
     prompts = sorted({p for _, p in cells})
@@ -112,10 +125,15 @@ def contrast_table(jobs: Sequence[Job], metric: str, contrasts: Sequence[str], r
     methods = {method for method, _, _ in means} - {BASE}
     rows, skipped = [], []
     for name in contrasts:
-        a, b = split_contrast(name, methods)
-        points = sorted({(r, g) for m, r, g in means if m in (a, b) and r > 0})
+        (a, ra), (b, rb) = (pinned(side) for side in split_contrast(name, methods))
+        if (ra is None) != (rb is None) and BASE not in (a, b):
+            raise ContrastError(f"contrast {name!r} pins the round of one side only: pin both (method@round) or neither")
+        if ra is not None and rb is not None:  # both rounds pinned: one row per CFG, its round "ra vs rb"
+            points = sorted({(f"{ra} vs {rb}", g) for _, _, g in means})
+        else:
+            points = sorted({(r, g) for m, r, g in means if m in (a, b) and r > 0})
         for r, g in points:
-            side_a, side_b = (means.get((m, 0, g) if m == BASE else (m, r, g), {}) for m in (a, b))
+            side_a, side_b = (means.get((m, pin if pin is not None else r, g), {}) for m, pin in ((a, ra), (b, rb)))
             if not side_a or not side_b:  # a point one side never evaluated (a round it did not train): no row
                 continue
             for side, other in ((side_a, b), (side_b, a)):

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from mitune import summary
-from mitune.contrasts import COLUMNS, contrast_table, crossed_bootstrap
+from mitune.contrasts import COLUMNS, ContrastError, contrast_table, crossed_bootstrap
 from mitune.runs.artifacts import RESULT_COLUMNS
 from mitune.runs.io import csv_text
 
@@ -127,6 +127,22 @@ def test_base_is_round_zero_of_any_run_and_one_sided_cells_are_named(tmp_path, c
     assert set(rows) == {(c, k, 1, 7.5) for c in ("mi-base", "mi-random") for k in ("all", "color", "shape")}
     assert rows[("mi-base", "all", 1, 7.5)]["n_seeds"] == 3 and rows[("mi-random", "all", 1, 7.5)]["n_seeds"] == 2
     assert 0 < rows[("mi-base", "all", 1, 7.5)]["ci_low"] < 0.1 < rows[("mi-base", "all", 1, 7.5)]["ci_high"]
+
+
+def test_a_method_against_its_own_earlier_round_pins_both_rounds(tmp_path):
+    """``mi@2-mi@1``: round 2 against round 1 of the same runs, paired by seed and prompt (did a round help?)."""
+    base = shared(0.1)
+    for seed in SEEDS:
+        write_job(tmp_path, "mi", 1, seed, noisy(base, 0.05, 1))
+        write_job(tmp_path, "mi", 2, seed, noisy(lambda s, p: base(s, p) - 0.15, 0.05, 2))
+        write_job(tmp_path, "mi", 0, seed, noisy(base, 0.05, 3))
+    rows = table(tmp_path, "mi@2-mi@1", "mi@2-base")
+    drop, against_base = rows[("mi@2-mi@1", "all", "2 vs 1", 7.5)], rows[("mi@2-base", "all", "2 vs 0", 7.5)]
+    assert drop["ci_low"] < -0.15 < drop["ci_high"] < 0 and drop["n_seeds"] == 3
+    assert against_base["mean_diff"] == pytest.approx(drop["mean_diff"], abs=0.03)
+    assert {key[2] for key in rows} == {"2 vs 1", "2 vs 0"}  # one row per CFG, not one per round
+    with pytest.raises(ContrastError, match="pins the round of one side only"):
+        table(tmp_path, "mi@2-mi")
 
 
 def test_the_interval_spans_the_spread_of_training_seeds_and_of_whole_prompts():
