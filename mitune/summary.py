@@ -447,7 +447,10 @@ Cells = dict[tuple[str, str], float]  # (training seed, category) -> value, aver
 
 def default_metric(rows: Sequence[Row], metric: str | None) -> str:
     """The contrasts' (and the best points') metric: ``metric``, else the alphabetically first alignment one (plotted)."""
-    return metric or min(row["metric"] for row in rows if row["kind"] == "alignment")
+    found = {row["metric"] for row in rows if row["kind"] == "alignment"}
+    if not found:
+        raise SummaryError("no alignment results to contrast or to choose best points by")
+    return metric or min(found)
 
 
 def point_cells(rows: Sequence[Row], metric: str) -> dict[tuple[str, int, float], Cells]:
@@ -540,12 +543,13 @@ def summarize(dirs: Sequence[str | os.PathLike], out: str | os.PathLike, *, cfg:
     rows = collect(dirs)
     means = seed_means(rows)
     out = Path(out).expanduser()
+    metric = default_metric(rows, contrast_metric) if dev or contrasts else ""
     best = None
     if dev:
         dev_rows = collect(dev)
         check_weights([*rows, *dev_rows])
         check_disjoint(result_files(dev), result_files(dirs))
-        best = best_points(dev_rows, rows, default_metric(rows, contrast_metric))
+        best = best_points(dev_rows, rows, metric)
     written = {"results": out / "all_results.csv"}
     key = lambda r: tuple(str(r[c]) for c in RESULT_COLUMNS)  # noqa: E731
     write_text(written["results"], csv_text(sorted(rows, key=key), RESULT_COLUMNS))
@@ -571,11 +575,11 @@ def summarize(dirs: Sequence[str | os.PathLike], out: str | os.PathLike, *, cfg:
         written["rounds"] = out / "rounds.png"
     if best is not None:
         write_text(out / "best.csv", csv_text(best, BEST_COLUMNS))
-        write_text(out / "best.md", best_markdown(best, default_metric(rows, contrast_metric)))
+        write_text(out / "best.md", best_markdown(best, metric))
         written.update(best_csv=out / "best.csv", best_md=out / "best.md")
     if contrasts:
         points = None if best is None else {row["method"]: (row["round"], row["cfg"]) for row in best}
-        written.update(write_contrasts(dirs, out, contrasts, default_metric(rows, contrast_metric), points))
+        written.update(write_contrasts(dirs, out, contrasts, metric, points))
     try:
         header, body = table2(means)
     except SummaryError as err:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 from pathlib import Path
 
 import numpy as np
@@ -146,3 +147,16 @@ def test_cli_writes_best_points_and_contrasts_between_them_on_test(tmp_path):
                                                                        if category_of(p) == "color"]))
     assert float(rows["all"]["ci_low"]) < float(rows["all"]["mean_diff"]) < float(rows["all"]["ci_high"])
     assert "| mi-base | all | best (R=2 vs R=0) | 3 vs 7.5 |" in (out / "contrasts.md").read_text()
+
+
+def test_best_points_are_logged_to_wandb_as_a_table(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    write_split(tmp_path / "dev", DEV, "dev prompt {}", salt=100)
+    write_split(tmp_path / "test", TEST, "prompt {}", salt=0)
+    out = tmp_path / "out"
+    written = summary.summarize([tmp_path / "test"], out, dev=[tmp_path / "dev"])
+    summary.log_to_wandb(written, out, "mitune")
+    [table] = out.glob("wandb/offline-run-*/files/media/table/summary/best_*.table.json")
+    logged = json.loads(table.read_text())
+    assert logged["columns"] == summary.BEST_COLUMNS
+    assert [row[:3] for row in logged["data"]] == [["base", 0, 7.5], ["mi", 2, 3.0]]
