@@ -173,6 +173,8 @@ def contrasts_markdown(rows: Sequence[dict[str, Any]], metric: str, best: dict[s
     points (``best_contrast_table``) say each side's round and CFG."""
     lines = [f"Paired contrasts of {metric} (A minus B per training seed and prompt; 95% bootstrap CI over "
              "training seeds and prompts, crossed; bold: the interval excludes 0; see mitune/contrasts.py)\n",
+             *(["Each side at its own best (round, CFG), chosen on the dev prompts (best.md); pairs of the test prompts.\n"]
+               if best is not None else []),
              "| contrast | category | round | CFG | mean diff [95% CI] | prompts | seeds |", "|---|---|---|---|---|---|---|"]
     for row in rows:
         cell = f"{row['mean_diff']:+.3f} [{row['ci_low']:+.3f}, {row['ci_high']:+.3f}]"

@@ -516,8 +516,9 @@ def check_disjoint(dev: Sequence[Path], test: Sequence[Path]) -> None:
 
 def best_markdown(best: Sequence[Row], metric: str) -> str:
     body = [[row["method"], row["round"], row["cfg"], row["dev_value"], row["test_value"], row["n_seeds"]] for row in best]
-    return markdown(f"Each method's best (round, CFG) by the dev mean of {metric} (all categories pooled, mean over "
-                    "training seeds; ties: lower round, then lower CFG), reported on the disjoint test prompts",
+    return markdown(f"Each method's best (round, CFG) by the dev mean of {metric} (each job's `all` row, or the mean over "
+                    "categories where a job has one; mean over training seeds; only points of every dev seed compete; "
+                    "ties: lower round, then lower CFG), and its mean on the disjoint test prompts",
                     ["method", "round", "CFG", "dev", "test", "seeds (test)"], body)
 
 
