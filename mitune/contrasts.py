@@ -16,6 +16,9 @@ paired because the units redrawn are differences. Percentile interval of 10,000 
 seeded generator (each row's own, so a row does not depend on what else was asked). With three
 seeds the seed level has few distinct draws and the bootstrap scales its spread by sqrt(2/3):
 read the intervals as approximate; with one seed they cover the prompts only.
+
+``best_contrast_table`` makes the same contrasts with each side at its own (round, CFG), the point
+``mitune.summary --dev`` chose for it on other prompts (rows with round and cfg ``best``).
 """
 
 from __future__ import annotations
@@ -105,7 +108,7 @@ def crossed_bootstrap(diffs: np.ndarray, resamples: int = 10_000, seed: int = 0,
     return float(low), float(high)
 
 
-def contrast_row(name: str, category: str, r: int | str, cfg: float, cells: dict[tuple[str, Prompt], float],
+def contrast_row(name: str, category: str, r: int | str, cfg: float | str, cells: dict[tuple[str, Prompt], float],
                  resamples: int, seed: int) -> dict[str, Any]:
     seeds = sorted({s for s, _ in cells})
     prompts = sorted({p for _, p in cells})
@@ -117,13 +120,37 @@ def contrast_row(name: str, category: str, r: int | str, cfg: float, cells: dict
             "ci_low": low, "ci_high": high, "n_prompts": len(prompts), "n_seeds": len(seeds)}
 
 
+def paired_rows(name: str, sides: tuple[str, str], side_a: dict[tuple[str, Prompt], float],
+                side_b: dict[tuple[str, Prompt], float], category: dict[Prompt, str | None], at: tuple[Any, Any],
+                where: str, resamples: int, seed: int, skipped: list[str]) -> list[dict[str, Any]]:
+    """One contrast's rows (``all``, then each category) at ``at`` (round, cfg) from the cells both sides have;
+    cells of one side only are noted in ``skipped``, ``where`` naming the point."""
+    both = side_a.keys() & side_b.keys()
+    for side, other in ((side_a, sides[1]), (side_b, sides[0])):
+        alone = sorted({s or "none" for s, _ in side.keys() - both})
+        if alone:
+            skipped.append(f"{name} {where}: cells of seed(s) {', '.join(alone)} lack {other}")
+    cells = {cell: side_a[cell] - side_b[cell] for cell in both}
+    groups = ["all", *sorted({category[p] for _, p in cells if category[p] is not None})] if cells else []
+    return [contrast_row(name, c, *at, {cell: d for cell, d in cells.items() if c == "all" or category[cell[1]] == c},
+                         resamples, seed) for c in groups]
+
+
+def warn_about(rows: Sequence[dict[str, Any]], skipped: Sequence[str]) -> None:
+    if skipped:
+        log.warning("paired contrasts skip cells that one side lacks: %s", "; ".join(skipped))
+    if any(row["n_seeds"] == 1 for row in rows):
+        log.warning("some contrasts have one training seed: their intervals cover prompts only")
+
+
 def contrast_table(jobs: Sequence[Job], metric: str, contrasts: Sequence[str], resamples: int = 10_000,
                    seed: int = 0) -> list[dict[str, Any]]:
     """One row (``COLUMNS``) per contrast, round >= 1, CFG and category (``all`` first), from the paired cells;
     cells of one side only are skipped with one warning naming them (a point one side lacks entirely, silently)."""
     means, category = prompt_means(jobs, metric)
     methods = {method for method, _, _ in means} - {BASE}
-    rows, skipped = [], []
+    rows: list[dict[str, Any]] = []
+    skipped: list[str] = []
     for name in contrasts:
         (a, ra), (b, rb) = (pinned(side) for side in split_contrast(name, methods))
         if (ra is None) != (rb is None) and BASE not in (a, b):
@@ -134,34 +161,50 @@ def contrast_table(jobs: Sequence[Job], metric: str, contrasts: Sequence[str], r
             points = sorted({(r, g) for m, r, g in means if m in (a, b) and r > 0})
         for r, g in points:
             side_a, side_b = (means.get((m, pin if pin is not None else r, g), {}) for m, pin in ((a, ra), (b, rb)))
-            if not side_a or not side_b:  # a point one side never evaluated (a round it did not train): no row
-                continue
-            for side, other in ((side_a, b), (side_b, a)):
-                alone = sorted({s or "none" for s, _ in side.keys() - (side_a.keys() & side_b.keys())})
-                if alone:
-                    skipped.append(f"{name} round {r} CFG {g:g}: cells of seed(s) {', '.join(alone)} lack {other}")
-            cells = {cell: side_a[cell] - side_b[cell] for cell in side_a.keys() & side_b.keys()}
-            if not cells:
-                continue
-            for c in ["all", *sorted({category[p] for _, p in cells if category[p] is not None})]:
-                mine = {cell: d for cell, d in cells.items() if c == "all" or category[cell[1]] == c}
-                rows.append(contrast_row(name, c, r, g, mine, resamples, seed))
-    if skipped:
-        log.warning("paired contrasts skip cells that one side lacks: %s", "; ".join(skipped))
-    if any(row["n_seeds"] == 1 for row in rows):
-        log.warning("some contrasts have one training seed: their intervals cover prompts only")
+            if side_a and side_b:  # else a point one side never evaluated (a round it did not train): no row
+                rows += paired_rows(name, (a, b), side_a, side_b, category, (r, g), f"round {r} CFG {g:g}",
+                                    resamples, seed, skipped)
+    warn_about(rows, skipped)
     return rows
 
 
-def contrasts_markdown(rows: Sequence[dict[str, Any]], metric: str) -> str:
-    """The table for reading: mean difference [95% CI], bold where the interval excludes 0."""
+def best_contrast_table(jobs: Sequence[Job], metric: str, contrasts: Sequence[str],
+                        best: dict[str, tuple[int, float]], resamples: int = 10_000,
+                        seed: int = 0) -> list[dict[str, Any]]:
+    """As ``contrast_table``, each side at its own point ``best[method]`` (round, cfg; ``base`` at round 0), rows
+    with round and cfg ``best``: the protocol that picks each method's point on other (dev) prompts."""
+    means, category = prompt_means(jobs, metric)
+    rows: list[dict[str, Any]] = []
+    skipped: list[str] = []
+    for name in contrasts:
+        a, b = split_contrast(name, set(best) - {BASE})
+        if a not in best or b not in best:
+            raise ContrastError(f"contrast {name!r} pins a round; at best points each side's round is chosen on dev")
+        side_a, side_b = (means.get((m, *best[m]), {}) for m in (a, b))
+        where = " vs ".join(f"{m} R={best[m][0]} CFG {best[m][1]:g}" for m in (a, b))
+        rows += paired_rows(name, (a, b), side_a, side_b, category, ("best", "best"), f"at best points ({where})",
+                            resamples, seed, skipped)
+    warn_about(rows, skipped)
+    return rows
+
+
+def contrasts_markdown(rows: Sequence[dict[str, Any]], metric: str, best: dict[str, tuple[int, float]] | None = None) -> str:
+    """The table for reading: mean difference [95% CI], bold where the interval excludes 0; rows at ``best``
+    points (``best_contrast_table``) say each side's round and CFG."""
     lines = [f"Paired contrasts of {metric} (A minus B per training seed and prompt; 95% bootstrap CI over "
              "training seeds and prompts, crossed; bold: the interval excludes 0; see mitune/contrasts.py)\n",
+             *(["Each side at its own best (round, CFG), chosen on the dev prompts (best.md); pairs of the test prompts.\n"]
+               if best is not None else []),
              "| contrast | category | round | CFG | mean diff [95% CI] | prompts | seeds |", "|---|---|---|---|---|---|---|"]
     for row in rows:
         cell = f"{row['mean_diff']:+.3f} [{row['ci_low']:+.3f}, {row['ci_high']:+.3f}]"
         bold = row["ci_low"] > 0 or row["ci_high"] < 0
-        lines.append(f"| {row['contrast']} | {row['category']} | {row['round']} | {row['cfg']:g} | "
+        if best is not None:
+            (ra, ga), (rb, gb) = (best[m] for m in split_contrast(row["contrast"], set(best) - {BASE}))
+            point = f"best (R={ra} vs R={rb}) | {ga:g} vs {gb:g}"
+        else:
+            point = f"{row['round']} | {row['cfg']:g}"
+        lines.append(f"| {row['contrast']} | {row['category']} | {point} | "
                      f"{f'**{cell}**' if bold else cell} | {row['n_prompts']} | {row['n_seeds']} |")
     if any(row["n_seeds"] == 1 for row in rows):
         lines.append("\nRows with one seed: the interval covers prompts only, not training runs.")

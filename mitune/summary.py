@@ -17,6 +17,14 @@ categories, runs and sweeps) and writes:
   ± the std across seeds (where there are several rounds);
 * ``contrasts.csv`` / ``contrasts.md`` (with ``--contrast A-B ...``): paired differences per training
   seed and prompt from each job's ``scores.jsonl``, with crossed bootstrap CIs (``mitune.contrasts``);
+* ``best.csv`` / ``best.md`` (with ``--dev <dirs>``): the paper picks each method's best (round, CFG) on
+  the prompts it reports (a winner's curse); here each method's point (``base``: its CFG) is the
+  highest mean of the contrast metric on the dev dirs' prompts, reported on the given (test) dirs'
+  prompts, which must be disjoint from them. The mean is of the ``all`` row (each job's images
+  pooled) or, where jobs have one category, over categories, averaged over training seeds; only
+  points evaluated for every (training seed, category) the method has on dev compete; ties go to
+  the lower round, then the lower CFG. ``contrasts.csv`` / ``.md`` then pair each side at its own
+  best point on the test prompts (round and cfg ``best``);
 * ``all_results.csv``: all rows collected (not named results.csv, so a later summary over a
   parent dir does not collect it again);
 
@@ -44,9 +52,10 @@ from typing import Any
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
-from mitune.contrasts import BASE, COLUMNS as CONTRAST_COLUMNS, ContrastError, Job, contrast_table, contrasts_markdown
+from mitune.contrasts import (BASE, COLUMNS as CONTRAST_COLUMNS, ContrastError, Job, best_contrast_table, contrast_table,
+                              contrasts_markdown)
 from mitune.runs.artifacts import RESULT_COLUMNS, RESULTS, SCORES
-from mitune.runs.io import csv_text, save_figure, write_text
+from mitune.runs.io import csv_text, read_jsonl, save_figure, write_text
 from mitune.runs.tracking import setup_wandb
 
 log = logging.getLogger(__name__)
@@ -432,26 +441,116 @@ def default_quality(rows: Sequence[Row], wanted: str) -> str:
     return found[0]
 
 
-def write_contrasts(dirs: Sequence[str | os.PathLike], rows: Sequence[Row], out: Path, contrasts: Sequence[str],
-                    metric: str | None) -> dict[str, Path]:
-    """contrasts.csv / contrasts.md (mitune.contrasts) of ``metric``, by default the alphabetically first
-    alignment metric (the one plotted); nothing where no contrast has a pair."""
-    metric = metric or min(row["metric"] for row in rows if row["kind"] == "alignment")
-    table = contrast_table(scored_jobs(result_files(dirs)), metric, contrasts)
+BEST_COLUMNS = ["method", "round", "cfg", "dev_value", "test_value", "n_seeds"]
+Cells = dict[tuple[str, str], float]  # (training seed, category) -> value, averaged over evaluation seeds
+
+
+def default_metric(rows: Sequence[Row], metric: str | None) -> str:
+    """The contrasts' (and the best points') metric: ``metric``, else the alphabetically first alignment one (plotted)."""
+    found = {row["metric"] for row in rows if row["kind"] == "alignment"}
+    if not found:
+        raise SummaryError("no alignment results to contrast or to choose best points by")
+    return metric or min(found)
+
+
+def point_cells(rows: Sequence[Row], metric: str) -> dict[tuple[str, int, float], Cells]:
+    """Per point (method or base, round, cfg): ``metric`` per (training seed, category); only the ``all`` rows
+    for a method whose jobs span categories (the toy), each category for one whose jobs have one (SD)."""
+    groups: dict[tuple[str, int, float], dict[tuple[str, str], list[float]]] = defaultdict(lambda: defaultdict(list))
+    for row in rows:
+        if row["kind"] == "alignment" and row["metric"] == metric:
+            method, r = model_key(row)
+            groups[(method or BASE, r, row["cfg"])][(row["train_seed"], row["category"])].append(row["value"])
+    spans = {point[0] for point, cells in groups.items() if any(c == "all" for _, c in cells)}
+    return {point: {cell: sum(v) / len(v) for cell, v in cells.items() if (cell[1] == "all") == (point[0] in spans)}
+            for point, cells in groups.items()}
+
+
+def point_value(cells: Cells) -> tuple[float, int]:
+    """The mean over training seeds of each seed's mean over categories, and the number of seeds."""
+    by_seed: dict[str, list[float]] = defaultdict(list)
+    for (seed, _), value in cells.items():
+        by_seed[seed].append(value)
+    return sum(sum(v) / len(v) for v in by_seed.values()) / len(by_seed), len(by_seed)
+
+
+def best_points(dev: Sequence[Row], test: Sequence[Row], metric: str) -> list[Row]:
+    """Each method's (``BEST_COLUMNS``) point of highest dev mean among those complete on dev, with its test mean."""
+    on_dev, on_test = point_cells(dev, metric), point_cells(test, metric)
+    methods, tested = {m for m, _, _ in on_dev}, {m for m, _, _ in on_test}
+    if not methods:
+        raise SummaryError(f"no {metric!r} alignment results in the dev dirs")
+    if methods != tested:
+        one = min(methods ^ tested)
+        raise SummaryError(f"method {one!r} is evaluated on the {'dev' if one in methods else 'test'} split only; "
+                           "each method needs both to choose its point on dev and report it on test")
+    best = []
+    for method in sorted(methods):
+        mine = {point: cells for point, cells in on_dev.items() if point[0] == method}
+        needed = set().union(*mine.values())
+        complete = {point: point_value(cells)[0] for point, cells in mine.items() if cells.keys() == needed}
+        if not complete:
+            raise SummaryError(f"no point of {method} on dev was evaluated for all its training seeds and categories "
+                               f"({', '.join(sorted(f'{s}/{c}' for s, c in needed))}); evaluate one grid per seed")
+        (_, r, g), dev_value = max(complete.items(), key=lambda item: (item[1], -item[0][1], -item[0][2]))
+        if (method, r, g) not in on_test:
+            raise SummaryError(f"{method}'s best dev point (round {r}, CFG {g:g}) was not evaluated on the test split")
+        test_value, seeds = point_value(on_test[(method, r, g)])
+        best.append({"method": method, "round": r, "cfg": g, "dev_value": dev_value, "test_value": test_value,
+                     "n_seeds": seeds})
+    return best
+
+
+def check_disjoint(dev: Sequence[Path], test: Sequence[Path]) -> None:
+    """Refuse dev and test evaluations that share a prompt (by its text, from each job's scores.jsonl)."""
+    dev_prompts, test_prompts = ({row["prompt"] for job in scored_jobs(files) for row in read_jsonl(job.scores)}
+                                 for files in (dev, test))
+    for split, prompts in (("dev", dev_prompts), ("test", test_prompts)):
+        if not prompts:
+            raise SummaryError(f"no {SCORES} in the {split} dirs: the dev and test prompts cannot be checked disjoint")
+    shared = dev_prompts & test_prompts
+    if shared:
+        raise SummaryError(f"{len(shared)} dev prompt(s) are also test prompts, e.g. {min(shared)!r}: a point chosen on "
+                           "dev is reported on test only when their prompts are disjoint")
+
+
+def best_markdown(best: Sequence[Row], metric: str) -> str:
+    body = [[row["method"], row["round"], row["cfg"], row["dev_value"], row["test_value"], row["n_seeds"]] for row in best]
+    return markdown(f"Each method's best (round, CFG) by the dev mean of {metric} (each job's `all` row, or the mean over "
+                    "categories where a job has one; mean over training seeds; only points of every dev seed compete; "
+                    "ties: lower round, then lower CFG), and its mean on the disjoint test prompts",
+                    ["method", "round", "CFG", "dev", "test", "seeds (test)"], body)
+
+
+def write_contrasts(dirs: Sequence[str | os.PathLike], out: Path, contrasts: Sequence[str], metric: str,
+                    best: dict[str, tuple[int, float]] | None = None) -> dict[str, Path]:
+    """contrasts.csv / contrasts.md (mitune.contrasts) of ``metric``, at every point or, given ``best``, each side
+    at its best point; nothing where no contrast has a pair."""
+    jobs = scored_jobs(result_files(dirs))
+    table = contrast_table(jobs, metric, contrasts) if best is None else best_contrast_table(jobs, metric, contrasts, best)
     if not table:
         log.warning("no paired contrasts: no (seed, prompt) cell of %s was evaluated on both sides", ", ".join(contrasts))
         return {}
     write_text(out / "contrasts.csv", csv_text(table, CONTRAST_COLUMNS))
-    write_text(out / "contrasts.md", contrasts_markdown(table, metric))
+    write_text(out / "contrasts.md", contrasts_markdown(table, metric, best))
     return {"contrasts_csv": out / "contrasts.csv", "contrasts_md": out / "contrasts.md"}
 
 
 def summarize(dirs: Sequence[str | os.PathLike], out: str | os.PathLike, *, cfg: float | Sequence[float] = 7.5,
-              quality: str = "fid", contrasts: Sequence[str] = (), contrast_metric: str | None = None) -> dict[str, Path]:
-    """Write the tables, the plots and the collected rows into ``out``; returns the written files."""
+              quality: str = "fid", contrasts: Sequence[str] = (), contrast_metric: str | None = None,
+              dev: Sequence[str | os.PathLike] = ()) -> dict[str, Path]:
+    """Write the tables, the plots and the collected rows into ``out``; returns the written files. With ``dev``
+    dirs, ``dirs`` are the test split and each method's point is chosen on ``dev`` (best.csv)."""
     rows = collect(dirs)
     means = seed_means(rows)
     out = Path(out).expanduser()
+    metric = default_metric(rows, contrast_metric) if dev or contrasts else ""
+    best = None
+    if dev:
+        dev_rows = collect(dev)
+        check_weights([*rows, *dev_rows])
+        check_disjoint(result_files(dev), result_files(dirs))
+        best = best_points(dev_rows, rows, metric)
     written = {"results": out / "all_results.csv"}
     key = lambda r: tuple(str(r[c]) for c in RESULT_COLUMNS)  # noqa: E731
     write_text(written["results"], csv_text(sorted(rows, key=key), RESULT_COLUMNS))
@@ -475,8 +574,13 @@ def summarize(dirs: Sequence[str | os.PathLike], out: str | os.PathLike, *, cfg:
     if len({row["round"] for row in means}) > 1:
         save_figure(out / "rounds.png", plot_rounds(means), dpi=120)
         written["rounds"] = out / "rounds.png"
+    if best is not None:
+        write_text(out / "best.csv", csv_text(best, BEST_COLUMNS))
+        write_text(out / "best.md", best_markdown(best, metric))
+        written.update(best_csv=out / "best.csv", best_md=out / "best.md")
     if contrasts:
-        written.update(write_contrasts(dirs, rows, out, contrasts, contrast_metric))
+        points = None if best is None else {row["method"]: (row["round"], row["cfg"]) for row in best}
+        written.update(write_contrasts(dirs, out, contrasts, metric, points))
     try:
         header, body = table2(means)
     except SummaryError as err:
@@ -518,7 +622,7 @@ def log_to_wandb(written: dict[str, Path], out: Path, project: str) -> str:
     run = wandb.init(project=project, job_type="summary", name=f"summary-{out.name}", dir=str(out))
     try:
         where = wandb_summary(run)
-        for name in ("table1_csv", "table2_csv", "contrasts_csv"):
+        for name in ("table1_csv", "table2_csv", "contrasts_csv", "best_csv"):
             if name in written:
                 columns, data = read_csv_rows(written[name])
                 run.log({f"summary/{name[:-4]}": wandb.Table(columns=columns, data=data)})
@@ -548,14 +652,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quality", default="fid", help="quality metric on the plot's x axis (default fid)")
     parser.add_argument("--contrast", nargs="+", default=[], metavar="A-B",
                         help="paired contrasts with bootstrap CIs, e.g. mi-random mi-base (base: round 0); default none")
-    parser.add_argument("--contrast-metric", help="alignment metric of the contrasts (default: the first, as plotted)")
+    parser.add_argument("--contrast-metric", help="alignment metric of the contrasts and of --dev's choice "
+                                                  "(default: the first, as plotted)")
+    parser.add_argument("--dev", nargs="+", default=[], metavar="DIR",
+                        help="evaluation dirs of dev prompts: each method's best (round, CFG) is chosen on them and "
+                             "reported on the (test) dirs, best.csv; contrasts then at the best points")
     parser.add_argument("--project", default="mitune", help="W&B project")
     parser.add_argument("--no-wandb", dest="wandb", action="store_false", help="do not log to W&B")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         written = summarize(args.dirs, args.out, cfg=args.cfg, quality=args.quality, contrasts=args.contrast,
-                            contrast_metric=args.contrast_metric)
+                            contrast_metric=args.contrast_metric, dev=args.dev)
     except (SummaryError, ContrastError, OSError) as err:
         print(f"mitune.summary: error: {err}", file=sys.stderr)
         return 1

@@ -27,11 +27,12 @@ def category_of(prompt_id: int) -> str:
 
 
 def write_job(root: Path, method: str, r: int, seed: int, score: Score, cfg: float = 7.5, train_seed: int | None = None,
-              with_category: bool = True) -> None:
-    """One evaluation job as mitune.evaluate writes it: results.csv and scores.jsonl (``metric`` toy_oracle)."""
+              with_category: bool = True, text: str = "prompt {}") -> None:
+    """One evaluation job as mitune.evaluate writes it: results.csv and scores.jsonl (``metric`` toy_oracle);
+    ``text``: each prompt's text from its id."""
     job = root / f"{method}-seed{seed}" / f"round_{r}-cfg_{cfg}"
     job.mkdir(parents=True)
-    images = [{"file_name": f"images/{p:06d}_{j:03d}.png", "prompt": f"prompt {p}", "prompt_id": p, "candidate": j,
+    images = [{"file_name": f"images/{p:06d}_{j:03d}.png", "prompt": text.format(p), "prompt_id": p, "candidate": j,
                "seed": seed, "mi": 0.0, "toy_oracle": score(seed, p, j),
                **({"category": category_of(p)} if with_category else {})} for p in range(PROMPTS) for j in range(IMAGES)]
     (job / "scores.jsonl").write_text("".join(json.dumps(row) + "\n" for row in images))
