@@ -7,7 +7,8 @@
 #   method                         rounds  what
 #   mi, random, toy_oracle         3       MI-TUNE and the control's two sides (the benchmark's recipe, rank 32)
 #   toy_objects, mi_contrast       1       the busy-image control; contrastive MI (MI beyond busyness)
-#   <sel>_r2, _r4, _r8             1 / 2   the adapter rank study: mi to round 2, random and toy_oracle round 1
+#   <sel>_r2, <sel>_r4             1 / 2   the adapter rank study: mi to round 2, random and toy_oracle round 1
+#                                          (TOY_RANKS="2 4 8" adds rank 8: not run, for CPU time)
 #   mi_cfg3, mi_restart, mi_empty  2       round recipes (below)
 #
 # Round 1's candidates come from the base model whatever the method, so every run but mi's and mi_cfg3's takes
@@ -22,7 +23,7 @@ TOY_BEST_SEEDS := 0 1 2
 TOY_BEST_CFGS := 1.5,3.0,5.0,7.5
 TOY_SCREEN_CFGS := 1.5,3.0
 TOY_BEST_MAIN := mi random toy_oracle toy_objects mi_contrast
-TOY_RANKS := 2 4 8
+TOY_RANKS := 2 4
 TOY_RANK_METHODS := $(foreach r,$(TOY_RANKS),mi_r$(r) random_r$(r) toy_oracle_r$(r))
 TOY_RECIPES := mi_cfg3 mi_restart mi_empty
 TOY_BEST_CONTRASTS := mi-base toy_oracle-base random-base toy_objects-base mi_contrast-base toy_oracle-random mi-random \
@@ -37,7 +38,7 @@ TOY_RECIPE_CONTRASTS := $(foreach m,mi $(TOY_RECIPES),$(m)-base $(m)@2-$(m)@1) $
 toy_best_sel = $(if $(filter toy_oracle%,$(1)),toy_oracle,$(if $(filter random%,$(1)),random,$(if $(filter toy_objects,$(1)),toy_objects,$(if $(filter mi_contrast,$(1)),mi_contrast,mi))))
 toy_best_rounds = $(if $(filter mi random toy_oracle,$(1)),3,$(if $(filter mi_r% $(TOY_RECIPES),$(1)),2,1))
 toy_best_rank = $(patsubst r%,%,$(lastword $(subst _, ,$(1))))
-toy_best_args = $(if $(filter %_r2 %_r4 %_r8,$(1)),adapter.rank=$(call toy_best_rank,$(1)) adapter.alpha=$(call toy_best_rank,$(1))) \
+toy_best_args = $(if $(filter $(1),$(TOY_RANK_METHODS)),adapter.rank=$(call toy_best_rank,$(1)) adapter.alpha=$(call toy_best_rank,$(1))) \
 	$(if $(filter mi_cfg3,$(1)),generation.guidance_scale=3.0) $(if $(filter mi_restart,$(1)),train.restart=true) \
 	$(if $(filter mi_empty,$(1)),train.empty_prompt_prob=0.1)
 toy_best_from = $(if $(filter mi mi_cfg3,$(1)),,rounds_from=$(TOY_BEST)/train/mi-seed$(2))
