@@ -135,6 +135,15 @@ def test_toy_experiment_composes_on_the_toy_model():
     assert instantiate(cfg.generation).selection == "random"
 
 
+def test_toy_rounds_that_restart_compose():
+    """The override issue 31's runs use (README, docs/toy): the paper's path unless asked."""
+    overrides = ["+experiment=toy", "rounds=3"]
+    with initialize_config_dir(str(CONF), version_base="1.3"):
+        paper, restart = compose("config", overrides=overrides), compose("config", overrides=[*overrides, "train.restart=true"])
+    assert not typed(paper.train, TrainConfig, "train").restart
+    assert typed(restart.train, TrainConfig, "train").restart and restart.rounds == 3
+
+
 def test_authors_code_settings():
     with initialize_config_dir(str(CONF), version_base="1.3"):
         cfg = compose("config", overrides=["generation=authors_code"])

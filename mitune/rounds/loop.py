@@ -6,6 +6,9 @@
         fine-tune on RoundSet.from_round(r, round_dir) steps_per_round optimizer steps of the adapters
         save the adapter after round r
 
+With ``train.restart`` (not the paper's; issue 31), the fine-tuning line becomes: reset the adapter to its initial
+values and AdamW's state, then fine-tune on the union of rounds 1..r's sets.
+
 ``MIRounds`` (a Lightning callback) runs the first two lines when epoch r starts, with the model as it
 stands after round r-1 (the base model for r=1) and after epoch r-1's checkpoint is written (a kill during
 a 24-hour round resumes that round, not the training before it). It then hands the round's set to the
@@ -84,8 +87,19 @@ class MIRounds(L.Callback):
             round_set = RoundSet.from_round(r, self.ensure_round(trainer, module, r))
             if self.real is not None:
                 round_set = self.real.mix(round_set)
+        if module.train_config.restart:
+            round_set = self.restart(trainer, module, r, round_set)
         module.set_prompts(round_set.prompts)
         data.dataset.load(round_set)
+
+    def restart(self, trainer: L.Trainer, module: MITuneModule, r: int, round_set: RoundSet) -> RoundSet:
+        """``train.restart``: round r's set is the union of rounds 1..r's (the earlier rounds are complete: made
+        before, and checked on a resume), and a round that starts training (not one resumed after some of its steps)
+        starts from the initial adapter and a fresh optimizer, after round r-1's model generated its candidates."""
+        if r > 1 and trainer.global_step == (r - 1) * module.train_config.steps_per_round:
+            module.restart()
+        earlier = [RoundSet.from_round(i, self.run.round(i)) for i in range(1, r)]
+        return RoundSet.union(r, [*earlier, round_set])
 
     def ensure_round(self, trainer: L.Trainer, module: MITuneModule, r: int) -> RoundDir:
         """Generate and select round r unless it is complete; every rank generates a share of the prompts,
