@@ -395,6 +395,7 @@ def test_restart_trains_round_2_from_the_initial_adapter_on_rounds_1_and_2(tiny_
     trained, out, probe = probed[True]
     assert same(probe.start[1], probe.start[0]) and not same(probe.start[1], probe.end[0])
     assert probe.optimizer_states == [0, 0]
+    assert same(probe.end[0], probed[False][2].end[0])  # round 1 is the paper's: one set, a fresh adapter
     assert not same(trained, probed[False][0])
 
     # An independent construction: a fresh module trained for one round on both rounds' selected latents, in order.

@@ -23,6 +23,7 @@ model being aligned.
 
 from __future__ import annotations
 
+import logging
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -42,6 +43,8 @@ from mitune.rounds.selection import check_strategy, sampling_scores, select_roun
 from mitune.rounds.settings import GenerationConfig
 from mitune.runs.artifacts import RoundDir, RunDir, finished
 from mitune.runs.io import atomic_dir, save_figure
+
+log = logging.getLogger(__name__)
 
 
 class MIRounds(L.Callback):
@@ -96,10 +99,14 @@ class MIRounds(L.Callback):
         """``train.restart``: round r's set is the union of rounds 1..r's (the earlier rounds are complete: made
         before, and checked on a resume), and a round that starts training (not one resumed after some of its steps)
         starts from the initial adapter and a fresh optimizer, after round r-1's model generated its candidates."""
+        earlier = [RoundSet.from_round(i, self.run.round(i)) for i in range(1, r)]
+        union = RoundSet.union(r, [*earlier, round_set])
         if r > 1 and trainer.global_step == (r - 1) * module.train_config.steps_per_round:
             module.restart()
-        earlier = [RoundSet.from_round(i, self.run.round(i)) for i in range(1, r)]
-        return RoundSet.union(r, [*earlier, round_set])
+            if trainer.is_global_zero:
+                log.info("round %d: a fresh adapter trains on the %d selected images of rounds 1-%d (train.restart)",
+                         r, len(union.latents), r)
+        return union
 
     def ensure_round(self, trainer: L.Trainer, module: MITuneModule, r: int) -> RoundDir:
         """Generate and select round r unless it is complete; every rank generates a share of the prompts,
