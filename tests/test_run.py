@@ -135,6 +135,15 @@ def test_toy_experiment_composes_on_the_toy_model():
     assert instantiate(cfg.generation).selection == "random"
 
 
+def test_toy_rounds_that_restart_compose():
+    """The override issue 31's runs use (README, docs/toy): the paper's path unless asked."""
+    overrides = ["+experiment=toy", "rounds=3"]
+    with initialize_config_dir(str(CONF), version_base="1.3"):
+        paper, restart = compose("config", overrides=overrides), compose("config", overrides=[*overrides, "train.restart=true"])
+    assert not typed(paper.train, TrainConfig, "train").restart
+    assert typed(restart.train, TrainConfig, "train").restart and restart.rounds == 3
+
+
 def test_authors_code_settings():
     with initialize_config_dir(str(CONF), version_base="1.3"):
         cfg = compose("config", overrides=["generation=authors_code"])
@@ -339,6 +348,42 @@ def test_run_killed_in_each_phase_resumes_identically(tiny_sd_path, tmp_path, un
     ours, theirs = adapter_tensors(killed), adapter_tensors(uninterrupted)
     assert ours.keys() == theirs.keys()
     assert all(torch.equal(ours[k], theirs[k]) for k in ours)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted_restart(tiny_sd_path, tmp_path_factory):
+    out = tmp_path_factory.mktemp("full-restart")
+    result = cli(*KILL_ARGS, "train.restart=true", f"hydra.run.dir={out}", tiny=tiny_sd_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("phase,marker", [
+    ("round 2 generation", "rounds/round_2/parts/*.jsonl"),  # resumes from round 1's end: the reset follows it
+    ("round 2 training", "checkpoints/step-00000[45].ckpt"),  # resumes mid-round: the restored adapter is kept
+])
+def test_restart_run_killed_in_round_2_resumes_identically(tiny_sd_path, tmp_path, uninterrupted, uninterrupted_restart,
+                                                           phase, marker):
+    """train.restart (issue 31): a killed run resumes to the uninterrupted run's rounds and adapter, which differ from
+    the paper's path from round 2 on."""
+    killed = tmp_path / "killed"
+    args = [*KILL_ARGS, "train.restart=true", f"hydra.run.dir={killed}"]
+    proc = subprocess.Popen(command(*args, tiny=tiny_sd_path), cwd=REPO, env=env(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    while proc.poll() is None and not list(killed.glob(marker)):
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (killed / "checkpoints" / "round-002.ckpt").exists(), f"the run finished before the kill in {phase}"
+
+    result = cli(*args, "resume=true", tiny=tiny_sd_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert round_outputs(killed) == round_outputs(uninterrupted_restart)
+    ours, theirs = adapter_tensors(killed), adapter_tensors(uninterrupted_restart)
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+    paper = adapter_tensors(uninterrupted)
+    assert not all(torch.equal(ours[k], paper[k]) for k in ours)
 
 
 @pytest.mark.slow

@@ -358,7 +358,7 @@ def test_a_record_written_before_the_sub_packages_still_resumes_and_still_refuse
         return tree
 
     before = as_before(current)
-    for key in ("gradient_checkpointing", "real_images", "real_fraction", "real_prompt_column"):
+    for key in ("gradient_checkpointing", "real_images", "real_fraction", "real_prompt_column", "restart"):
         del before["train"][key]
     del before["generator"], before["rounds_from"]
     assert before["generation"]["_target_"] == "mitune.generation.GenerationConfig"
@@ -372,6 +372,24 @@ def test_a_record_written_before_the_sub_packages_still_resumes_and_still_refuse
             check_config(finished, changed, resume=True, weights=weights)
     finally:
         record.write_text(yaml.safe_dump(current, sort_keys=True), encoding="utf-8")
+
+
+def test_a_record_from_before_train_restart_resumes_without_it_and_refuses_turning_it_on(tmp_path):
+    """``train.restart`` (issue 31) is in ``ADDED_SETTINGS`` at False, the behaviour of every earlier run."""
+    import yaml
+
+    from mitune.runs.record import check_config
+
+    config = {"train": {"lr": 1e-4, "restart": False}, "rounds": 1}
+    check_config(tmp_path, config, resume=False, weights={})  # writes the record: the dir holds no work yet
+    (RunDir(tmp_path).checkpoints / "step-000002.ckpt").mkdir(parents=True)
+    record = RunDir(tmp_path).config_record
+    before = yaml.safe_load(record.read_text(encoding="utf-8"))
+    del before["train"]["restart"]
+    record.write_text(yaml.safe_dump(before), encoding="utf-8")
+    check_config(tmp_path, config, resume=True, weights={})
+    with pytest.raises(RunDirError, match=r"train\.restart: False -> True"):
+        check_config(tmp_path, {**config, "train": {"lr": 1e-4, "restart": True}}, resume=True, weights={})
 
 
 # ----------------------------------------------------------------------------- the base model's weights

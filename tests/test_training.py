@@ -341,6 +341,97 @@ def test_resume_of_a_bf16_model_is_exact(tiny_sd_path, tmp_path):
     assert resumed.keys() == full.keys() and all(torch.equal(resumed[k], full[k]) for k in full)
 
 
+# ----------------------------------------------------------------------------- train.restart (issue 31)
+
+
+class RoundProbe(L.Callback):
+    """The adapter and the optimizer's state count as each round's training starts and ends (after MIRounds' hook)."""
+
+    def __init__(self) -> None:
+        self.start: list[dict[str, torch.Tensor]] = []
+        self.end: list[dict[str, torch.Tensor]] = []
+        self.optimizer_states: list[int] = []
+
+    def on_train_epoch_start(self, trainer, module) -> None:
+        self.start.append(adapter_weights(module))
+        self.optimizer_states.append(len(trainer.optimizers[0].state))
+
+    def on_train_epoch_end(self, trainer, module) -> None:
+        self.end.append(adapter_weights(module))
+
+
+def same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.fixture(scope="module")
+def probed(tiny_sd_path, tmp_path_factory):
+    """Two rounds with and without train.restart, each with a RoundProbe."""
+    runs = {}
+    for restart in (False, True):
+        out, probe = tmp_path_factory.mktemp(f"restart-{restart}"), RoundProbe()
+        runs[restart] = adapter_weights(run_rounds(tiny_sd_path, out, [probe], restart=restart)), out, probe
+    return runs
+
+
+def test_union_of_round_sets_concatenates_the_latents_and_remaps_the_prompts():
+    first = RoundSet(1, torch.arange(3.0).view(3, 1), ["x", "y"], torch.tensor([1, 0, 1]))
+    second = RoundSet(2, torch.arange(3.0, 5.0).view(2, 1), ["z", "x"], torch.tensor([0, 1]))
+    union = RoundSet.union(2, [first, second])
+    assert union.round_index == 2 and union.prompts == ["x", "y", "z"]
+    assert union.latents.flatten().tolist() == [0, 1, 2, 3, 4]
+    assert [union.prompts[i] for i in union.prompt_index] == ["y", "x", "y", "z", "x"]
+
+
+@pytest.mark.slow
+def test_without_restart_round_2_continues_from_round_1s_adapter_and_optimizer(probed):
+    _, _, probe = probed[False]
+    assert same(probe.start[1], probe.end[0]) and not same(probe.start[1], probe.start[0])
+    assert probe.optimizer_states == [0, len(probe.end[0])]  # AdamW's moments carried over
+
+
+@pytest.mark.slow
+def test_restart_trains_round_2_from_the_initial_adapter_on_rounds_1_and_2(tiny_sd_path, probed):
+    trained, out, probe = probed[True]
+    assert same(probe.start[1], probe.start[0]) and not same(probe.start[1], probe.end[0])
+    assert probe.optimizer_states == [0, 0]
+    assert same(probe.end[0], probed[False][2].end[0])  # round 1 is the paper's: one set, a fresh adapter
+    assert not same(trained, probed[False][0])
+
+    # An independent construction: a fresh module trained for one round on both rounds' selected latents, in order.
+    rows = [RoundDir(out / "rounds" / f"round_{r}").selected_rows() for r in (1, 2)]
+    latents = torch.cat([RoundDir(out / "rounds" / f"round_{r}").latents(rs) for r, rs in zip((1, 2), rows)])
+    assert len(latents) == 2 * len(PROMPTS)
+    prompts = list(dict.fromkeys(row["prompt"] for rs in rows for row in rs))
+    index = torch.tensor([prompts.index(row["prompt"]) for rs in rows for row in rs])
+    fresh = MITuneModule(load_pipeline(str(tiny_sd_path)), ADAPTER,
+                         TrainConfig(effective_batch=EFFECTIVE, micro_batch=MICRO, steps_per_round=STEPS_PER_ROUND))
+    fresh.set_prompts(prompts)
+    dataset = FinetuneSet(STEPS_PER_ROUND * EFFECTIVE, seed=0, t_range=(500, 1000))
+    dataset.load(RoundSet(2, latents, prompts, index))
+    fit(fresh, dataset, micro_batch=MICRO, accumulate=EFFECTIVE // MICRO, steps=STEPS_PER_ROUND)
+    assert same(adapter_weights(fresh), trained)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("crash_at, resumed_from", [(4, 4), (7, 6)], ids=["round-boundary", "mid-round-2"])
+def test_restart_resumes_exactly(tiny_sd_path, tmp_path, probed, crash_at, resumed_from):
+    """At a round's start the restored adapter is reset after it generated the round; mid-round it is kept."""
+    expected, full_dir, _ = probed[True]
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        run_rounds(tiny_sd_path, tmp_path, [Recorder(crash_at=crash_at)], restart=True)
+    assert ckpt.read_state(latest_checkpoint(tmp_path / "checkpoints"))["global_step"] == resumed_from
+    resumed = adapter_weights(run_rounds(tiny_sd_path, tmp_path, [], resume=True, restart=True))
+    assert same(resumed, expected)
+    name = f"rounds/round_2/{METADATA}"
+    assert (tmp_path / name).read_bytes() == (full_dir / name).read_bytes()
+
+
+def test_restart_with_real_pairs_is_refused():
+    with pytest.raises(ValueError, match="train.restart is not available with train.real_images"):
+        TrainConfig(restart=True, real_images="pairs", real_fraction=0.5)
+
+
 # ----------------------------------------------------------------------------- non-finite loss
 
 

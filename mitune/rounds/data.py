@@ -40,6 +40,16 @@ class RoundSet:
         position = {p: i for i, p in enumerate(prompts)}
         return cls(round_index, round_dir.latents(rows), prompts, torch.tensor([position[row["prompt"]] for row in rows]))
 
+    @classmethod
+    def union(cls, round_index: int, sets: list[RoundSet]) -> RoundSet:
+        """The sets one after another as round ``round_index``'s set (``train.restart``): the latents concatenated in
+        order, the prompts merged in order of first appearance, each latent's index pointing into the merged list.
+        Its samples' (t, noise) are drawn for ``round_index``, as any round's set's."""
+        prompts = list(dict.fromkeys(p for s in sets for p in s.prompts))
+        position = {p: i for i, p in enumerate(prompts)}
+        index = [torch.tensor([position[p] for p in s.prompts], dtype=torch.long)[s.prompt_index] for s in sets]
+        return cls(round_index, torch.cat([s.latents for s in sets]), prompts, torch.cat(index))
+
 
 class FinetuneSet(Dataset):
     """``length`` samples drawn from the current round's selected latents, each with its own t and noise.

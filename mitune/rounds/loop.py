@@ -6,6 +6,9 @@
         fine-tune on RoundSet.from_round(r, round_dir) steps_per_round optimizer steps of the adapters
         save the adapter after round r
 
+With ``train.restart`` (not the paper's; issue 31), the fine-tuning line becomes: reset the adapter to its initial
+values and AdamW's state, then fine-tune on the union of rounds 1..r's sets.
+
 ``MIRounds`` (a Lightning callback) runs the first two lines when epoch r starts, with the model as it
 stands after round r-1 (the base model for r=1) and after epoch r-1's checkpoint is written (a kill during
 a 24-hour round resumes that round, not the training before it). It then hands the round's set to the
@@ -21,6 +24,7 @@ model being aligned.
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -41,10 +45,11 @@ from mitune.rounds.settings import GenerationConfig
 from mitune.runs.artifacts import RoundDir, RunDir, finished
 from mitune.runs.io import atomic_dir, save_figure, write_json
 
-
 # Generation settings that decide which candidates a round keeps, not which it generates (``rounds_from`` ranks
 # another run's round-1 candidates again where only these differ).
 SELECTION = ("selection", "top_k")
+
+log = logging.getLogger(__name__)
 
 
 class MIRounds(L.Callback):
@@ -90,8 +95,23 @@ class MIRounds(L.Callback):
             round_set = RoundSet.from_round(r, self.ensure_round(trainer, module, r))
             if self.real is not None:
                 round_set = self.real.mix(round_set)
+        if module.train_config.restart:
+            round_set = self.restart(trainer, module, r, round_set)
         module.set_prompts(round_set.prompts)
         data.dataset.load(round_set)
+
+    def restart(self, trainer: L.Trainer, module: MITuneModule, r: int, round_set: RoundSet) -> RoundSet:
+        """``train.restart``: round r's set is the union of rounds 1..r's (the earlier rounds are complete: made
+        before, and checked on a resume), and a round that starts training (not one resumed after some of its steps)
+        starts from the initial adapter and a fresh optimizer, after round r-1's model generated its candidates."""
+        earlier = [RoundSet.from_round(i, self.run.round(i)) for i in range(1, r)]
+        union = RoundSet.union(r, [*earlier, round_set])
+        if r > 1 and trainer.global_step == (r - 1) * module.train_config.steps_per_round:
+            module.restart()
+            if trainer.is_global_zero:
+                log.info("round %d: a fresh adapter trains on the %d selected images of rounds 1-%d (train.restart)",
+                         r, len(union.latents), r)
+        return union
 
     def ensure_round(self, trainer: L.Trainer, module: MITuneModule, r: int) -> RoundDir:
         """Generate and select round r unless it is complete; every rank generates a share of the prompts,

@@ -65,6 +65,9 @@ class MITuneModule(L.LightningModule):
         with torch.random.fork_rng(devices=[]):  # adapter init (lora_A) reproducible from the seed alone
             torch.manual_seed(train.seed)
             self.trainable = add_adapters(pipe, adapter, text_encoder=train.train_text_encoder)
+        # train.restart: each round's training starts from these values (kept on the host, off the accelerator).
+        self.initial = [p.detach().cpu().clone() for p in self.trainable] if train.restart else None
+        self.norm_cache: DoraNormCache | None = None
         if train.gradient_checkpointing:
             self.unet.enable_gradient_checkpointing()
         self.noise_scheduler = ddpm_scheduler(pipe)
@@ -123,8 +126,24 @@ class MITuneModule(L.LightningModule):
         c = self.train_config
         optimizer = torch.optim.AdamW(self.trainable, lr=c.lr, betas=tuple(c.betas), weight_decay=c.weight_decay, eps=c.eps)
         if c.cache_dora_norm:
-            DoraNormCache([m for m in (self.unet, self.text_encoder) if m is not None], optimizer)
+            self.norm_cache = DoraNormCache([m for m in (self.unet, self.text_encoder) if m is not None], optimizer)
         return optimizer
+
+    def restart(self) -> None:
+        """``train.restart``: the adapters back at their initial values (DoRA's magnitudes included), without
+        gradients, and AdamW's state dropped, so the round trains as a fresh module with a fresh optimizer would:
+        AdamW re-creates each parameter's moments and step count at its next step, the learning rate is constant
+        and no scheduler counts steps."""
+        if self.initial is None:
+            raise RuntimeError("restart needs the initial adapter values, kept only with train.restart=true")
+        with torch.no_grad():
+            for param, value in zip(self.trainable, self.initial):
+                param.copy_(value)
+                param.grad = None
+        for optimizer in self.trainer.optimizers:
+            optimizer.state.clear()
+        if self.norm_cache is not None:
+            self.norm_cache.values.clear()
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         """Keep the W&B run id so that a resumed run continues the same W&B run, and the micro-batch the

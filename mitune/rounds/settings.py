@@ -145,6 +145,11 @@ class TrainConfig:
     real_images: str | None = None
     real_fraction: float = 0.0
     real_prompt_column: str = "prompt"
+    # Not in the paper (issue 31: its rounds collapse on the toy world as the adapter keeps training on its own guided
+    # samples): each round r > 1 restarts from the base model (the adapter at its round-1 initial values, AdamW's state
+    # cleared) and trains on the union of rounds 1..r's selected sets; round r's candidates still come from round
+    # r-1's model. The paper: False, the adapter and optimizer carry over and round r trains on round r's set alone.
+    restart: bool = False
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -163,6 +168,9 @@ class TrainConfig:
             raise ValueError("train.real_images and train.real_fraction > 0 go together: the folder of real pairs and "
                              f"their share of each round's set (got real_images={self.real_images!r}, "
                              f"real_fraction={self.real_fraction})")
+        if self.restart and self.real_images is not None:
+            raise ValueError("train.restart is not available with train.real_images (the real pairs are mixed into one "
+                             "round's set, not into the union of rounds restart trains on)")
         if self.gradient_checkpointing and self.cache_dora_norm:
             # The recomputed forward would take the cached norm and save fewer tensors than the first one did.
             raise ValueError("train.gradient_checkpointing=true needs train.cache_dora_norm=false: the DoRA norm cache "

@@ -72,7 +72,7 @@ MOVED_TARGETS = {
 # a record without the key reads as if it held that value.
 ADDED_SETTINGS = {("train", "gradient_checkpointing"): False, ("generation", "prune"): [], ("train", "real_images"): None,
                   ("train", "real_fraction"): 0.0, ("train", "real_prompt_column"): "prompt", ("generator",): None,
-                  ("rounds_from",): None}
+                  ("rounds_from",): None, ("train", "restart"): False}
 
 
 def renamed_targets(tree: Any) -> Any:
