@@ -9,7 +9,9 @@
 #   toy_objects, mi_contrast       1       the busy-image control; contrastive MI (MI beyond busyness)
 #   <sel>_r2, <sel>_r4             1 / 2   the adapter rank study: mi to round 2, random and toy_oracle round 1
 #                                          (TOY_RANKS="2 4 8" adds rank 8: not run, for CPU time)
-#   mi_cfg3, mi_restart, mi_empty  2       round recipes (below)
+#   mi_cfg3, mi_restart, mi_empty, 2       round recipes: training sets sampled at CFG 3; each round a fresh adapter
+#   mi_cfg3_restart                        on the union of the rounds' sets (train.restart); 10% empty prompts; both
+#                                          of the first two
 #
 # Round 1's candidates come from the base model whatever the method, so every run but mi's and mi_cfg3's takes
 # them from the seed's mi run (rounds_from) and selects them itself.
@@ -25,7 +27,7 @@ TOY_SCREEN_CFGS := 1.5,3.0
 TOY_BEST_MAIN := mi random toy_oracle toy_objects mi_contrast
 TOY_RANKS := 2 4
 TOY_RANK_METHODS := $(foreach r,$(TOY_RANKS),mi_r$(r) random_r$(r) toy_oracle_r$(r))
-TOY_RECIPES := mi_cfg3 mi_restart mi_empty
+TOY_RECIPES := mi_cfg3 mi_restart mi_empty mi_cfg3_restart
 TOY_BEST_CONTRASTS := mi-base toy_oracle-base random-base toy_objects-base mi_contrast-base toy_oracle-random mi-random \
 	mi-toy_objects mi_contrast-toy_objects mi_contrast-mi mi-toy_oracle
 # The control, MI - random and MI - base at each rank (32: the benchmark's), and round 2 - round 1 of MI.
@@ -39,9 +41,11 @@ toy_best_sel = $(if $(filter toy_oracle%,$(1)),toy_oracle,$(if $(filter random%,
 toy_best_rounds = $(if $(filter mi random toy_oracle,$(1)),3,$(if $(filter mi_r% $(TOY_RECIPES),$(1)),2,1))
 toy_best_rank = $(patsubst r%,%,$(lastword $(subst _, ,$(1))))
 toy_best_args = $(if $(filter $(1),$(TOY_RANK_METHODS)),adapter.rank=$(call toy_best_rank,$(1)) adapter.alpha=$(call toy_best_rank,$(1))) \
-	$(if $(filter mi_cfg3,$(1)),generation.guidance_scale=3.0) $(if $(filter mi_restart,$(1)),train.restart=true) \
+	$(if $(filter mi_cfg3%,$(1)),generation.guidance_scale=3.0) $(if $(filter %restart,$(1)),train.restart=true) \
 	$(if $(filter mi_empty,$(1)),train.empty_prompt_prob=0.1)
-toy_best_from = $(if $(filter mi mi_cfg3,$(1)),,rounds_from=$(TOY_BEST)/train/mi-seed$(2))
+# The run whose round 1 (the same candidates) a run takes: the seed's mi run, or its mi_cfg3 run for CFG-3 sets.
+toy_best_source = $(if $(filter mi_cfg3%,$(1)),mi_cfg3,mi)
+toy_best_from = $(if $(filter mi mi_cfg3,$(1)),,rounds_from=$(TOY_BEST)/train/$(call toy_best_source,$(1))-seed$(2))
 toy_best_main = $(filter $(TOY_BEST_MAIN),$(1))
 # Evaluated rounds: the base model (round 0) once per seed, with the seed's mi run.
 toy_best_eval_rounds = $(shell seq -s, $(if $(filter mi,$(1)),0,1) $(call toy_best_rounds,$(1)))
@@ -56,12 +60,14 @@ toy-best: $(foreach m,$(TOY_BEST_MAIN) $(TOY_RANK_METHODS) $(TOY_RECIPES),$(fore
 toy-best-run-%: toy-best-train-% toy-best-eval-% ;
 
 # Files that stand for finished work: never deleted by make.
-.PRECIOUS: $(TOY_BEST)/train/mi-seed%/rounds/round_1/summary.json
+.PRECIOUS: $(TOY_BEST)/train/mi-seed%/rounds/round_1/summary.json $(TOY_BEST)/train/mi_cfg3-seed%/rounds/round_1/summary.json
 $(TOY_BEST)/train/mi-seed%/rounds/round_1/summary.json: | $(STAMP)
 	$(MAKE) --no-print-directory toy-best-train-mi-seed$*
+$(TOY_BEST)/train/mi_cfg3-seed%/rounds/round_1/summary.json: | $(STAMP)
+	$(MAKE) --no-print-directory toy-best-train-mi_cfg3-seed$*
 
 .SECONDEXPANSION:
-toy-best-train-%: $(STAMP) $$(if $$(call toy_best_from,$$(call toy_selection,$$*),x),$(TOY_BEST)/train/mi-seed$$(call toy_seed,$$*)/rounds/round_1/summary.json)
+toy-best-train-%: $(STAMP) $$(if $$(call toy_best_from,$$(call toy_selection,$$*),x),$(TOY_BEST)/train/$$(call toy_best_source,$$(call toy_selection,$$*))-seed$$(call toy_seed,$$*)/rounds/round_1/summary.json)
 	$(PY) -m mitune.run +experiment=toy generation.selection=$(call toy_best_sel,$(call toy_selection,$*)) \
 		seed=$(call toy_seed,$*) rounds=$(call toy_best_rounds,$(call toy_selection,$*)) resume=true \
 		hydra.run.dir=$(TOY_BEST)/train/$* $(call toy_best_from,$(call toy_selection,$*),$(call toy_seed,$*)) \

@@ -202,7 +202,8 @@ def test_the_dev_split_is_unseen_and_disjoint_from_training_and_test(task_config
 @pytest.mark.parametrize("run,rounds,extra", [
     ("mi-seed0", 3, {}), ("random-seed1", 3, {}), ("toy_objects-seed2", 1, {}),
     ("mi_r4-seed2", 2, {"adapter.rank": "4", "adapter.alpha": "4"}), ("toy_oracle_r2-seed1", 1, {"adapter.rank": "2"}),
-    ("mi_cfg3-seed0", 2, {"generation.guidance_scale": "3.0"}), ("mi_empty-seed1", 2, {"train.empty_prompt_prob": "0.1"})])
+    ("mi_cfg3-seed0", 2, {"generation.guidance_scale": "3.0"}), ("mi_empty-seed1", 2, {"train.empty_prompt_prob": "0.1"}),
+    ("mi_cfg3_restart-seed2", 2, {"generation.guidance_scale": "3.0", "train.restart": "True"})])
 def test_a_best_target_trains_its_method_and_evaluates_it_on_test_and_dev(task_config, tmp_path, run, rounds, extra):
     """make toy-best: each run's training settings, round 1 from the seed's mi run where its candidates are the
     same (all but mi and the CFG-3 recipe), test at every point; dev for the main methods only."""
@@ -214,8 +215,8 @@ def test_a_best_target_trains_its_method_and_evaluates_it_on_test_and_dev(task_c
     train_cfg = compose_first(task_config, "config", train_args)
     assert (train_cfg.seed, train_cfg.rounds) == (int(seed), rounds)
     assert all(str(OmegaConf.select(train_cfg, k)) == v for k, v in extra.items())
-    shared = method not in ("mi", "mi_cfg3")
-    assert (overrides(train_args).get("rounds_from") == str(tmp_path / "best" / "train" / f"mi-seed{seed}")) == shared
+    source = None if method in ("mi", "mi_cfg3") else "mi_cfg3" if method.startswith("mi_cfg3") else "mi"
+    assert overrides(train_args).get("rounds_from") == (source and str(tmp_path / "best" / "train" / f"{source}-seed{seed}"))
     splits = {Path(overrides(args)["hydra.sweep.dir"]).parent.name: args for args in evals}
     assert set(splits) == ({"test", "dev"} if method in ("mi", "random", "toy_objects") else {"test"})
     for split, args in splits.items():
