@@ -6,11 +6,13 @@ import pytest
 from omegaconf import OmegaConf
 
 from mitune.runs.console import HARMLESS_WARNINGS, LIBRARY_LOGGERS, one_line_errors
+from mitune.runs.record import RunDirError
 
 
 @pytest.mark.parametrize("error", [
     ValueError("generation.top_k must be in [1, M=3], got 5"),
     FileNotFoundError("prompt file my.txt does not exist"),
+    RunDirError("run dir out/run holds another run: config differs at train.lr (0.0001 -> 0.001)"),
 ])
 def test_a_user_error_is_one_line_without_traceback_or_hydra_hint(error, capsys, monkeypatch):
     monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)

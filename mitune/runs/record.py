@@ -96,8 +96,9 @@ def migrated(record: dict[str, Any]) -> dict[str, Any]:
     return record
 
 
-class RunDirError(RuntimeError):
-    """The run dir cannot be used with this config or by this process."""
+class RunDirError(ValueError):
+    """The run dir cannot be used with this config or by this process: bad input (a user error, one line on the
+    console, ``mitune.runs.console.user_errors``), its message naming what differs or who holds the dir."""
 
 
 def flat(tree: Any, prefix: str = "") -> dict[str, Any]:
