@@ -28,6 +28,8 @@ from mitune.metrics.hub import MissingModelError
 
 _ALIGNMENT = {
     "mi": "mitune.metrics.mi:MIMetric",
+    "mi_contrast": "mitune.metrics.mi:MIContrastMetric",  # MI with the prompt minus MI with swapped prompts
+    "mi_contrast_standalone": "mitune.metrics.mi:StandaloneMIContrastMetric",  # the same on Eq. 2's estimator
     "clip_score": "mitune.metrics.clip_score:CLIPScoreMetric",
     "compbench_clip": "mitune.metrics.clip_score:CompBenchCLIPMetric",
     "blip_vqa": "mitune.metrics.blip_vqa:BlipVQAMetric",
