@@ -152,3 +152,18 @@ def test_selection_scores_under_the_rounds_model(tiny_sd_path):
     scores = selection_scores("mi_contrast", "a red circle", images(2), torch.zeros(2), seeded(0), pipe=pipe)
     expected = build_alignment_metric("mi_contrast", pipeline=pipe, progress=False).score(images(2), ["a red circle"] * 2)
     torch.testing.assert_close(scores, expected)
+
+
+def test_a_round_selected_by_mi_contrast_ranks_by_its_score_under_the_rounds_model(tiny_sd_path, tmp_path):
+    from mitune.models import load_pipeline
+    from mitune.rounds.loop import run_round
+    from mitune.rounds.settings import GenerationConfig
+
+    pipe = load_pipeline(str(tiny_sd_path))
+    config = GenerationConfig(num_candidates=3, top_k=1, num_inference_steps=2, micro_batch=8, selection="mi_contrast")
+    out = run_round(pipe, ["a red square"], config, tmp_path / "round_1", progress=False)
+    rows = out.rows()
+    pics = [Image.open(out.path / r["file_name"]).convert("RGB") for r in rows]
+    expected = build_alignment_metric("mi_contrast", pipeline=pipe, progress=False).score(pics, ["a red square"] * 3)
+    assert [r["score"] for r in rows] == pytest.approx(expected.tolist(), rel=1e-6)
+    assert [r["selected"] for r in rows] == [i == int(expected.argmax()) for i in range(3)]
