@@ -36,18 +36,20 @@ def single_thread():
     torch.set_num_threads(threads)
 
 
-def gmm_contrast(mixture: GaussianMixture, n: int, estimator: str, shifts=(1, 2, 3)):
+def gmm_contrast(mixture: GaussianMixture, n: int, estimator: str, shifts=(1, 2, 3), timestep_sampling="uniform"):
     scheduler = DDPMScheduler(**SD_DDPM_CONFIG)
     z0, labels = mixture.sample(n, seeded(0))
     others = [(labels + j) % mixture.num_classes for j in shifts]
     own, other = contrastive_mi(mixture.eps_fn(scheduler.alphas_cumprod), z0.view(n, 2, 2, 2), labels, others,
                                 torch.full_like(labels, NULL_CLASS), scheduler, n_draws=64,
-                                generator=[seeded(1000 + i) for i in range(n)], estimator=estimator)
+                                generator=[seeded(1000 + i) for i in range(n)], estimator=estimator,
+                                timestep_sampling=timestep_sampling)
     return z0, labels, others, own, other
 
 
-def test_likelihood_contrast_is_the_log_likelihood_ratio_of_the_mixture():
-    z0, labels, others, own, other = gmm_contrast(MIXTURE, 512, "likelihood")
+@pytest.mark.parametrize("timestep_sampling", ["uniform", "importance"])
+def test_likelihood_contrast_is_the_log_likelihood_ratio_of_the_mixture(timestep_sampling):
+    z0, labels, others, own, other = gmm_contrast(MIXTURE, 512, "likelihood", timestep_sampling=timestep_sampling)
     logits = (z0 @ MEANS.T - 0.5 * MEANS.pow(2).sum(1)) / MIXTURE.std**2  # log p(z0 | k) + const
     truth = logits.gather(1, labels[:, None])[:, 0] - torch.stack([logits.gather(1, o[:, None])[:, 0]
                                                                   for o in others], 1).mean(1)
@@ -113,6 +115,8 @@ def test_prompts_without_enough_swaps_are_refused_before_scoring():
         metric.score([Image.new("RGB", (32, 32))], ["a red circle"])
     with pytest.raises(ValueError, match="estimator must be one of"):
         build_alignment_metric("mi_contrast", estimator="nope")
+    with pytest.raises(ValueError, match="timestep_sampling must be one of"):
+        build_alignment_metric("mi_contrast", timestep_sampling="nope")
 
 
 def images(n: int) -> list[Image.Image]:

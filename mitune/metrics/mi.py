@@ -22,7 +22,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from mitune.metrics.base import AlignmentMetric, MetricInputError, batches
-from mitune.mi.estimators import CONTRAST_ESTIMATORS, PAPER, EpsFn, MIConfig, contrastive_mi, pointwise_mi
+from mitune.mi.estimators import CONTRAST_ESTIMATORS, PAPER, TIMESTEP_SAMPLING, EpsFn, MIConfig, contrastive_mi, pointwise_mi
 from mitune.mi.pipeline import ddpm_scheduler, encode_images, encode_prompts, null_embedding, unet_eps_fn
 from mitune.models.loading import check_model_source, load_pipeline
 from mitune.runs.seeds import mix_seed
@@ -160,11 +160,14 @@ class MIContrastMetric(MIMetric):
 
     def __init__(self, pipeline: DiffusionPipeline | str | os.PathLike | None = None, *, contrasts: int = 4,
                  swaps: Sequence[Sequence[str]] = ATTRIBUTE_SWAPS, estimator: str | None = None, n_draws: int = 16,
-                 **kwargs) -> None:
+                 timestep_sampling: str = "uniform", **kwargs) -> None:
         super().__init__(pipeline, n_draws=n_draws, **kwargs)
         if contrasts < 1:
             raise ValueError(f"contrasts must be >= 1, got {contrasts}")
+        if timestep_sampling not in TIMESTEP_SAMPLING:
+            raise ValueError(f"timestep_sampling must be one of {TIMESTEP_SAMPLING}, got {timestep_sampling!r}")
         self.contrasts, self.swaps = contrasts, tuple(tuple(g) for g in swaps)
+        self.timestep_sampling = timestep_sampling
         self.estimator = estimator or self.estimator
         if self.estimator not in CONTRAST_ESTIMATORS:
             raise ValueError(f"estimator must be one of {CONTRAST_ESTIMATORS}, got {self.estimator!r}")
@@ -196,7 +199,7 @@ class MIContrastMetric(MIMetric):
             [encode_prompts(self.pipe, [row[k] for row in others]) for k in range(self.contrasts)],
             null_embedding(self.pipe, len(prompts)), self.scheduler, n_draws=self.n_draws,
             generator=[torch.Generator("cpu").manual_seed(s) for s in seeds], config=self.config,
-            estimator=self.estimator,
+            estimator=self.estimator, timestep_sampling=self.timestep_sampling,
         )
         return own.double().cpu(), other.double().cpu()
 

@@ -320,6 +320,7 @@ def contrastive_mi(
     generator: Generator = None,
     config: MIConfig = PAPER,
     estimator: str = "standalone",
+    timestep_sampling: TimestepSampling = "uniform",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Point-wise MI of ``z0`` with its prompt ``emb`` and with each of K ``others``, all from the SAME
     (t, eps) draws (common random numbers): returns ``(own [B], others [B, K])``.
@@ -331,6 +332,7 @@ def contrastive_mi(
     ``kappa (||eps - eps_null||^2 - ||eps - eps_p||^2)`` (Kong et al. 2023's point-wise i(x; p), which may
     be negative): its contrast is an ELBO estimate of log p(x | p) / p(x | p'), the diffusion classifier's
     log-likelihood ratio, where the null prediction cancels. One batched call per draw of B (K + 2) rows.
+    ``timestep_sampling="importance"`` draws t from ``timestep_proposal`` weighted by 1/q(t), as ``pointwise_mi``.
     """
     if n_draws < 1:
         raise ValueError(f"n_draws must be >= 1, got {n_draws}")
@@ -343,12 +345,21 @@ def contrastive_mi(
         raise ValueError(f"MIConfig.min_timestep={config.min_timestep} leaves no timestep of {num_t}")
     alphas_cumprod = scheduler.alphas_cumprod.to(z0.device, torch.float32)
     betas = scheduler.betas.to(z0.device, torch.float32)
+    if timestep_sampling not in TIMESTEP_SAMPLING:
+        raise ValueError(f"timestep_sampling must be one of {TIMESTEP_SAMPLING}, got {timestep_sampling!r}")
+    proposal = (timestep_proposal(scheduler, config.min_timestep).to(z0.device) if timestep_sampling == "importance"
+                else None)
     kept = num_t - config.min_timestep
-    scale = kept * (num_t / kept if config.reduction == "mean" else 1.0)  # as pointwise_mi's uniform draws
+    # As pointwise_mi: uniform draws estimate the sum over kept timesteps by (count * mean).
+    scale = (kept if proposal is None else 1.0) * (num_t / kept if config.reduction == "mean" else 1.0)
     total = torch.zeros(z0.shape[0], 1 + len(others), device=z0.device, dtype=torch.float32)
     for _ in range(n_draws):
-        t = _randint(config.min_timestep, num_t, z0.shape[0], generator, z0.device)  # pointwise_mi's order
-        weight = kappa(betas[t], alphas_cumprod[t], config.include_alpha)
+        if proposal is None:  # pointwise_mi's draws, in its order
+            t = _randint(config.min_timestep, num_t, z0.shape[0], generator, z0.device)
+            weight = kappa(betas[t], alphas_cumprod[t], config.include_alpha)
+        else:
+            t = _draw(proposal, z0.shape[0], generator, z0.device)
+            weight = kappa(betas[t], alphas_cumprod[t], config.include_alpha) / proposal[t]
         noise = _randn(z0.shape, generator, z0)
         z_t = scheduler.add_noise(z0, noise, t)
         eps_own, (eps_null, *eps_others) = reference_eps(eps_fn, z_t, t, emb, [null_emb, *others])
