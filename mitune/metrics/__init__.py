@@ -28,8 +28,6 @@ from mitune.metrics.hub import MissingModelError
 
 _ALIGNMENT = {
     "mi": "mitune.metrics.mi:MIMetric",
-    "mi_contrast": "mitune.metrics.mi:MIContrastMetric",  # MI with the prompt minus MI with swapped prompts
-    "mi_contrast_standalone": "mitune.metrics.mi:StandaloneMIContrastMetric",  # the same on Eq. 2's estimator
     "clip_score": "mitune.metrics.clip_score:CLIPScoreMetric",
     "compbench_clip": "mitune.metrics.clip_score:CompBenchCLIPMetric",
     "blip_vqa": "mitune.metrics.blip_vqa:BlipVQAMetric",
@@ -38,6 +36,8 @@ _ALIGNMENT = {
     "three_in_one": "mitune.metrics.three_in_one:ThreeInOneMetric",
     "toy_oracle": "mitune.toy.metric:ToyOracleMetric",  # the toy world owns its judge
     "toy_objects": "mitune.toy.metric:ToyObjectCountMetric",  # a diagnostic: objects drawn
+    "mi_contrast": "mitune.metrics.mi:MIContrastMetric",  # MI with the prompt minus MI with swapped prompts
+    "mi_contrast_standalone": "mitune.metrics.mi:StandaloneMIContrastMetric",  # the same on Eq. 2's estimator
 }
 _QUALITY = {
     "fid": "mitune.metrics.quality:FID",
