@@ -36,6 +36,8 @@ _ALIGNMENT = {
     "three_in_one": "mitune.metrics.three_in_one:ThreeInOneMetric",
     "toy_oracle": "mitune.toy.metric:ToyOracleMetric",  # the toy world owns its judge
     "toy_objects": "mitune.toy.metric:ToyObjectCountMetric",  # a diagnostic: objects drawn
+    "mi_contrast": "mitune.metrics.mi:MIContrastMetric",  # MI with the prompt minus MI with swapped prompts
+    "mi_contrast_standalone": "mitune.metrics.mi:StandaloneMIContrastMetric",  # the same on Eq. 2's estimator
 }
 _QUALITY = {
     "fid": "mitune.metrics.quality:FID",

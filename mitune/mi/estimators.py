@@ -304,6 +304,76 @@ def pointwise_mi(
     return check_finite(mi_map.flatten(1).sum(1)), mi_map
 
 
+CONTRAST_ESTIMATORS = ("standalone", "likelihood")
+
+
+@torch.no_grad()
+def contrastive_mi(
+    eps_fn: EpsFn,
+    z0: torch.Tensor,
+    emb: Embedding,
+    others: Sequence[Embedding],
+    null_emb: Embedding,
+    scheduler: DDPMScheduler,
+    *,
+    n_draws: int,
+    generator: Generator = None,
+    config: MIConfig = PAPER,
+    estimator: str = "standalone",
+    timestep_sampling: TimestepSampling = "uniform",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Point-wise MI of ``z0`` with its prompt ``emb`` and with each of K ``others``, all from the SAME
+    (t, eps) draws (common random numbers): returns ``(own [B], others [B, K])``.
+
+    Shared draws make ``own - others.mean(1)`` cancel what every prompt's estimate has in common (how much
+    the image draws), leaving what is specific to its prompt. ``estimator="standalone"`` is Eq. 2
+    (``kappa ||eps_p - eps_null||^2``, what ``pointwise_mi`` computes; with the same uniform draws it is
+    the same number). ``"likelihood"`` is the difference of denoising errors
+    ``kappa (||eps - eps_null||^2 - ||eps - eps_p||^2)`` (Kong et al. 2023's point-wise i(x; p), which may
+    be negative): its contrast is an ELBO estimate of log p(x | p) / p(x | p'), the diffusion classifier's
+    log-likelihood ratio, where the null prediction cancels. One batched call per draw of B (K + 2) rows.
+    ``timestep_sampling="importance"`` draws t from ``timestep_proposal`` weighted by 1/q(t), as ``pointwise_mi``.
+    """
+    if n_draws < 1:
+        raise ValueError(f"n_draws must be >= 1, got {n_draws}")
+    if estimator not in CONTRAST_ESTIMATORS:
+        raise ValueError(f"estimator must be one of {CONTRAST_ESTIMATORS}, got {estimator!r}")
+    if not others:
+        raise ValueError("contrastive_mi needs at least one other prompt")
+    num_t = scheduler.config.num_train_timesteps
+    if config.min_timestep >= num_t:
+        raise ValueError(f"MIConfig.min_timestep={config.min_timestep} leaves no timestep of {num_t}")
+    alphas_cumprod = scheduler.alphas_cumprod.to(z0.device, torch.float32)
+    betas = scheduler.betas.to(z0.device, torch.float32)
+    if timestep_sampling not in TIMESTEP_SAMPLING:
+        raise ValueError(f"timestep_sampling must be one of {TIMESTEP_SAMPLING}, got {timestep_sampling!r}")
+    proposal = (timestep_proposal(scheduler, config.min_timestep).to(z0.device) if timestep_sampling == "importance"
+                else None)
+    kept = num_t - config.min_timestep
+    # As pointwise_mi: uniform draws estimate the sum over kept timesteps by (count * mean).
+    scale = (kept if proposal is None else 1.0) * (num_t / kept if config.reduction == "mean" else 1.0)
+    total = torch.zeros(z0.shape[0], 1 + len(others), device=z0.device, dtype=torch.float32)
+    for _ in range(n_draws):
+        if proposal is None:  # pointwise_mi's draws, in its order
+            t = _randint(config.min_timestep, num_t, z0.shape[0], generator, z0.device)
+            weight = kappa(betas[t], alphas_cumprod[t], config.include_alpha)
+        else:
+            t = _draw(proposal, z0.shape[0], generator, z0.device)
+            weight = kappa(betas[t], alphas_cumprod[t], config.include_alpha) / proposal[t]
+        noise = _randn(z0.shape, generator, z0)
+        z_t = scheduler.add_noise(z0, noise, t)
+        eps_own, (eps_null, *eps_others) = reference_eps(eps_fn, z_t, t, emb, [null_emb, *others])
+        conds = [eps_own, *eps_others]
+        if estimator == "standalone":
+            terms = [squared_gap(eps, eps_null) for eps in conds]
+        else:
+            null_error = squared_gap(noise, eps_null)
+            terms = [null_error - squared_gap(noise, eps) for eps in conds]
+        total += weight[:, None] * torch.stack(terms, dim=1)
+    mi = check_finite(scale * total / n_draws)
+    return mi[:, 0], mi[:, 1:]
+
+
 def step_alphabars(scheduler: DDPMScheduler, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """alphabar at this step and at the step the sampler goes to next (1 past the end)."""
     alphas_cumprod = scheduler.alphas_cumprod

@@ -135,10 +135,12 @@ class MIRounds(L.Callback):
             generate_round(pipe, self.prompts, self.generation, out, scores=sampling_scores(self.generation.selection),
                            progress=trainer.is_global_zero, rank=trainer.global_rank, world_size=trainer.world_size,
                            stop=self.stop)
+            trainer.strategy.barrier("mitune-round")
+            if trainer.is_global_zero:  # every rank's prompts are in; a model-scored strategy scores under pipe
+                stats = select_round(out, len(self.prompts), self.generation, pipe)
         module.unet.train(training)
-        trainer.strategy.barrier("mitune-round")
-        if trainer.is_global_zero:  # every rank's prompts are in
-            self.log_round(trainer, r, out, select_round(out, len(self.prompts), self.generation))
+        if trainer.is_global_zero:
+            self.log_round(trainer, r, out, stats)
         trainer.strategy.barrier("mitune-round-done")
         return out
 
@@ -216,5 +218,5 @@ def run_round(pipe: DiffusionPipeline, prompts: list[str], config: GenerationCon
     that cannot rank these prompts fails before any sampling."""
     check_strategy(config.selection, prompts)
     out = generate_round(pipe, prompts, config, round_dir, scores=sampling_scores(config.selection), **kwargs)
-    select_round(out, len(prompts), config)
+    select_round(out, len(prompts), config, pipe)
     return out

@@ -5,7 +5,9 @@ the smallest per-phrase conditional MI (``mitune.mi.phrases``), also from sampli
 neglects one phrase of the prompt ranks low even when the rest of it carries much MI. ``random``
 selects by chance (the control). Any other name is an alignment metric of the registry
 (``mitune.metrics``) scoring the candidates' images, e.g. ``toy_oracle``, the toy world's exact
-judge (an upper bound, like the paper's HPS-selected row), or ``clip_score``.
+judge (an upper bound, like the paper's HPS-selected row), or ``clip_score``. A metric that scores under a
+diffusion model (``mi_contrast``: ``mitune.metrics.mi.MIMetric``) scores under the round's model as it stands
+when the round is selected (the base model at round 1), passed as ``pipe``; a rebuild without it is refused.
 
 A strategy that needs a score computed while sampling names it (``sampling_scores``); generation
 computes it and writes it with the candidates, and selection reads it from their rows.
@@ -19,9 +21,11 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import torch
+from diffusers import DiffusionPipeline
 from PIL import Image
 
 from mitune.metrics import ALIGNMENT_METRICS, AlignmentMetric, build_alignment_metric
+from mitune.metrics.mi import MIMetric
 from mitune.mi.phrases import check_phrases
 from mitune.rounds.generation import check_settings, mi_stats
 from mitune.rounds.settings import GenerationConfig, check_top_k
@@ -63,9 +67,11 @@ def check_strategy(strategy: str, prompts: Sequence[str] = ()) -> None:
 
 
 def selection_scores(strategy: str, prompt: str, images: Sequence[Image.Image], mi: torch.Tensor,
-                     generator: torch.Generator, phrase_mi: torch.Tensor | None = None) -> torch.Tensor:
+                     generator: torch.Generator, phrase_mi: torch.Tensor | None = None,
+                     pipe: DiffusionPipeline | None = None) -> torch.Tensor:
     """The score a strategy ranks one prompt's candidates by (higher is better); ``phrase_mi``
-    is each candidate's smallest per-phrase MI, needed by the ``phrase_mi`` strategy."""
+    is each candidate's smallest per-phrase MI, needed by the ``phrase_mi`` strategy, and ``pipe`` the
+    round's model, needed by a metric that scores under one."""
     check_strategy(strategy)
     if strategy == "mi":
         return mi
@@ -75,7 +81,13 @@ def selection_scores(strategy: str, prompt: str, images: Sequence[Image.Image], 
         return phrase_mi
     if strategy == "random":
         return torch.rand(len(mi), generator=generator, dtype=torch.float64)
-    return selection_metric(strategy).score(list(images), [prompt] * len(images)).double()
+    metric = selection_metric(strategy)
+    if isinstance(metric, MIMetric):
+        if pipe is None:
+            raise ValueError(f"selection={strategy} scores under the round's model, which is not given; delete the "
+                             "round dir to generate and select the round again")
+        metric.use_pipeline(pipe)
+    return metric.score(list(images), [prompt] * len(images)).double()
 
 
 def rank_by_score(scores: torch.Tensor) -> torch.Tensor:
@@ -93,7 +105,8 @@ def select_top_k(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tens
     return ranks, ranks <= k
 
 
-def select_prompt(round_dir: RoundDir, rows: list[dict[str, Any]], config: GenerationConfig) -> list[dict[str, Any]]:
+def select_prompt(round_dir: RoundDir, rows: list[dict[str, Any]], config: GenerationConfig,
+                  pipe: DiffusionPipeline | None = None) -> list[dict[str, Any]]:
     """One prompt's rows with what selection ranked by (score), its rank and whether it is in the set.
     Only finished candidates are ranked; pruned ones (``generation.prune``) get no score or rank."""
     pruned = [row for row in rows if row.get("pruned_at") is not None]
@@ -105,7 +118,7 @@ def select_prompt(round_dir: RoundDir, rows: list[dict[str, Any]], config: Gener
     if config.selection not in SAMPLED:
         images = [Image.open(round_dir.path / row["file_name"]).convert("RGB") for row in rows]
     generator = torch.Generator().manual_seed(mix_seed(config.seed, "select", prompt))
-    scores = selection_scores(config.selection, prompt, images, mi, generator, phrase_mi)
+    scores = selection_scores(config.selection, prompt, images, mi, generator, phrase_mi, pipe)
     ranks, selected = select_top_k(scores, config.top_k)
     marked = {row["candidate"]: {**row, "score": score, "rank": rank, "selected": sel}
               for row, score, rank, sel in zip(rows, scores.tolist(), ranks.tolist(), selected.tolist())}
@@ -113,11 +126,14 @@ def select_prompt(round_dir: RoundDir, rows: list[dict[str, Any]], config: Gener
     return [marked[c] for c in sorted(marked)]
 
 
-def select_round(round_dir: RoundDir | Path, num_prompts: int, config: GenerationConfig) -> dict[str, float]:
+def select_round(round_dir: RoundDir | Path, num_prompts: int, config: GenerationConfig,
+                 pipe: DiffusionPipeline | None = None) -> dict[str, float]:
     """Mark the top-k of every prompt of a generated round and complete the folder; returns its statistics
-    (MI of all candidates and of the set). Deterministic, so rerunning it rebuilds the same set."""
+    (MI of all candidates and of the set). Deterministic, so rerunning it rebuilds the same set; ``pipe`` is
+    the round's model, for a strategy that scores under it."""
     round_dir = as_round_dir(round_dir)
-    rows = [row for pid in range(num_prompts) for row in select_prompt(round_dir, read_jsonl(round_dir.part(pid)), config)]
+    rows = [row for pid in range(num_prompts)
+            for row in select_prompt(round_dir, read_jsonl(round_dir.part(pid)), config, pipe)]
     images = finished(rows)
     mi = torch.tensor([r["mi"] for r in images], dtype=torch.float64)
     chosen = torch.tensor([r["selected"] for r in images])
