@@ -27,6 +27,7 @@ TOY_SCREEN_CFGS := 1.5,3.0
 TOY_BEST_MAIN := mi random toy_oracle toy_objects mi_contrast
 TOY_RANKS := 2 4
 TOY_RANK_METHODS := $(foreach r,$(TOY_RANKS),mi_r$(r) random_r$(r) toy_oracle_r$(r))
+TOY_CONTROL_METHODS := random toy_oracle $(foreach r,$(TOY_RANKS),random_r$(r) toy_oracle_r$(r))
 TOY_RECIPES := mi_cfg3 mi_restart mi_empty mi_cfg3_restart
 TOY_BEST_CONTRASTS := mi-base toy_oracle-base random-base toy_objects-base mi_contrast-base toy_oracle-random mi-random \
 	mi-toy_objects mi_contrast-toy_objects mi_contrast-mi mi-toy_oracle
@@ -57,7 +58,8 @@ toy-best toy-best-summary toy-best-run-% toy-best-train-% toy-best-eval-%: expor
 toy-best: $(foreach m,$(TOY_BEST_MAIN) $(TOY_RANK_METHODS) $(TOY_RECIPES),$(foreach n,$(TOY_BEST_SEEDS),toy-best-run-$(m)-seed$(n)))
 	$(MAKE) --no-print-directory toy-best-summary
 
-toy-best-run-%: toy-best-train-% toy-best-eval-% ;
+.SECONDEXPANSION:
+toy-best-run-%: toy-best-train-% toy-best-eval-% $$(if $$(filter $$(call toy_selection,$$*),$$(TOY_CONTROL_METHODS)),toy-best-control-$$*) ;
 
 # Files that stand for finished work: never deleted by make.
 .PRECIOUS: $(TOY_BEST)/train/mi-seed%/rounds/round_1/summary.json $(TOY_BEST)/train/mi_cfg3-seed%/rounds/round_1/summary.json
@@ -66,7 +68,6 @@ $(TOY_BEST)/train/mi-seed%/rounds/round_1/summary.json: | $(STAMP)
 $(TOY_BEST)/train/mi_cfg3-seed%/rounds/round_1/summary.json: | $(STAMP)
 	$(MAKE) --no-print-directory toy-best-train-mi_cfg3-seed$*
 
-.SECONDEXPANSION:
 toy-best-train-%: $(STAMP) $$(if $$(call toy_best_from,$$(call toy_selection,$$*),x),$(TOY_BEST)/train/$$(call toy_best_source,$$(call toy_selection,$$*))-seed$$(call toy_seed,$$*)/rounds/round_1/summary.json)
 	$(PY) -m mitune.run +experiment=toy generation.selection=$(call toy_best_sel,$(call toy_selection,$*)) \
 		seed=$(call toy_seed,$*) rounds=$(call toy_best_rounds,$(call toy_selection,$*)) resume=true \
@@ -79,6 +80,13 @@ toy-best-eval-%: toy-best-train-%
 	$(if $(call toy_best_main,$(call toy_selection,$*)),$(call toy_best_evaluate,toy_dev,$*) eval.num_images=1 \
 		hydra.sweep.dir=$(TOY_BEST)/dev/$* generation.guidance_scale=$(TOY_BEST_CFGS))
 
+# The control at round 1 for the rank study, at the benchmark's evaluation size (6 images per test prompt, CFG 3:
+# 2 images did not resolve it at rank 32).
+toy-best-control-%: toy-best-train-%
+	$(PY) -m mitune.evaluate -m +experiment=toy_eval seed=$(call toy_seed,$*) eval.method=$(call toy_selection,$*) \
+		run_dir=$(TOY_BEST)/train/$* toy_dir=$(TOY_BEST) eval.round=1 eval.num_images=6 generation.guidance_scale=3.0 \
+		generation.selection=$(call toy_best_sel,$(call toy_selection,$*)) hydra.sweep.dir=$(TOY_BEST)/control/$*
+
 # The tables: best.csv and the contrasts at each method's best point (docs/toy/best/), the rank study and the
 # round recipes at every evaluated point (docs/toy/rank/, docs/toy/recipes/).
 toy-best-summary: $(STAMP)
@@ -87,9 +95,13 @@ toy-best-summary: $(STAMP)
 		--out $(TOY_BEST)/summary/best --cfg $(subst $(comma), ,$(TOY_BEST_CFGS)) --contrast $(TOY_BEST_CONTRASTS) --no-wandb
 	$(PY) -m mitune.summary $(wildcard $(addprefix $(TOY_BEST)/test/,$(addsuffix -seed*,mi random toy_oracle $(TOY_RANK_METHODS)))) \
 		--out $(TOY_BEST)/summary/rank --cfg $(subst $(comma), ,$(TOY_SCREEN_CFGS)) --contrast $(TOY_RANK_CONTRASTS) --no-wandb
+	$(PY) -m mitune.summary $(wildcard $(TOY_BEST)/control/*) --out $(TOY_BEST)/summary/control --cfg 3.0 --no-wandb \
+		--contrast $(foreach r,$(TOY_RANKS),toy_oracle_r$(r)-random_r$(r)) toy_oracle-random
 	$(PY) -m mitune.summary $(wildcard $(addprefix $(TOY_BEST)/test/,$(addsuffix -seed*,mi $(TOY_RECIPES)))) \
 		--out $(TOY_BEST)/summary/recipes --cfg $(subst $(comma), ,$(TOY_SCREEN_CFGS)) --contrast $(TOY_RECIPE_CONTRASTS) --no-wandb
 	mkdir -p docs/toy/best docs/toy/rank docs/toy/recipes
 	cp $(addprefix $(TOY_BEST)/summary/best/,best.csv best.md contrasts.csv contrasts.md table1.md table1.csv) docs/toy/best/
 	cp $(addprefix $(TOY_BEST)/summary/rank/,contrasts.csv contrasts.md table1.md table1.csv rounds.png) docs/toy/rank/
+	mkdir -p docs/toy/rank/control && cp $(addprefix $(TOY_BEST)/summary/control/,contrasts.csv contrasts.md table1.md) \
+		docs/toy/rank/control/
 	cp $(addprefix $(TOY_BEST)/summary/recipes/,contrasts.csv contrasts.md table1.md table1.csv rounds.png) docs/toy/recipes/
