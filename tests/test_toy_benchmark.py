@@ -218,9 +218,11 @@ def test_a_best_target_trains_its_method_and_evaluates_it_on_test_and_dev(task_c
     source = None if method in ("mi", "mi_cfg3") else "mi_cfg3" if method.startswith("mi_cfg3") else "mi"
     assert overrides(train_args).get("rounds_from") == (source and str(tmp_path / "best" / "train" / f"{source}-seed{seed}"))
     splits = {Path(overrides(args)["hydra.sweep.dir"]).parent.name: args for args in evals}
-    assert set(splits) == ({"test", "dev"} if method in ("mi", "random", "toy_objects") else {"test"})
+    control = {"control"} if method.split("_r")[0] in ("random", "toy_oracle") else set()  # the rank study's control
+    assert set(splits) == ({"test", "dev"} if method in ("mi", "random", "toy_objects") else {"test"}) | control
     for split, args in splits.items():
         cfg = compose_first(task_config, "evaluate", args)
         assert cfg.eval.method == method and Path(cfg.run_dir) == Path(overrides(train_args)["hydra.run.dir"])
-        assert overrides(args)["eval.round"] == ",".join(map(str, range(0 if method == "mi" else 1, rounds + 1)))
-        assert (cfg.data.skip, cfg.eval.num_images) == ((25, 1) if split == "dev" else (15, 2))
+        evaluated = range(0 if method == "mi" else 1, (1 if split == "control" else rounds) + 1)
+        assert overrides(args)["eval.round"] == ",".join(map(str, evaluated))
+        assert (cfg.data.skip, cfg.eval.num_images) == {"dev": (25, 1), "test": (15, 2), "control": (15, 6)}[split]
