@@ -7,8 +7,8 @@
 #   method                         rounds  what
 #   mi, random, toy_oracle         3       MI-TUNE and the control's two sides (the benchmark's recipe, rank 32)
 #   toy_objects, mi_contrast       1       the busy-image control; contrastive MI (MI beyond busyness)
-#   <sel>_r2, <sel>_r4             1 / 2   the adapter rank study: mi to round 2, random and toy_oracle round 1
-#                                          (TOY_RANKS="2 4 8" adds rank 8: not run, for CPU time)
+#   <sel>_r4                       1 / 2   the adapter rank study: mi to round 2, random and toy_oracle round 1
+#                                          (TOY_RANKS="2 4 8" adds ranks 2 and 8: not run, for CPU time)
 #   mi_cfg3, mi_restart, mi_empty, 2       round recipes: training sets sampled at CFG 3; each round a fresh adapter
 #   mi_cfg3_restart                        on the union of the rounds' sets (train.restart); 10% empty prompts; both
 #                                          of the first two
@@ -25,7 +25,7 @@ TOY_BEST_SEEDS := 0 1 2
 TOY_BEST_CFGS := 1.5,3.0,5.0,7.5
 TOY_SCREEN_CFGS := 1.5,3.0
 TOY_BEST_MAIN := mi random toy_oracle toy_objects mi_contrast
-TOY_RANKS := 2 4
+TOY_RANKS := 4
 TOY_RANK_METHODS := $(foreach r,$(TOY_RANKS),mi_r$(r) random_r$(r) toy_oracle_r$(r))
 TOY_CONTROL_METHODS := random toy_oracle $(foreach r,$(TOY_RANKS),random_r$(r) toy_oracle_r$(r))
 TOY_RECIPES := mi_cfg3 mi_restart mi_empty mi_cfg3_restart
