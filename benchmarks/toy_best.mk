@@ -7,7 +7,7 @@
 #   method                         rounds  what
 #   mi, random, toy_oracle         3       MI-TUNE and the control's two sides (the benchmark's recipe, rank 32)
 #   toy_objects, mi_contrast       1       the busy-image control; contrastive MI (MI beyond busyness)
-#   <sel>_r4                       1 / 2   the adapter rank study: mi to round 2, random and toy_oracle round 1
+#   <sel>_r4                       1 / 3   the adapter rank study: mi to round 3, random and toy_oracle round 1
 #                                          (TOY_RANKS="2 4 8" adds ranks 2 and 8: not run, for CPU time)
 #   mi_cfg3, mi_restart, mi_empty, 2       round recipes: training sets sampled at CFG 3; each round a fresh adapter
 #   mi_cfg3_restart                        on the union of the rounds' sets (train.restart); 10% empty prompts; both
@@ -39,7 +39,7 @@ TOY_RECIPE_CONTRASTS := $(foreach m,mi $(TOY_RECIPES),$(m)-base $(m)@2-$(m)@1) $
 
 # Per method: its selection, rounds, training settings, and whether round 1 comes from the seed's mi run.
 toy_best_sel = $(if $(filter toy_oracle%,$(1)),toy_oracle,$(if $(filter random%,$(1)),random,$(if $(filter toy_objects,$(1)),toy_objects,$(if $(filter mi_contrast,$(1)),mi_contrast,mi))))
-toy_best_rounds = $(if $(filter mi random toy_oracle,$(1)),3,$(if $(filter mi_r% $(TOY_RECIPES),$(1)),2,1))
+toy_best_rounds = $(if $(filter mi random toy_oracle $(filter mi_r%,$(TOY_RANK_METHODS)),$(1)),3,$(if $(filter $(TOY_RECIPES),$(1)),2,1))
 toy_best_rank = $(patsubst r%,%,$(lastword $(subst _, ,$(1))))
 toy_best_args = $(if $(filter $(1),$(TOY_RANK_METHODS)),adapter.rank=$(call toy_best_rank,$(1)) adapter.alpha=$(call toy_best_rank,$(1))) \
 	$(if $(filter mi_cfg3%,$(1)),generation.guidance_scale=3.0) $(if $(filter %restart,$(1)),train.restart=true) \

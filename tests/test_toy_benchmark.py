@@ -201,7 +201,7 @@ def test_the_dev_split_is_unseen_and_disjoint_from_training_and_test(task_config
 
 @pytest.mark.parametrize("run,rounds,extra", [
     ("mi-seed0", 3, {}), ("random-seed1", 3, {}), ("toy_objects-seed2", 1, {}),
-    ("mi_r4-seed2", 2, {"adapter.rank": "4", "adapter.alpha": "4"}), ("toy_oracle_r4-seed1", 1, {"adapter.rank": "4"}),
+    ("mi_r4-seed2", 3, {"adapter.rank": "4", "adapter.alpha": "4"}), ("toy_oracle_r4-seed1", 1, {"adapter.rank": "4"}),
     ("mi_cfg3-seed0", 2, {"generation.guidance_scale": "3.0"}), ("mi_empty-seed1", 2, {"train.empty_prompt_prob": "0.1"}),
     ("mi_cfg3_restart-seed2", 2, {"generation.guidance_scale": "3.0", "train.restart": "True"})])
 def test_a_best_target_trains_its_method_and_evaluates_it_on_test_and_dev(task_config, tmp_path, run, rounds, extra):
