@@ -31,11 +31,17 @@ TOY_CONTROL_METHODS := random toy_oracle $(foreach r,$(TOY_RANKS),random_r$(r) t
 TOY_RECIPES := mi_cfg3 mi_restart mi_empty mi_cfg3_restart
 TOY_BEST_CONTRASTS := mi-base toy_oracle-base random-base toy_objects-base mi_contrast-base toy_oracle-random mi-random \
 	mi-toy_objects mi_contrast-toy_objects mi_contrast-mi mi-toy_oracle
-# The control, MI - random and MI - base at each rank (32: the benchmark's), and round 2 - round 1 of MI.
-rank_contrasts = toy_oracle$(1)-random$(1) mi$(1)-random$(1) mi$(1)-base mi$(1)@2-mi$(1)@1
-TOY_RANK_CONTRASTS := $(foreach r,$(TOY_RANKS) 32,$(call rank_contrasts,$(if $(filter 32,$(r)),,_r$(r)))) \
-	$(foreach r,$(TOY_RANKS),mi_r$(r)-mi)
-TOY_RECIPE_CONTRASTS := $(foreach m,mi $(TOY_RECIPES),$(m)-base $(m)@2-$(m)@1) $(foreach m,$(TOY_RECIPES),$(m)-mi)
+# The control, MI - random, MI - base and random - base at each rank (32: the benchmark's), and MI's rounds 2 and 3
+# against its round 1.
+rank_contrasts = toy_oracle$(1)-random$(1) mi$(1)-random$(1) mi$(1)-base random$(1)-base mi$(1)@2-mi$(1)@1 mi$(1)@3-mi$(1)@1
+# The summaries contrast the methods that were evaluated (toy_done: those with evaluation folders), so a partial
+# campaign (-k, or an interrupted one) still gets its tables.
+toy_done = $(foreach m,$(1),$(if $(wildcard $(TOY_BEST)/$(2)/$(m)-seed*),$(m)))
+TOY_RANK_CONTRASTS = $(call rank_contrasts,) $(foreach r,$(patsubst mi_r%,%,$(call toy_done,$(addprefix mi_r,$(TOY_RANKS)),test)),\
+	$(call rank_contrasts,_r$(r)) mi_r$(r)-mi)
+TOY_RECIPE_CONTRASTS = mi-base mi@2-mi@1 $(foreach m,$(call toy_done,$(TOY_RECIPES),test),$(m)-base $(m)@2-$(m)@1 $(m)-mi)
+TOY_CONTROL_CONTRASTS = toy_oracle-random $(foreach r,$(TOY_RANKS),$(if $(call toy_done,toy_oracle_r$(r) random_r$(r),control),\
+	toy_oracle_r$(r)-random_r$(r)))
 
 # Per method: its selection, rounds, training settings, and whether round 1 comes from the seed's mi run.
 toy_best_sel = $(if $(filter toy_oracle%,$(1)),toy_oracle,$(if $(filter random%,$(1)),random,$(if $(filter toy_objects,$(1)),toy_objects,$(if $(filter mi_contrast,$(1)),mi_contrast,mi))))
@@ -96,7 +102,7 @@ toy-best-summary: $(STAMP)
 	$(PY) -m mitune.summary $(wildcard $(addprefix $(TOY_BEST)/test/,$(addsuffix -seed*,mi random toy_oracle $(TOY_RANK_METHODS)))) \
 		--out $(TOY_BEST)/summary/rank --cfg $(subst $(comma), ,$(TOY_SCREEN_CFGS)) --contrast $(TOY_RANK_CONTRASTS) --no-wandb
 	$(PY) -m mitune.summary $(wildcard $(TOY_BEST)/control/*) --out $(TOY_BEST)/summary/control --cfg 3.0 --no-wandb \
-		--contrast $(foreach r,$(TOY_RANKS),toy_oracle_r$(r)-random_r$(r)) toy_oracle-random
+		--contrast $(TOY_CONTROL_CONTRASTS)
 	$(PY) -m mitune.summary $(wildcard $(addprefix $(TOY_BEST)/test/,$(addsuffix -seed*,mi $(TOY_RECIPES)))) \
 		--out $(TOY_BEST)/summary/recipes --cfg $(subst $(comma), ,$(TOY_SCREEN_CFGS)) --contrast $(TOY_RECIPE_CONTRASTS) --no-wandb
 	mkdir -p docs/toy/best docs/toy/rank docs/toy/recipes
