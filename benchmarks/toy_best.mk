@@ -36,7 +36,7 @@ TOY_BEST_CONTRASTS := mi-base toy_oracle-base random-base toy_objects-base mi_co
 rank_contrasts = toy_oracle$(1)-random$(1) mi$(1)-random$(1) mi$(1)-base random$(1)-base mi$(1)@2-mi$(1)@1 mi$(1)@3-mi$(1)@1
 # The summaries contrast the methods that were evaluated (toy_done: those with evaluation folders), so a partial
 # campaign (-k, or an interrupted one) still gets its tables.
-toy_done = $(foreach m,$(1),$(if $(wildcard $(TOY_BEST)/$(2)/$(m)-seed*),$(m)))
+toy_done = $(strip $(foreach m,$(1),$(if $(wildcard $(TOY_BEST)/$(2)/$(m)-seed*),$(m))))
 TOY_RANK_CONTRASTS = $(call rank_contrasts,) $(foreach r,$(patsubst mi_r%,%,$(call toy_done,$(addprefix mi_r,$(TOY_RANKS)),test)),\
 	$(call rank_contrasts,_r$(r)) mi_r$(r)-mi)
 TOY_RECIPE_CONTRASTS = mi-base mi@2-mi@1 $(foreach m,$(call toy_done,$(TOY_RECIPES),test),$(m)-base $(m)@2-$(m)@1 $(m)-mi)
