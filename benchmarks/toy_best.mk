@@ -7,8 +7,8 @@
 #   method                         rounds  what
 #   mi, random, toy_oracle         3       MI-TUNE and the control's two sides (the benchmark's recipe, rank 32)
 #   toy_objects, mi_contrast       1       the busy-image control; contrastive MI (MI beyond busyness)
-#   <sel>_r4                       1 / 3   the adapter rank study: mi to round 3, random and toy_oracle round 1
-#                                          (TOY_RANKS="2 4 8" adds ranks 2 and 8: not run, for CPU time)
+#   <sel>_r2, <sel>_r4             1 / 3   the adapter rank study: mi to round 3, random and toy_oracle round 1 (run:
+#                                          rank 4, and the control at rank 2; TOY_RANKS="2 4 8" adds rank 8)
 #   mi_cfg3, mi_restart, mi_empty, 2       round recipes: training sets sampled at CFG 3; each round a fresh adapter
 #   mi_cfg3_restart                        on the union of the rounds' sets (train.restart); 10% empty prompts; both
 #                                          of the first two
@@ -25,7 +25,7 @@ TOY_BEST_SEEDS := 0 1 2
 TOY_BEST_CFGS := 1.5,3.0,5.0,7.5
 TOY_SCREEN_CFGS := 1.5,3.0
 TOY_BEST_MAIN := mi random toy_oracle toy_objects mi_contrast
-TOY_RANKS := 4
+TOY_RANKS := 2 4
 TOY_RANK_METHODS := $(foreach r,$(TOY_RANKS),mi_r$(r) random_r$(r) toy_oracle_r$(r))
 TOY_CONTROL_METHODS := random toy_oracle $(foreach r,$(TOY_RANKS),random_r$(r) toy_oracle_r$(r))
 TOY_RECIPES := mi_cfg3 mi_restart mi_empty mi_cfg3_restart
@@ -93,12 +93,15 @@ toy-best-control-%: toy-best-train-%
 		run_dir=$(TOY_BEST)/train/$* toy_dir=$(TOY_BEST) eval.round=1 eval.num_images=6 generation.guidance_scale=3.0 \
 		generation.selection=$(call toy_best_sel,$(call toy_selection,$*)) hydra.sweep.dir=$(TOY_BEST)/control/$*
 
-# The tables: best.csv and the contrasts at each method's best point (docs/toy/best/), the rank study and the
-# round recipes at every evaluated point (docs/toy/rank/, docs/toy/recipes/).
+# The tables: best.csv and the contrasts at each method's best point (docs/toy/best/; at every point: best/points/),
+# the rank study and the round recipes at every evaluated point (docs/toy/rank/, docs/toy/recipes/).
 toy-best-summary: $(STAMP)
+	$(PY) -m mitune.analysis $(TOY_BEST)/train --metric toy_oracle toy_objects --out $(TOY_BEST)/summary/rounds
 	$(PY) -m mitune.summary $(wildcard $(addprefix $(TOY_BEST)/test/,$(addsuffix -seed*,$(TOY_BEST_MAIN)))) \
 		--dev $(wildcard $(addprefix $(TOY_BEST)/dev/,$(addsuffix -seed*,$(TOY_BEST_MAIN)))) \
 		--out $(TOY_BEST)/summary/best --cfg $(subst $(comma), ,$(TOY_BEST_CFGS)) --contrast $(TOY_BEST_CONTRASTS) --no-wandb
+	$(PY) -m mitune.summary $(wildcard $(addprefix $(TOY_BEST)/test/,$(addsuffix -seed*,$(TOY_BEST_MAIN)))) \
+		--out $(TOY_BEST)/summary/points --cfg $(subst $(comma), ,$(TOY_BEST_CFGS)) --contrast $(TOY_BEST_CONTRASTS) --no-wandb
 	$(PY) -m mitune.summary $(wildcard $(addprefix $(TOY_BEST)/test/,$(addsuffix -seed*,mi random toy_oracle $(TOY_RANK_METHODS)))) \
 		--out $(TOY_BEST)/summary/rank --cfg $(subst $(comma), ,$(TOY_SCREEN_CFGS)) --contrast $(TOY_RANK_CONTRASTS) --no-wandb
 	$(PY) -m mitune.summary $(wildcard $(TOY_BEST)/control/*) --out $(TOY_BEST)/summary/control --cfg 3.0 --no-wandb \
@@ -107,6 +110,9 @@ toy-best-summary: $(STAMP)
 		--out $(TOY_BEST)/summary/recipes --cfg $(subst $(comma), ,$(TOY_SCREEN_CFGS)) --contrast $(TOY_RECIPE_CONTRASTS) --no-wandb
 	mkdir -p docs/toy/best docs/toy/rank docs/toy/recipes
 	cp $(addprefix $(TOY_BEST)/summary/best/,best.csv best.md contrasts.csv contrasts.md table1.md table1.csv) docs/toy/best/
+	cp $(TOY_BEST)/summary/rounds/rounds.csv docs/toy/best/
+	mkdir -p docs/toy/best/points && cp $(addprefix $(TOY_BEST)/summary/points/,contrasts.csv contrasts.md rounds.png) \
+		docs/toy/best/points/
 	cp $(addprefix $(TOY_BEST)/summary/rank/,contrasts.csv contrasts.md table1.md table1.csv rounds.png) docs/toy/rank/
 	mkdir -p docs/toy/rank/control && cp $(addprefix $(TOY_BEST)/summary/control/,contrasts.csv contrasts.md table1.md) \
 		docs/toy/rank/control/
