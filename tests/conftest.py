@@ -95,3 +95,15 @@ def load_benchmark():
     yield load
     for name in names:
         del sys.modules[name]
+
+
+@pytest.fixture
+def single_thread():
+    """MI loops run many small ops in sequence: one thread is faster and, unlike two, does not slow down ~10x
+    when another process competes for the cores (``pytestmark = pytest.mark.usefixtures("single_thread")``)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

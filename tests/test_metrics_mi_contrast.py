@@ -28,12 +28,7 @@ def seeded(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
-@pytest.fixture(autouse=True)
-def single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")  # conftest.py: one torch thread
 
 
 def gmm_contrast(mixture: GaussianMixture, n: int, estimator: str, shifts=(1, 2, 3), timestep_sampling="uniform"):

@@ -17,7 +17,7 @@ the truth; sample sizes below keep the Monte-Carlo standard error near 1 % or le
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -58,14 +58,7 @@ def seeded(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
-@pytest.fixture(autouse=True)
-def single_thread() -> Iterator[None]:
-    """These loops run many small ops in sequence: one thread is faster and, unlike two,
-    does not slow down ~10x when another process competes for the cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")  # conftest.py: one torch thread
 
 
 @pytest.fixture(scope="module")

@@ -47,12 +47,7 @@ def without(factors: torch.Tensor, which: int) -> torch.Tensor:
     return out
 
 
-@pytest.fixture(autouse=True)
-def single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")  # conftest.py: one torch thread
 
 
 @pytest.fixture(scope="module")
