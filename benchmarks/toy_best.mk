@@ -41,7 +41,7 @@ TOY_RANK_CONTRASTS = $(call rank_contrasts,) $(foreach r,$(patsubst mi_r%,%,$(ca
 	$(call rank_contrasts,_r$(r)) mi_r$(r)-mi)
 TOY_RECIPE_CONTRASTS = mi-base mi@2-mi@1 $(foreach m,$(call toy_done,$(TOY_RECIPES),test),$(m)-base $(m)@2-$(m)@1 $(m)-mi)
 TOY_CONTROL_CONTRASTS = toy_oracle-random $(foreach r,$(TOY_RANKS),$(if $(call toy_done,toy_oracle_r$(r) random_r$(r),control),\
-	toy_oracle_r$(r)-random_r$(r)))
+	toy_oracle_r$(r)-random_r$(r) random_r$(r)-random))
 
 # Per method: its selection, rounds, training settings, and whether round 1 comes from the seed's mi run.
 toy_best_sel = $(if $(filter toy_oracle%,$(1)),toy_oracle,$(if $(filter random%,$(1)),random,$(if $(filter toy_objects,$(1)),toy_objects,$(if $(filter mi_contrast,$(1)),mi_contrast,mi))))
